@@ -1,0 +1,5 @@
+#include "server/version.h"
+
+namespace dn {
+const char* Version() { return DENOISED_VERSION; }
+}  // namespace dn

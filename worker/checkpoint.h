@@ -1,0 +1,80 @@
+// File: worker/checkpoint.h
+//
+// Where the model's weights come from. A WeightSource lists the diffusers
+// tensor names of a model, with their shapes, and converts any of them to f32
+// on request, one tensor at a time (so a 14B checkpoint never sits in host
+// memory as f32).
+//
+// - OpenCheckpoint: a diffusers-layout folder: config.json plus one
+//   *.safetensors file, or shards with `diffusion_pytorch_model.safetensors.
+//   index.json`. Memory-mapped. f32/bf16/f16 tensors. Original Wan2.1 names
+//   are mapped to diffusers names (spec §2, including the norm2/norm3 swap).
+//   A missing, extra or mis-shaped tensor is an error naming the tensor, its
+//   expected and its actual shape.
+// - MakePresetWeights: seeded random weights computed on demand; Backends can
+//   produce the same numbers on the device (Backend::FillNormal with
+//   init.seed/init.stream), which is how `--preset` avoids any file.
+#ifndef DN_WORKER_CHECKPOINT_H_
+#define DN_WORKER_CHECKPOINT_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "worker/tensor.h"
+#include "worker/wan_config.h"
+
+namespace dn::worker {
+
+struct TensorSpec {
+  std::string name;  // diffusers name
+  Shape shape;       // PyTorch shape, e.g. [out, in] for Linear weights
+};
+
+// Every tensor the config requires, in a fixed order (spec §2).
+std::vector<TensorSpec> ExpectedTensors(const WanConfig& config);
+
+// How preset tensor `name` is initialised: value = mean + std * N(0,1)
+// drawn with (seed, stream) from worker/noise.h, element index = flat index.
+struct RandomInit {
+  uint64_t seed = 0;
+  uint64_t stream = 0;  // derived from the tensor name
+  float mean = 0.0f;
+  float std = 0.0f;
+};
+RandomInit PresetInit(const WanConfig& config, const std::string& name,
+                      uint64_t seed);
+
+class WeightSource {
+ public:
+  virtual ~WeightSource() = default;
+  virtual const WanConfig& config() const = 0;
+  // Human-readable origin, e.g. the folder or "preset tiny seed 0".
+  virtual std::string description() const = 0;
+  // Fills dst (NumElements(spec.shape) floats) with the tensor as f32.
+  virtual absl::Status ReadF32(const std::string& name, float* dst) const = 0;
+  // Set for random presets: lets a backend fill the tensor itself.
+  virtual const RandomInit* random_init(const std::string& name) const {
+    (void)name;
+    return nullptr;
+  }
+};
+
+absl::StatusOr<std::unique_ptr<WeightSource>> OpenCheckpoint(
+    const std::string& dir);
+absl::StatusOr<std::unique_ptr<WeightSource>> MakePresetWeights(
+    const WanConfig& config, uint64_t seed);
+
+// Writes a diffusers-layout checkpoint (config.json + safetensors, split into
+// shards of at most `max_shard_bytes` with an index when larger) of `source`'s
+// tensors in `dtype`.
+absl::Status WriteCheckpoint(const WeightSource& source,
+                             const std::string& dir, DType dtype,
+                             int64_t max_shard_bytes = int64_t{4} << 30);
+
+}  // namespace dn::worker
+
+#endif  // DN_WORKER_CHECKPOINT_H_

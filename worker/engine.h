@@ -1,0 +1,120 @@
+// File: worker/engine.h
+//
+// The denoising engine of one rank of a worker group: the Wan2.1 DiT on a
+// Backend, sharded over a Ulysses process group, driven by a sampler with
+// classifier-free guidance. No gRPC here: the service (server/) and the
+// `denoised run` command both drive this class.
+//
+// Collective contract: every rank of the group calls Generate with the same
+// params; all ranks leave at the same step boundary (success, stop or error),
+// because the stop decision, timings and errors are all-reduced over the
+// control group once per step.
+#ifndef DN_WORKER_ENGINE_H_
+#define DN_WORKER_ENGINE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "comm/process_group.h"
+#include "worker/backend.h"
+#include "worker/checkpoint.h"
+#include "worker/sampler.h"
+#include "worker/tensor.h"
+#include "worker/wan_config.h"
+
+namespace dn::worker {
+
+struct LatentShape {
+  int channels = 0;
+  int frames = 0;
+  int height = 0;
+  int width = 0;
+};
+
+// Pixel size (frames, height, width) -> latent shape through the config's
+// VAE strides: frames (F-1)/st+1, height H/sh, width W/sw, channels
+// in_channels. Errors name the field that does not fit the strides.
+absl::StatusOr<LatentShape> LatentFromPixels(const WanConfig& config,
+                                             int frames, int height, int width);
+// Token count of a latent shape after patching (F/pt * H/ph * W/pw).
+int64_t TokenCount(const WanConfig& config, const LatentShape& shape);
+
+struct GenerateParams {
+  LatentShape latent;
+  int steps = 50;
+  double guidance = 5.0;  // CFG on iff > 1
+  SchedulerKind scheduler = SchedulerKind::kUniPC;
+  double shift = 3.0;
+  uint64_t seed = 0;
+  Tensor prompt_embeds;    // host f32 [T, text_dim]
+  Tensor negative_embeds;  // host f32 [T', text_dim]; undefined -> zeros [T, text_dim]
+  Tensor initial_latents;  // host f32 [C,F,H,W]; undefined -> seeded noise
+  // Absolute deadline in unix milliseconds; 0 = none. Checked at every step
+  // boundary (collectively).
+  int64_t deadline_unix_millis = 0;
+};
+
+struct StepStats {
+  int index = 0;
+  int total = 0;
+  double sigma = 0;
+  double timestep = 0;
+  double seconds = 0;             // slowest rank's step time
+  double rank_seconds = 0;        // this rank's step time
+  double alltoall_seconds = 0;    // slowest rank's all-to-all time in the step
+  double skew_seconds = 0;        // slowest minus fastest rank
+};
+using StepCallback = std::function<void(const StepStats&)>;
+
+// Set from any thread to stop the request at the next step boundary with
+// the given code (CANCELLED or DEADLINE_EXCEEDED).
+class StopFlag {
+ public:
+  void Request(absl::StatusCode code) { code_.store(static_cast<int>(code)); }
+  absl::StatusCode code() const {
+    return static_cast<absl::StatusCode>(code_.load());
+  }
+  void Reset() { code_.store(0); }
+
+ private:
+  std::atomic<int> code_{0};
+};
+
+struct EngineOptions {
+  int64_t max_tokens = 80000;  // admission limit on TokenCount
+  bool use_graphs = true;      // capture the step as a graph where supported
+};
+
+class Engine {
+ public:
+  // Loads the weights onto the backend. `data` carries activations (its
+  // memory kind must match the backend's device); `control` (host memory)
+  // carries stop words and timings. Fails with FAILED_PRECONDITION when the
+  // head count does not divide by the group size.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(
+      const WeightSource& weights, Backend& backend, comm::ProcessGroup& data,
+      comm::ProcessGroup& control, const EngineOptions& options);
+  virtual ~Engine() = default;
+
+  virtual const WanConfig& config() const = 0;
+  // Checks params against the model and limits; messages name the field.
+  virtual absl::Status Validate(const GenerateParams& params) const = 0;
+  // Runs the denoising loop (collective). Returns the final latents
+  // [C,F,H,W] (host f32) on every rank.
+  virtual absl::StatusOr<Tensor> Generate(const GenerateParams& params,
+                                          const StepCallback& on_step,
+                                          const StopFlag* stop) = 0;
+  // Measures seconds per step at `shape` (collective), after building any
+  // per-shape plans; used for warm-up and admission estimates.
+  virtual absl::StatusOr<double> Warmup(const LatentShape& shape,
+                                        int text_len) = 0;
+};
+
+}  // namespace dn::worker
+
+#endif  // DN_WORKER_ENGINE_H_

@@ -1,0 +1,62 @@
+// File: worker/wan_config.h
+//
+// The WanTransformer3DModel configuration (diffusers `config.json` fields,
+// see ../shared/docs/wan-spec.md §1) plus the VAE strides that map pixel
+// sizes to latent sizes, and the presets `make-checkpoint` and `bench` use.
+#ifndef DN_WORKER_WAN_CONFIG_H_
+#define DN_WORKER_WAN_CONFIG_H_
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace dn::worker {
+
+struct WanConfig {
+  std::array<int, 3> patch_size = {1, 2, 2};  // (t, h, w)
+  int num_attention_heads = 40;
+  int attention_head_dim = 128;
+  int in_channels = 16;
+  int out_channels = 16;
+  int text_dim = 4096;
+  int freq_dim = 256;
+  int ffn_dim = 13824;
+  int num_layers = 40;
+  bool cross_attn_norm = true;
+  std::string qk_norm = "rms_norm_across_heads";
+  double eps = 1e-6;
+  int image_dim = 0;          // 0 = none (T2V); I2V: 1280
+  int added_kv_proj_dim = 0;  // 0 = none (T2V); I2V: 5120
+  int rope_max_seq_len = 1024;
+  int pos_embed_seq_len = 0;  // FLF2V only
+  // Not a diffusers transformer field: VAE strides (t, h, w) from pixels to
+  // latents. Wan: (4, 8, 8). A pixel-space model declares (1, 1, 1). Read
+  // from "vae_stride" in config.json when present.
+  std::array<int, 3> vae_stride = {4, 8, 8};
+
+  int inner_dim() const { return num_attention_heads * attention_head_dim; }
+  bool is_i2v() const { return added_kv_proj_dim > 0 || image_dim > 0; }
+
+  // Parses a diffusers config.json (unknown keys ignored; "_class_name", if
+  // present, must be WanTransformer3DModel). Also accepts the original Wan2.1
+  // names (dim, num_heads, in_dim, out_dim, ...). Errors name the field.
+  static absl::StatusOr<WanConfig> FromJson(const std::string& json);
+  // Canonical diffusers JSON (sorted keys), as make-checkpoint writes it.
+  std::string ToJson() const;
+  // Hex sha256 of ToJson(): identifies the architecture in metadata and
+  // worker registration.
+  std::string Hash() const;
+  // Checks internal consistency (positive sizes, head_dim even and >= 6, ...).
+  absl::Status Validate() const;
+};
+
+// Presets: "tiny" (the built-in demo/test model: 2 layers, 4 heads of 16,
+// in/out 16 channels, text_dim 32, ffn 128, freq_dim 256, VAE stride 4,8,8), "wan2.1-t2v-1.3b",
+// "wan2.1-t2v-14b".
+absl::StatusOr<WanConfig> PresetConfig(const std::string& name);
+
+}  // namespace dn::worker
+
+#endif  // DN_WORKER_WAN_CONFIG_H_
