@@ -369,28 +369,31 @@ absl::StatusOr<std::unique_ptr<WeightSource>> OpenCheckpoint(
   std::vector<StoredTensor> stored;
   DN_RETURN_IF_ERROR(OpenFiles(dir, weights.get(), &stored));
 
-  // Which naming the files use.
-  const std::string* original_example = nullptr;
-  const std::string* diffusers_example = nullptr;
+  // Which naming the files use: the layout most names can only belong to.
+  // Names of the other layout are reported as unexpected below.
+  size_t original_names = 0, diffusers_names = 0;
   for (const StoredTensor& s : stored) {
-    const std::string name = StripComfyPrefix(s.stored_name);
-    const NameLayout layout = LayoutOfName(name);
-    if (layout == NameLayout::kWanOriginal && !original_example)
-      original_example = &s.stored_name;
-    if (layout == NameLayout::kDiffusers && !diffusers_example)
-      diffusers_example = &s.stored_name;
+    const NameLayout layout = LayoutOfName(StripComfyPrefix(s.stored_name));
+    original_names += layout == NameLayout::kWanOriginal;
+    diffusers_names += layout == NameLayout::kDiffusers;
   }
-  if (original_example && diffusers_example)
-    return absl::InvalidArgumentError(absl::StrCat(
-        dir, ": tensor names mix the original Wan2.1 layout (e.g. ",
-        *original_example, ") and the diffusers layout (e.g. ",
-        *diffusers_example, ")"));
-  const bool original = original_example != nullptr;
+  const bool original = original_names > diffusers_names;
+  const NameLayout foreign =
+      original ? NameLayout::kDiffusers : NameLayout::kWanOriginal;
 
   // Map to diffusers names.
   std::vector<std::string> problems;
+  std::vector<std::string> misnamed;
   for (StoredTensor& s : stored) {
     std::string name = StripComfyPrefix(s.stored_name);
+    if (LayoutOfName(name) == foreign) {
+      misnamed.push_back(absl::StrCat(
+          "unexpected tensor ", s.stored_name, " with shape ",
+          ShapeString(s.entry->shape),
+          original ? " (a diffusers name in an original Wan2.1 checkpoint)"
+                   : " (an original Wan2.1 name in a diffusers checkpoint)"));
+      continue;
+    }
     if (original) {
       if (std::optional<std::string> mapped = WanOriginalToDiffusers(name))
         name = *mapped;
@@ -441,6 +444,7 @@ absl::StatusOr<std::unique_ptr<WeightSource>> OpenCheckpoint(
                                   " with shape ",
                                   ShapeString(s.entry->shape)));
   }
+  extras.insert(extras.end(), misnamed.begin(), misnamed.end());
   std::sort(extras.begin(), extras.end());
   problems.insert(problems.end(), extras.begin(), extras.end());
   if (!problems.empty())
