@@ -3,7 +3,9 @@
 #include <cstring>
 #include <string>
 
+#include "bench/step_bench.h"
 #include "server/version.h"
+#include "worker/run_command.h"
 
 namespace {
 
@@ -23,6 +25,12 @@ const Command kCommands[] = {
        std::printf("denoised %s\n", dn::Version());
        return 0;
      }, false},
+    {"run", "run the engine without the service (N local rank processes)",
+     dn::worker::RunCommand, false},
+    {"run-rank", "", dn::worker::RunRankCommand, true},
+    {"bench step", "time one denoising step (ms, all-to-all, TFLOP/s, memory)",
+     dn::bench::BenchStepCommand, false},
+    {"bench step-rank", "", dn::bench::BenchStepRankCommand, true},
 };
 
 void PrintUsage() {
