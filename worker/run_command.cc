@@ -71,6 +71,11 @@ struct RunFlags {
   int text_len = 512;
   std::string latents;
   std::string out;
+  // Testing: at step `fault_step` (0-based, after its stats), rank
+  // `fault_rank` requests a cancel ("cancel") or dies ("exit").
+  int fault_rank = -1;
+  int fault_step = 0;
+  std::string fault;
 };
 
 void AddRunFlags(FlagSet& flags, RunFlags* f) {
@@ -93,6 +98,10 @@ void AddRunFlags(FlagSet& flags, RunFlags* f) {
                "safetensors file with tensor latents [C, F, H, W] to start "
                "from instead of seeded noise");
   flags.String("out", &f->out, "output safetensors file (tensor latents)");
+  flags.Int("fault-rank", &f->fault_rank, "testing: rank that injects --fault");
+  flags.Int("fault-step", &f->fault_step, "testing: step index of --fault");
+  flags.String("fault", &f->fault,
+               "testing: cancel (request a stop) | exit (die) on --fault-rank");
 }
 
 absl::Status CheckRunFlags(const RunFlags& f) {
@@ -106,6 +115,9 @@ absl::Status CheckRunFlags(const RunFlags& f) {
   if (f.embeds.empty() && (f.text_len < 1 || f.text_len > 4096))
     return absl::InvalidArgumentError(
         absl::StrCat("--text-len ", f.text_len, " must be in [1, 4096]"));
+  if (!f.fault.empty() && f.fault != "cancel" && f.fault != "exit")
+    return absl::InvalidArgumentError(
+        absl::StrCat("--fault '", f.fault, "' must be cancel or exit"));
   return absl::OkStatus();
 }
 
@@ -207,9 +219,19 @@ absl::Status RunRank(const RankOptions& ro, const RunFlags& rf) {
                  << ", " << p.latent.height << ", " << p.latent.width << "], "
                  << TokenCount(config, p.latent) << " tokens, " << p.steps
                  << " steps, CFG " << (p.guidance > 1 ? "on" : "off");
-  StepCallback progress;
-  if (ro.rank == 0) progress = DrawProgress;
-  DN_ASSIGN_OR_RETURN(Tensor latents, engine.Generate(p, progress, nullptr));
+  StopFlag stop;
+  const bool inject = !rf.fault.empty() && rf.fault_rank == ro.rank;
+  StepCallback progress = [&](const StepStats& s) {
+    if (ro.rank == 0) DrawProgress(s);
+    if (inject && s.index == rf.fault_step) {
+      if (rf.fault == "exit") {
+        DN_LOG(WARNING) << "--fault exit: rank " << ro.rank << " dies at step " << s.index;
+        _exit(3);
+      }
+      stop.Request(absl::StatusCode::kCancelled);
+    }
+  };
+  DN_ASSIGN_OR_RETURN(Tensor latents, engine.Generate(p, progress, &stop));
   if (ro.rank != 0) return absl::OkStatus();
   std::ostringstream guidance, shift;
   guidance << rf.guidance;
@@ -423,32 +445,40 @@ absl::Status SpawnRanks(const std::vector<std::string>& command,
   }
   absl::Status result;
   if (first_failed >= 0) {
-    // Prefer a rank that reported a root-cause error over one that only saw
-    // its peers go away.
-    int chosen = -1;
-    absl::StatusCode chosen_code = absl::StatusCode::kUnknown;
-    std::string chosen_msg;
-    for (int r = 0; r < static_cast<int>(pids.size()); ++r) {
-      std::ifstream in(ErrorFile(dir, r));
+    // The root cause: a rank that reported an error other than losing its
+    // peers; else the first rank to die without reporting (crash, signal);
+    // else the first report.
+    struct Report {
+      bool present = false;
+      absl::StatusCode code = absl::StatusCode::kUnknown;
+      std::string message;
+    };
+    std::vector<Report> reports(pids.size());
+    for (size_t r = 0; r < pids.size(); ++r) {
+      std::ifstream in(ErrorFile(dir, static_cast<int>(r)));
       int code = 0;
       if (!(in >> code)) continue;
-      std::string msg((std::istreambuf_iterator<char>(in.ignore(1))),
-                      std::istreambuf_iterator<char>());
-      const auto c = static_cast<absl::StatusCode>(code);
-      if (chosen < 0 || (IsSecondary(chosen_code) && !IsSecondary(c))) {
-        chosen = r;
-        chosen_code = c;
-        chosen_msg = msg;
-      }
+      in.ignore(1);
+      reports[r].present = true;
+      reports[r].code = static_cast<absl::StatusCode>(code);
+      reports[r].message.assign(std::istreambuf_iterator<char>(in),
+                                std::istreambuf_iterator<char>());
     }
+    int chosen = -1;
+    for (size_t r = 0; r < reports.size() && chosen < 0; ++r)
+      if (reports[r].present && !IsSecondary(reports[r].code)) chosen = static_cast<int>(r);
+    if (chosen < 0 && reports[static_cast<size_t>(first_failed)].present)
+      chosen = first_failed;
     if (chosen >= 0) {
-      result = absl::Status(chosen_code, absl::StrCat("rank ", chosen, ": ", chosen_msg));
+      const Report& rep = reports[static_cast<size_t>(chosen)];
+      result = absl::Status(rep.code, absl::StrCat("rank ", chosen, ": ", rep.message));
     } else {
       const int st = status[static_cast<size_t>(first_failed)];
       result = absl::InternalError(absl::StrCat(
           "rank ", first_failed,
           WIFSIGNALED(st) ? absl::StrCat(" was killed by signal ", WTERMSIG(st))
-                          : absl::StrCat(" exited with status ", WEXITSTATUS(st))));
+                          : absl::StrCat(" exited with status ", WEXITSTATUS(st)),
+          " without reporting an error; the other ranks were stopped"));
     }
   }
   std::filesystem::remove_all(dir, ec);

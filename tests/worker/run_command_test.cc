@@ -255,6 +255,30 @@ TEST_F(RunTest, BadInputsFailWithTheFlagNamed) {
   EXPECT_EQ(r.exit_code, 2);  // neither --model nor --preset (and no --out)
 }
 
+TEST_F(RunTest, StopRequestedOnOneRankStopsAllAtTheSameStep) {
+  const Result r = Run(absl::StrCat(
+      "--frames 5 --height 48 --width 48 --steps 6 --ranks 2 --fault-rank 1 "
+      "--fault-step 1 --fault cancel --out ", Out("x.safetensors")));
+  EXPECT_EQ(r.exit_code, 1);
+  // Rank 1 requests the stop during step 1's callback; step 2 still runs and
+  // its control all-reduce stops every rank after 3 steps.
+  EXPECT_NE(r.err.find("rank 0 failed: CANCELLED: stopped after step 3 of 6"),
+            std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("rank 1 failed: CANCELLED: stopped after step 3 of 6"),
+            std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(Out("x.safetensors")));
+}
+
+TEST_F(RunTest, DeadRankFailsTheRunWithItsName) {
+  const Result r = Run(absl::StrCat(
+      "--frames 5 --height 48 --width 48 --steps 6 --ranks 2 --fault-rank 1 "
+      "--fault-step 1 --fault exit --out ", Out("x.safetensors")));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("denoised run: INTERNAL: rank 1 exited with status 3"),
+            std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(Out("x.safetensors")));
+}
+
 TEST_F(RunTest, BenchStepReportsOnTheTinyPreset) {
   const Result r = Run("--tokens 12 --ranks 2 --cfg --iters 2 --text-len 8",
                        "bench step --preset tiny");

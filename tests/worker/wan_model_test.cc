@@ -330,7 +330,7 @@ Groups MakeGroups() {
 }
 
 constexpr int64_t kF = 2, kH = 4, kW = 6;  // latent; token grid 2 x 2 x 3
-constexpr double kTol = 1e-4;  // fp32 model vs double reference (relative)
+constexpr double kTol = 2e-5;  // fp32 model vs double reference (relative; seen ~2e-6)
 
 TEST(WanModelTest, ForwardMatchesNaiveReference) {
   const WanConfig c = SmallConfig();
