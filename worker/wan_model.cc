@@ -422,10 +422,11 @@ absl::Status WanModel::Forward(comm::ProcessGroup* data, MarkerList* markers,
     return absl::InvalidArgumentError("model: Forward with world > 1 needs a group");
   if (!use_graph || world_ > 1) return RunForward(data, markers);
   if (graph_ == nullptr) {
-    // Capture may run the body (CPU) or only record it (CUDA); the body is
-    // idempotent, so replaying right after is correct for both.
+    // Capture has the effect of running the body once (CPU runs it; CUDA
+    // records it and launches the graph), so this step is done.
     DN_ASSIGN_OR_RETURN(graph_,
                         backend_.Capture([this] { return RunForward(nullptr, nullptr); }));
+    return absl::OkStatus();
   }
   return graph_->Replay();
 }
