@@ -5,6 +5,7 @@
 
 #include "bench/step_bench.h"
 #include "server/version.h"
+#include "worker/make_checkpoint_command.h"
 #include "worker/run_command.h"
 
 namespace {
@@ -25,6 +26,7 @@ const Command kCommands[] = {
        std::printf("denoised %s\n", dn::Version());
        return 0;
      }, false},
+    {"make-checkpoint", "write a diffusers-layout checkpoint with seeded random weights", dn::worker::MakeCheckpointCommand, false},
     {"run", "run the engine without the service (N local rank processes)",
      dn::worker::RunCommand, false},
     {"run-rank", "", dn::worker::RunRankCommand, true},
