@@ -229,6 +229,27 @@ TEST_F(RunTest, FileInputsEqualTheSeededDefaults) {
   EXPECT_LE(MaxDiff(with_negative, cfg_off), 1e-4 * std::max(1.0, MaxAbs(cfg_off)));
 }
 
+TEST_F(RunTest, CheckpointFolderEqualsPreset) {
+  // make-checkpoint writes the tiny preset's weights (f32, original Wan2.1
+  // names, sharded): loading them from files must give the same latents as
+  // the on-device preset initialisation.
+  const std::string ckpt = Out("ckpt");
+  const std::string make = absl::StrCat(DENOISED_BIN, " make-checkpoint --preset tiny --seed 4 --out ",
+                                        ckpt, " --original-names --max-shard-bytes 100000 2>&1");
+  ASSERT_EQ(std::system(make.c_str()), 0);
+  const std::string args = "--frames 5 --height 48 --width 32 --steps 2 --ranks 2 --seed 1 --text-len 3";
+  const auto preset = Latents(absl::StrCat(args, " --preset-seed 4"), "a.safetensors");
+  const auto files = [&] {
+    const Result r = Run(absl::StrCat(args, " --model ", ckpt, " --out ", Out("b.safetensors")), "run");
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return ReadLatents(Out("b.safetensors"));
+  }();
+  ASSERT_FALSE(preset.empty());
+  EXPECT_EQ(MaxDiff(preset, files), 0.0);
+  const auto other_seed = Latents(absl::StrCat(args, " --preset-seed 5"), "c.safetensors");
+  EXPECT_GT(MaxDiff(preset, other_seed), 1e-3);
+}
+
 TEST_F(RunTest, HeadsNotDivisibleIsAClearError) {
   // The tiny model has 4 heads; 3 ranks cannot shard them.
   const Result r = Run(absl::StrCat("--frames 5 --height 48 --width 48 --steps 1 --ranks 3 --out ",
