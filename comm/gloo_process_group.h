@@ -14,6 +14,15 @@
 // its sockets down, so its peers fail promptly too, and every later call
 // returns ABORTED. Forming a group ignores SIGPIPE process-wide (when it is
 // at its default) so that a write to a dead peer is an error, not a crash.
+//
+// Abort(): this Gloo snapshot has no public way to cancel a pending
+// operation, and its tcp/pair.h cannot be included (Debian ships it without
+// gloo/common/memory.h). So at creation the ranks exchange both endpoint
+// addresses of every connection (one all-gather), and Abort() finds this
+// process's sockets of the group in /proc/self/fd by those addresses and
+// shutdown(2)s them. Gloo's device loop then reads EOF and fails every
+// pending operation of the pair; the peers read EOF too. Descriptors are
+// never closed behind Gloo's back.
 #ifndef DN_COMM_GLOO_PROCESS_GROUP_H_
 #define DN_COMM_GLOO_PROCESS_GROUP_H_
 

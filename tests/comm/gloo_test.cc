@@ -73,8 +73,8 @@ void RunKilledPeer(int world) {
                             RankArgs("killed", r, world, dir.path(), kFailureTimeoutMs)));
   const int victim = world - 1;
   ASSERT_TRUE(testing::WaitForFile(dir.path() + "/victim_ready",
-                                   Clock::now() + milliseconds(kHealthyTimeoutMs)))
-      << "the victim never reached its last collective";
+                                   Clock::now() + milliseconds(kHealthyTimeoutMs), &ranks))
+      << "the victim never reached its last collective (or a rank exited early)";
   ranks.Kill(victim, SIGKILL);
   std::vector<int> survivors;
   for (int r = 0; r < victim; ++r) survivors.push_back(r);

@@ -118,16 +118,37 @@ class RankLauncher {
 
   int status(int i) const { return status_[i]; }
 
+  // Reaps ranks that have exited; true when any has.
+  bool AnyExited() {
+    bool any = false;
+    for (int i = 0; i < count(); ++i) {
+      if (pids_[i] <= 0) {
+        any = true;
+        continue;
+      }
+      int st = 0;
+      if (::waitpid(pids_[i], &st, WNOHANG) == pids_[i]) {
+        status_[i] = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        pids_[i] = -1;
+        any = true;
+      }
+    }
+    return any;
+  }
+
  private:
   std::vector<pid_t> pids_;
   std::vector<int> status_;
 };
 
-// Waits until `path` exists or `deadline` passes.
+// Waits until `path` exists, or `deadline` passes, or a rank of `ranks`
+// (when given) exits early.
 inline bool WaitForFile(const std::string& path,
-                        std::chrono::steady_clock::time_point deadline) {
+                        std::chrono::steady_clock::time_point deadline,
+                        RankLauncher* ranks = nullptr) {
   while (std::chrono::steady_clock::now() < deadline) {
     if (std::filesystem::exists(path)) return true;
+    if (ranks != nullptr && ranks->AnyExited()) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   return std::filesystem::exists(path);
