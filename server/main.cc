@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string>
 
+#include "bench/comm_bench.h"
 #include "server/version.h"
 
 namespace {
@@ -23,6 +24,8 @@ const Command kCommands[] = {
        std::printf("denoised %s\n", dn::Version());
        return 0;
      }, false},
+    {"bench comm", "all-to-all latency and bus bandwidth (Gloo CPU ranks or NCCL GPUs)", dn::bench::BenchCommCommand, false},
+    {"bench comm-rank", "one rank of `bench comm` (internal)", dn::bench::BenchCommRankCommand, true},
 };
 
 void PrintUsage() {

@@ -8,6 +8,8 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
+
 #include "tests/comm/comm_test_util.h"
 
 namespace dn::comm {
@@ -196,7 +198,12 @@ INSTANTIATE_TEST_SUITE_P(
                       ExchangeCase{2, 10, 4, 8, 3, 2},   // uneven, bf16-sized
                       ExchangeCase{1, 5, 4, 4, 2, 4},    // last rank all padding
                       ExchangeCase{3, 33, 3, 6, 5, 1},   // odd everything
-                      ExchangeCase{1, 2, 8, 8, 4, 2}));  // L < P
+                      ExchangeCase{1, 2, 8, 8, 4, 2}),   // L < P
+    [](const ::testing::TestParamInfo<ExchangeCase>& info) {
+      const ExchangeCase& c = info.param;
+      return absl::StrCat("B", c.batch, "_L", c.seq, "_P", c.world, "_H",
+                          c.heads, "_d", c.head_dim, "_es", c.elem_size);
+    });
 
 }  // namespace
 }  // namespace dn::comm
