@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "comm/base/log.h"
 #include "gloo/allgather.h"
@@ -32,6 +33,7 @@
 #include "gloo/rendezvous/store.h"
 #include "gloo/transport/tcp/device.h"
 #include "gloo/transport/tcp/address.h"
+#include "gloo/transport/unbound_buffer.h"
 
 namespace dn::comm {
 namespace {
@@ -129,11 +131,25 @@ void IgnoreSigpipe() {
 }
 
 template <typename T>
-void SetReduce(gloo::AllreduceOptions& o, T* buf, size_t count, ReduceOp op) {
+void SetReduce(gloo::AllreduceOptions& o,
+               std::unique_ptr<gloo::transport::UnboundBuffer> buf,
+               ReduceOp op) {
   using Fn = void (*)(void*, const void*, const void*, size_t);
-  o.setOutput(buf, count);
+  o.setOutput<T>(std::move(buf));
   o.setReduceFunction(op == ReduceOp::kSum ? static_cast<Fn>(&gloo::sum<T>)
                                            : static_cast<Fn>(&gloo::max<T>));
+}
+
+size_t ElementSize(ReduceType type) {
+  switch (type) {
+    case ReduceType::kF32:
+      return sizeof(float);
+    case ReduceType::kF64:
+      return sizeof(double);
+    case ReduceType::kI64:
+      return sizeof(int64_t);
+  }
+  return 1;
 }
 
 }  // namespace
@@ -174,8 +190,7 @@ absl::StatusOr<std::unique_ptr<GlooProcessGroup>> GlooProcessGroup::Create(
     // Learn both ends of every connection (this side from the pair, the
     // other side from the peer) so that Abort() can find the sockets.
     const size_t n = static_cast<size_t>(options.size);
-    std::vector<sockaddr_storage> mine(n), all(n * n);
-    std::memset(mine.data(), 0, n * sizeof(sockaddr_storage));
+    std::vector<sockaddr_storage> mine(n), all(n * n);  // zeroed
     for (int j = 0; j < options.size; ++j) {
       if (j == options.rank) continue;
       const auto* address = dynamic_cast<const gloo::transport::tcp::Address*>(
@@ -189,9 +204,8 @@ absl::StatusOr<std::unique_ptr<GlooProcessGroup>> GlooProcessGroup::Create(
       o.setOutput(reinterpret_cast<uint8_t*>(all.data()),
                   n * n * sizeof(sockaddr_storage));
       o.setTag(0);
-      o.setTimeout(std::max(std::chrono::milliseconds(1),
-                            std::chrono::duration_cast<std::chrono::milliseconds>(
-                                deadline - Clock::now())));
+      // Everyone has joined; this exchange gets a full timeout of its own.
+      o.setTimeout(options.timeout);
       gloo::allgather(o);
     }
     std::vector<PeerSocket> sockets;
@@ -237,10 +251,47 @@ GlooProcessGroup::GlooProcessGroup(
       context_(std::move(context)) {}
 
 GlooProcessGroup::~GlooProcessGroup() {
+  {
+    std::lock_guard<std::mutex> lock(active_mu_);
+    stopping_ = true;
+  }
+  if (waker_.joinable()) waker_.join();
   // Pairs (owned by the context) unregister from the device's loop, so the
   // context goes first.
   context_.reset();
   device_.reset();
+}
+
+void GlooProcessGroup::Track(
+    std::vector<gloo::transport::UnboundBuffer*> buffers) {
+  std::lock_guard<std::mutex> lock(active_mu_);
+  if (aborted_) throw std::runtime_error("Abort() was called");
+  active_ = std::move(buffers);
+}
+
+void GlooProcessGroup::Untrack() {
+  std::lock_guard<std::mutex> lock(active_mu_);
+  active_.clear();
+}
+
+void GlooProcessGroup::StartWaker() {
+  if (waker_started_.exchange(true)) return;
+  waker_ = std::thread([this] {
+    // A Gloo wait returns early (and Gloo's algorithm moves on to its next
+    // wait) each time it is interrupted, so keep interrupting until the
+    // running call is gone. No call starts after Abort() (see Track).
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lock(active_mu_);
+        if (stopping_ || active_.empty()) return;
+        for (gloo::transport::UnboundBuffer* b : active_) {
+          b->abortWaitSend();
+          b->abortWaitRecv();
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  });
 }
 
 std::vector<int> GlooProcessGroup::FindPeerSockets() const {
@@ -288,14 +339,18 @@ absl::Status GlooProcessGroup::Fail(absl::Status status) {
 }
 
 void GlooProcessGroup::Abort() {
-  aborted_ = true;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (first_error_.ok())
       first_error_ = absl::AbortedError("Abort() was called");
   }
+  {
+    std::lock_guard<std::mutex> lock(active_mu_);
+    aborted_ = true;
+  }
   broken_ = true;
   ShutdownSockets();
+  StartWaker();
 }
 
 template <typename Fn>
@@ -314,7 +369,9 @@ absl::Status GlooProcessGroup::Run(const char* op, Fn&& fn) {
   bool io = false;
   try {
     fn(tag);
-    return absl::OkStatus();
+    // An interrupted wait returns normally; the data is not complete then.
+    if (!aborted_) return absl::OkStatus();
+    what = "Abort() was called during the call";
   } catch (const gloo::IoException& e) {
     what = e.what();
     io = true;
@@ -340,8 +397,12 @@ absl::Status GlooProcessGroup::AllToAll(const void* send, void* recv,
   return Run("AllToAll", [&](uint32_t tag) {
     if (total == 0) return;
     gloo::AlltoallOptions o(context_);
-    o.setInput(const_cast<uint8_t*>(static_cast<const uint8_t*>(send)), total);
-    o.setOutput(static_cast<uint8_t*>(recv), total);
+    auto in = context_->createUnboundBuffer(const_cast<void*>(send), total);
+    auto out = context_->createUnboundBuffer(recv, total);
+    Track({in.get(), out.get()});
+    absl::Cleanup untrack = [this] { Untrack(); };
+    o.setInput<uint8_t>(std::move(in));
+    o.setOutput<uint8_t>(std::move(out));
     o.setTag(tag);
     o.setTimeout(options_.timeout);
     gloo::alltoall(o);
@@ -355,10 +416,14 @@ absl::Status GlooProcessGroup::AllGather(const void* send, void* recv,
   return Run("AllGather", [&](uint32_t tag) {
     if (bytes_per_rank == 0) return;
     gloo::AllgatherOptions o(context_);
-    o.setInput(const_cast<uint8_t*>(static_cast<const uint8_t*>(send)),
-               bytes_per_rank);
-    o.setOutput(static_cast<uint8_t*>(recv),
-                bytes_per_rank * static_cast<size_t>(size()));
+    auto in = context_->createUnboundBuffer(const_cast<void*>(send),
+                                            bytes_per_rank);
+    auto out = context_->createUnboundBuffer(
+        recv, bytes_per_rank * static_cast<size_t>(size()));
+    Track({in.get(), out.get()});
+    absl::Cleanup untrack = [this] { Untrack(); };
+    o.setInput<uint8_t>(std::move(in));
+    o.setOutput<uint8_t>(std::move(out));
     o.setTag(tag);
     o.setTimeout(options_.timeout);
     gloo::allgather(o);
@@ -374,7 +439,10 @@ absl::Status GlooProcessGroup::Broadcast(void* buf, size_t bytes, int root) {
   return Run("Broadcast", [&](uint32_t tag) {
     if (bytes == 0) return;
     gloo::BroadcastOptions o(context_);
-    o.setOutput(static_cast<uint8_t*>(buf), bytes);
+    auto out = context_->createUnboundBuffer(buf, bytes);
+    Track({out.get()});
+    absl::Cleanup untrack = [this] { Untrack(); };
+    o.setOutput<uint8_t>(std::move(out));
     o.setRoot(root);
     o.setTag(tag);
     o.setTimeout(options_.timeout);
@@ -389,15 +457,18 @@ absl::Status GlooProcessGroup::AllReduce(void* buf, size_t count,
   return Run("AllReduce", [&](uint32_t tag) {
     if (count == 0) return;
     gloo::AllreduceOptions o(context_);
+    auto out = context_->createUnboundBuffer(buf, count * ElementSize(type));
+    Track({out.get()});
+    absl::Cleanup untrack = [this] { Untrack(); };
     switch (type) {
       case ReduceType::kF32:
-        SetReduce(o, static_cast<float*>(buf), count, op);
+        SetReduce<float>(o, std::move(out), op);
         break;
       case ReduceType::kF64:
-        SetReduce(o, static_cast<double*>(buf), count, op);
+        SetReduce<double>(o, std::move(out), op);
         break;
       case ReduceType::kI64:
-        SetReduce(o, static_cast<int64_t*>(buf), count, op);
+        SetReduce<int64_t>(o, std::move(out), op);
         break;
     }
     o.setTag(tag);
@@ -408,6 +479,9 @@ absl::Status GlooProcessGroup::AllReduce(void* buf, size_t count,
 
 absl::Status GlooProcessGroup::Barrier() {
   return Run("Barrier", [&](uint32_t tag) {
+    // Gloo's barrier keeps its (tiny) buffer private; its messages are never
+    // left half-written, so the socket shutdown of Abort() is enough here.
+    Track({});
     gloo::BarrierOptions o(context_);
     o.setTag(tag);
     o.setTimeout(options_.timeout);

@@ -22,7 +22,14 @@
 // process's sockets of the group in /proc/self/fd by those addresses and
 // shutdown(2)s them. Gloo's device loop then reads EOF and fails every
 // pending operation of the pair; the peers read EOF too. Descriptors are
-// never closed behind Gloo's back.
+// never closed behind Gloo's back. Gloo does not fail a send it is in the
+// middle of writing (a peer stopped reading), so Abort() also starts a waker
+// thread that keeps interrupting the waits of the running call (its buffers
+// are registered while it runs) until that call has returned ABORTED.
+//
+// A peer that dies while this rank is in the middle of writing to it is
+// likewise not reported by Gloo: that call ends with DEADLINE_EXCEEDED at
+// the timeout (every other dead-peer case is UNAVAILABLE at once).
 #ifndef DN_COMM_GLOO_PROCESS_GROUP_H_
 #define DN_COMM_GLOO_PROCESS_GROUP_H_
 
@@ -33,6 +40,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -44,6 +52,7 @@ namespace gloo {
 class Context;
 namespace transport {
 class Device;
+class UnboundBuffer;
 }  // namespace transport
 }  // namespace gloo
 
@@ -96,6 +105,12 @@ class GlooProcessGroup final : public ProcessGroup {
   // Shuts every peer socket down: pending waits fail at once, locally and
   // on the peers.
   void ShutdownSockets();
+  // Registers the unbound buffers of the running call (throws when the
+  // group was aborted, so no call starts after Abort()); Untrack clears.
+  void Track(std::vector<gloo::transport::UnboundBuffer*> buffers);
+  void Untrack();
+  // Starts (once) the thread that interrupts the running call's waits.
+  void StartWaker();
 
   const GlooOptions options_;
   std::shared_ptr<gloo::transport::Device> device_;
@@ -107,6 +122,12 @@ class GlooProcessGroup final : public ProcessGroup {
   std::atomic<bool> broken_{false};   // any error, or Abort()
   std::mutex mu_;
   absl::Status first_error_;  // guarded by mu_
+
+  std::mutex active_mu_;
+  std::vector<gloo::transport::UnboundBuffer*> active_;  // guarded
+  bool stopping_ = false;                                 // guarded
+  std::atomic<bool> waker_started_{false};
+  std::thread waker_;
 };
 
 }  // namespace dn::comm

@@ -262,19 +262,25 @@ int RunUlysses(const Args& a, ProcessGroup& pg) {
 }
 
 // Peer failure: the victim (last rank) takes part in a few all-to-alls, then
-// stops taking part: it writes "<dir>/victim_ready" and sleeps (the test then
-// kills it with SIGKILL, or in "stuck" mode just lets it sleep). Survivors
-// keep calling AllToAll and must get an error, which they record.
-int RunPeerFailure(const Args& a, ProcessGroup& pg, bool stuck) {
+// writes "<dir>/victim_ready" and either stops taking part and sleeps (the
+// test then kills it with SIGKILL, or in "stuck" mode just lets it sleep) or,
+// in "killed_busy" mode, keeps running all-to-alls until the test kills it
+// in the middle of one. Survivors keep calling AllToAll and must get an
+// error, which they record.
+enum class Victim { kSleeps, kStuck, kBusy };
+
+int RunPeerFailure(const Args& a, ProcessGroup& pg, Victim how) {
   const bool victim = a.rank == a.world - 1;
   const size_t bytes = 256 * 1024;
   std::vector<uint8_t> send(bytes * a.world), recv(bytes * a.world);
   for (int iter = 0;; ++iter) {
     if (victim && iter == a.victim_iters) {
       std::ofstream(absl::StrCat(a.dir, "/victim_ready")) << "ready\n";
-      std::this_thread::sleep_for(std::chrono::milliseconds(
-          stuck ? 3 * a.timeout_ms : 60000));
-      return 0;
+      if (how != Victim::kBusy) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(
+            how == Victim::kStuck ? 3 * a.timeout_ms : 60000));
+        return 0;
+      }
     }
     FillA2aSend(a.rank, a.world, bytes, iter, send.data());
     const auto start = Clock::now();
@@ -283,6 +289,7 @@ int RunPeerFailure(const Args& a, ProcessGroup& pg, bool stuck) {
                            Clock::now() - start)
                            .count();
     if (!st.ok()) {
+      if (victim) return Fail("the victim saw an error: " + st.ToString());
       WriteResult(a, st, ms);
       std::fprintf(stderr, "rank %d: collective %d failed after %lld ms: %s\n",
                    a.rank, iter, static_cast<long long>(ms), st.ToString().c_str());
@@ -297,7 +304,7 @@ int RunPeerFailure(const Args& a, ProcessGroup& pg, bool stuck) {
     }
     std::string bad = CheckA2aRecv(a.rank, a.world, bytes, iter, recv.data());
     if (!bad.empty()) return Fail(bad);
-    if (iter > 10000) return Fail("no error after 10000 collectives");
+    if (iter > 100000) return Fail("no error after 100000 collectives");
   }
 }
 
@@ -336,11 +343,45 @@ int RunAbort(const Args& a, ProcessGroup& pg) {
   return 0;
 }
 
+// Abort while this rank is in the middle of writing to a peer that stopped
+// reading: rank 0 broadcasts a large buffer; the peers write
+// "<dir>/entering.<rank>", enter the broadcast (posting their receive at
+// once) and the test SIGSTOPs them a moment later, then writes
+// "<dir>/stopped". Rank 0 calls Abort() from another thread 200 ms later;
+// its pending call must end with ABORTED long before the timeout.
+int RunAbortStopped(const Args& a, ProcessGroup& pg) {
+  const size_t bytes = 128u << 20;
+  std::vector<uint8_t> buf(bytes, 1);
+  if (a.rank != 0) {
+    std::ofstream(absl::StrCat(a.dir, "/entering.", a.rank)) << "1\n";
+    absl::Status st = pg.Broadcast(buf.data(), bytes, 0);
+    (void)st;  // the test kills this rank
+    return 0;
+  }
+  std::thread aborter([&] {
+    const std::string stopped = absl::StrCat(a.dir, "/stopped");
+    for (int i = 0; i < 60000 && !std::ifstream(stopped); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    pg.Abort();
+  });
+  const auto start = Clock::now();
+  absl::Status st = pg.Broadcast(buf.data(), bytes, 0);
+  const int64_t ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count();
+  aborter.join();
+  WriteResult(a, st, ms);
+  if (st.code() != absl::StatusCode::kAborted)
+    return Fail(absl::StrCat("aborted call returned ", st.ToString()));
+  return 0;
+}
+
 int Main(int argc, char** argv) {
   Args a;
   FlagSet flags("comm_test_rank", "one rank of a multi-process comm test");
   flags.String("mode", &a.mode,
-               "alltoall | collectives | ulysses | killed | stuck | abort");
+               "alltoall | collectives | ulysses | killed | killed_busy | stuck | "
+               "abort | abort_stopped");
   flags.Int("rank", &a.rank, "this rank");
   flags.Int("world", &a.world, "number of ranks");
   flags.String("dir", &a.dir, "FileStore folder shared by the ranks");
@@ -366,9 +407,11 @@ int Main(int argc, char** argv) {
   if (a.mode == "alltoall") return RunAllToAll(a, **pg);
   if (a.mode == "collectives") return RunCollectives(a, **pg);
   if (a.mode == "ulysses") return RunUlysses(a, **pg);
-  if (a.mode == "killed") return RunPeerFailure(a, **pg, /*stuck=*/false);
-  if (a.mode == "stuck") return RunPeerFailure(a, **pg, /*stuck=*/true);
+  if (a.mode == "killed") return RunPeerFailure(a, **pg, Victim::kSleeps);
+  if (a.mode == "killed_busy") return RunPeerFailure(a, **pg, Victim::kBusy);
+  if (a.mode == "stuck") return RunPeerFailure(a, **pg, Victim::kStuck);
   if (a.mode == "abort") return RunAbort(a, **pg);
+  if (a.mode == "abort_stopped") return RunAbortStopped(a, **pg);
   return Fail(absl::StrCat("unknown --mode ", a.mode));
 }
 

@@ -2,8 +2,10 @@
 // comm_test_rank processes that rendezvous through a FileStore in a temporary
 // folder and talk over loopback TCP.
 #include <chrono>
+#include <fstream>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -65,16 +67,20 @@ TEST(GlooProcessGroupTest, UlyssesFourRanks) { RunAll("ulysses", 4); }
 // A peer killed with SIGKILL while the others wait for it inside an
 // all-to-all: every survivor gets an error within the timeout, and the group
 // is unusable afterwards (checked by the survivors).
-void RunKilledPeer(int world) {
+// With `busy`, the victim keeps exchanging data and is killed in the middle
+// of a transfer instead of while the others wait for it.
+void RunKilledPeer(int world, bool busy = false) {
   TempDir dir;
   RankLauncher ranks;
+  const std::string mode = busy ? "killed_busy" : "killed";
   for (int r = 0; r < world; ++r)
     ASSERT_TRUE(ranks.Start(COMM_TEST_RANK_BIN,
-                            RankArgs("killed", r, world, dir.path(), kFailureTimeoutMs)));
+                            RankArgs(mode, r, world, dir.path(), kFailureTimeoutMs)));
   const int victim = world - 1;
   ASSERT_TRUE(testing::WaitForFile(dir.path() + "/victim_ready",
                                    Clock::now() + milliseconds(kHealthyTimeoutMs), &ranks))
       << "the victim never reached its last collective (or a rank exited early)";
+  if (busy) std::this_thread::sleep_for(milliseconds(30));
   ranks.Kill(victim, SIGKILL);
   std::vector<int> survivors;
   for (int r = 0; r < victim; ++r) survivors.push_back(r);
@@ -97,6 +103,9 @@ void RunKilledPeer(int world) {
 
 TEST(GlooProcessGroupTest, KilledPeerGivesErrorTwoRanks) { RunKilledPeer(2); }
 TEST(GlooProcessGroupTest, KilledPeerGivesErrorFourRanks) { RunKilledPeer(4); }
+TEST(GlooProcessGroupTest, PeerKilledMidTransferGivesErrorFourRanks) {
+  RunKilledPeer(4, /*busy=*/true);
+}
 
 // A peer that stays alive but stops taking part: the survivors' call ends
 // with DEADLINE_EXCEEDED (or UNAVAILABLE when another survivor's timeout
@@ -147,6 +156,35 @@ TEST(GlooProcessGroupTest, AbortEndsPendingCall) {
     }
     EXPECT_LT(res.elapsed_ms, kHealthyTimeoutMs / 2) << "rank " << r << ": " << res.message;
   }
+}
+
+// Abort() while rank 0 is in the middle of writing a large broadcast to a
+// peer that stopped reading (SIGSTOP): Gloo itself never wakes such a send,
+// so this checks the group's own wake-up of pending waits.
+TEST(GlooProcessGroupTest, AbortEndsCallStuckMidWrite) {
+  const int world = 2;
+  TempDir dir;
+  RankLauncher ranks;
+  for (int r = 0; r < world; ++r)
+    ASSERT_TRUE(ranks.Start(COMM_TEST_RANK_BIN, RankArgs("abort_stopped", r, world,
+                                                         dir.path(), kHealthyTimeoutMs)));
+  ASSERT_TRUE(testing::WaitForFile(dir.path() + "/entering.1",
+                                   Clock::now() + milliseconds(kHealthyTimeoutMs), &ranks))
+      << "rank 1 never entered its all-to-all";
+  // Long enough for rank 1 to post its receive and for rank 0 to start
+  // writing its 128 MiB, too short for all of it to get through.
+  std::this_thread::sleep_for(milliseconds(2));
+  ranks.Kill(1, SIGSTOP);
+  { std::ofstream(dir.path() + "/stopped") << "1\n"; }
+  const bool done = ranks.Wait(Clock::now() + milliseconds(kHealthyTimeoutMs / 2), {0});
+  ranks.Kill(1, SIGKILL);
+  ranks.Wait(Clock::now() + milliseconds(2000), {1});
+  EXPECT_TRUE(done) << "Abort() did not end a call stuck mid-write";
+  EXPECT_EQ(ranks.status(0), 0);
+  const testing::RankResult res = ReadResult(dir.path(), 0);
+  ASSERT_TRUE(res.present);
+  EXPECT_EQ(res.code, "ABORTED") << res.message;
+  EXPECT_LT(res.elapsed_ms, kHealthyTimeoutMs / 2) << res.message;
 }
 
 // In-process checks that need no peers.
