@@ -167,6 +167,10 @@ class NcclProcessGroup final : public ProcessGroup {
         if (!comm_) return BrokenLocked("Barrier");
         q = cudaEventQuery(event_.get());
       }
+      // "Not ready" is no error; keep it out of this thread's last-error
+      // state, which callers check after their kernel launches.
+      if (q == cudaErrorNotReady && cudaPeekAtLastError() == cudaErrorNotReady)
+        (void)cudaGetLastError();
       if (q == cudaSuccess) return absl::OkStatus();
       if (q != cudaErrorNotReady) {
         std::lock_guard<std::mutex> lock(mu_);
