@@ -5,6 +5,7 @@
 
 #include "bench/comm_bench.h"
 #include "server/version.h"
+#include "worker/make_checkpoint_command.h"
 
 namespace {
 
@@ -26,6 +27,7 @@ const Command kCommands[] = {
      }, false},
     {"bench comm", "all-to-all latency and bus bandwidth (Gloo CPU ranks or NCCL GPUs)", dn::bench::BenchCommCommand, false},
     {"bench comm-rank", "one rank of `bench comm` (internal)", dn::bench::BenchCommRankCommand, true},
+    {"make-checkpoint", "write a diffusers-layout checkpoint with seeded random weights", dn::worker::MakeCheckpointCommand, false},
 };
 
 void PrintUsage() {
