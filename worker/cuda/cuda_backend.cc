@@ -792,8 +792,12 @@ absl::StatusOr<std::unique_ptr<Graph>> CudaBackend::Capture(
   DN_CUDA_RETURN_IF_ERROR(cudaGraphGetNodes(raw_graph, nullptr, &nodes));
   DN_VLOG << "cuda Capture: " << nodes << " graph nodes, "
           << retained.size() << " buffers allocated inside";
-  return std::unique_ptr<Graph>(std::make_unique<CudaGraph>(
-      device_, stream_, std::move(graph), std::move(exec), std::move(retained)));
+  auto result = std::make_unique<CudaGraph>(
+      device_, stream_, std::move(graph), std::move(exec), std::move(retained));
+  // Stream capture only records; launch once so that Capture has the effect
+  // of running the body, as on the CPU backend.
+  DN_RETURN_IF_ERROR(result->Replay());
+  return std::unique_ptr<Graph>(std::move(result));
 }
 
 }  // namespace
