@@ -194,8 +194,8 @@ class CudaGraph final : public Graph {
   SharedStream stream_;
   GraphPtr graph_;
   GraphExecPtr exec_;
-  // Every block allocated during the capture: the graph may write them on
-  // replay, so they must not be recycled while it lives.
+  // Every block allocated during the capture, and the workspaces: the graph
+  // may write them on replay, so they must not be recycled while it lives.
   std::vector<std::shared_ptr<void>> retained_;
 };
 
@@ -772,6 +772,9 @@ absl::StatusOr<std::unique_ptr<Graph>> CudaBackend::Capture(
   const cudaError_t end = cudaStreamEndCapture(s(), &raw_graph);
   capturing_ = false;
   std::vector<std::shared_ptr<void>> retained = allocator_->EndRetain();
+  // The workspaces are baked into the graph too.
+  retained.push_back(gemm_workspace_);
+  retained.push_back(sdpa_workspace_);
   GraphPtr graph(raw_graph);
   if (!body_status.ok()) {
     (void)cudaGetLastError();
@@ -791,7 +794,7 @@ absl::StatusOr<std::unique_ptr<Graph>> CudaBackend::Capture(
   size_t nodes = 0;
   DN_CUDA_RETURN_IF_ERROR(cudaGraphGetNodes(raw_graph, nullptr, &nodes));
   DN_VLOG << "cuda Capture: " << nodes << " graph nodes, "
-          << retained.size() << " buffers allocated inside";
+          << retained.size() - 2 << " buffers allocated inside";
   auto result = std::make_unique<CudaGraph>(
       device_, stream_, std::move(graph), std::move(exec), std::move(retained));
   // Stream capture only records; launch once so that Capture has the effect
