@@ -326,7 +326,10 @@ absl::StatusOr<std::unique_ptr<CudnnSdpa::Plan>> CudnnSdpa::Build(
       }
       const cudnnStatus_t fin = cudnnBackendFinalize(exec.get());
       if (fin != CUDNN_STATUS_SUCCESS) {
-        absl::StrAppend(&tried, ", config ", i, ": ", cudnnGetErrorString(fin));
+        char reason[256] = {0};
+        cudnnGetLastErrorString(reason, sizeof(reason));
+        absl::StrAppend(&tried, ", config ", i, ": ", cudnnGetErrorString(fin),
+                        reason[0] ? absl::StrCat(" (", reason, ")") : "");
         continue;
       }
       int64_t ws = 0, n = 0;
