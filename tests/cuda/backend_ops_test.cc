@@ -6,6 +6,8 @@
 //   backend_ops_test --op=Attention   # only ops whose name contains this
 //   backend_ops_test --list           # print the cases, run nothing
 //   backend_ops_test --perf           # timings (attention, GEMMs, kernels)
+//   backend_ops_test --cpu_only       # CPU on both sides: checks the harness
+//                                     # and the cases without a GPU
 //
 // Correctness mode, for every case:
 // - fresh random inputs (seeded per case, never zero); values of
@@ -809,12 +811,15 @@ int Main(int argc, char** argv) {
   FlagSet flags("backend_ops_test",
                 "Compares every op of the CUDA backend with the CPU backend "
                 "(relative L2), or times them with --perf.");
-  bool perf = false, list = false;
+  bool perf = false, list = false, cpu_only = false;
   std::string op_filter;
   int device = 0, iters = 10;
   uint64_t seed = 1;
   flags.Bool("perf", &perf, "time attention, GEMMs and kernels instead of testing");
   flags.Bool("list", &list, "print the cases and exit");
+  flags.Bool("cpu_only", &cpu_only,
+             "compare the CPU backend with itself (checks the harness and the "
+             "case definitions on a machine without a GPU)");
   flags.String("op", &op_filter, "only cases whose op name contains this");
   flags.Int("device", &device, "CUDA device ordinal");
   flags.Int("iters", &iters, "timed runs per perf row (median)");
@@ -835,15 +840,16 @@ int Main(int argc, char** argv) {
   }
 
   BackendOptions cuda_options;
-  cuda_options.name = "cuda";
+  cuda_options.name = cpu_only ? "cpu" : "cuda";
   cuda_options.device = device;
-  auto cuda = MakeCudaBackend(cuda_options);
+  auto cuda = cpu_only ? MakeBackend(cuda_options) : MakeCudaBackend(cuda_options);
   if (!cuda.ok()) {
     std::fprintf(stderr, "backend_ops_test: cannot create the CUDA backend: %s\n",
                  cuda.status().ToString().c_str());
     return 2;
   }
-  std::printf("CUDA backend: %s\n", (*cuda)->device_description().c_str());
+  std::printf("backend under test: %s on %s\n", (*cuda)->name().c_str(),
+              (*cuda)->device_description().c_str());
   if (perf) {
     absl::Status s = RunPerf(**cuda, std::max(1, iters));
     if (!s.ok()) {
@@ -865,6 +871,7 @@ int Main(int argc, char** argv) {
   std::unique_ptr<Backend> composite;
   bool want_composite = false;
   for (const Case& c : cases) want_composite |= c.composite && selected(c.op);
+  want_composite &= !cpu_only;
   if (want_composite) {
     setenv("DN_CUDNN_SDPA", "composite", 1);
     auto made = MakeCudaBackend(cuda_options);
@@ -891,7 +898,7 @@ int Main(int argc, char** argv) {
       (a.fill ? a.fill : Normal(1.0f))(inputs[i], rng);
       for (float& v : inputs[i]) v = RoundTo(a.kind, v);
     }
-    Backend& gpu = c.composite ? *composite : **cuda;
+    Backend& gpu = c.composite && composite ? *composite : **cuda;
     RunResult want = RunOn(**cpu, c, inputs);
     RunResult got = want.status.ok() ? RunOn(gpu, c, inputs) : RunResult{};
     std::string why;  // empty when the case passes
@@ -918,7 +925,7 @@ int Main(int argc, char** argv) {
     std::fflush(stdout);
   }
   for (const Check& k : checks) {
-    if (!selected(k.name)) continue;
+    if (!selected(k.name) || cpu_only) continue;  // the checks are CUDA-specific
     const absl::Status s = k.run(**cuda);
     (s.ok() ? passed : failed)++;
     std::printf("%-22s %10s %8s  %-6s %s\n", "check", "-", "-",
