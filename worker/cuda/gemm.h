@@ -45,8 +45,6 @@ class LtGemm {
                    int64_t m, int64_t n, int64_t k, void* y,
                    cudaStream_t stream);
 
-  size_t cached_plans() const { return plans_.size(); }
-
  private:
   struct Key {
     int64_t m, n, k;

@@ -378,10 +378,6 @@ absl::StatusOr<CudnnSdpa::Plan*> CudnnSdpa::GetPlan(const SdpaShape& s) {
   return it->second.get();
 }
 
-absl::Status CudnnSdpa::Prepare(const SdpaShape& shape) {
-  return GetPlan(shape).status();
-}
-
 absl::Status CudnnSdpa::Run(const SdpaShape& shape, const void* q,
                             const void* k, const void* v, void* o,
                             float scale) {

@@ -65,12 +65,8 @@ class CudnnSdpa {
   absl::Status Run(const SdpaShape& shape, const void* q, const void* k,
                    const void* v, void* o, float scale);
 
-  // Builds (and caches) the plan for `shape` without running it.
-  absl::Status Prepare(const SdpaShape& shape);
-
   Form form() const { return form_; }
   size_t cudnn_version() const { return version_; }
-  size_t cached_plans() const { return plans_.size(); }
 
  private:
   struct Plan {
