@@ -4,6 +4,7 @@
 #include <string>
 
 #include "server/version.h"
+#include "worker/make_checkpoint_command.h"
 
 namespace {
 
@@ -23,6 +24,7 @@ const Command kCommands[] = {
        std::printf("denoised %s\n", dn::Version());
        return 0;
      }, false},
+    {"make-checkpoint", "write a diffusers-layout checkpoint with seeded random weights", dn::worker::MakeCheckpointCommand, false},
 };
 
 void PrintUsage() {
