@@ -93,8 +93,9 @@ Arg Out(std::string name, Shape shape, Kind kind = Kind::kAct) {
 Arg InOut(std::string name, Shape shape, Kind kind = Kind::kAct) {
   return Arg{std::move(name), std::move(shape), kind, Role::kInOut, {}, 0};
 }
-Arg Misaligned(Arg a) {
-  a.misalign = 1;
+// Offsets the tensor by one element when `on` (defeats 16-byte alignment).
+Arg Misaligned(Arg a, bool on = true) {
+  if (on) a.misalign = 1;
   return a;
 }
 
@@ -269,9 +270,8 @@ std::vector<Case> MakeCases() {
     y.back() = n;
     Case c;
     c.op = "Linear";
-    Arg xa = In("x", x);
-    if (misalign) xa = Misaligned(xa);
-    c.args = {xa, In("w", {n, k}, Kind::kAct, Normal(1.0f / std::sqrt(float(k))))};
+    c.args = {Misaligned(In("x", x), misalign),
+              In("w", {n, k}, Kind::kAct, Normal(1.0f / std::sqrt(float(k))))};
     if (bias) c.args.push_back(In("b", {n}, Kind::kAct, Normal(0.5f)));
     c.args.push_back(Out("y", y));
     c.extra = gelu ? "gelu_tanh" : "";
@@ -299,8 +299,7 @@ std::vector<Case> MakeCases() {
   auto silu = [&](Shape s, bool misalign = false) {
     Case c;
     c.op = "Silu";
-    c.args = {misalign ? Misaligned(In("x", s, Kind::kAct, Normal(3.0f)))
-                       : In("x", s, Kind::kAct, Normal(3.0f)),
+    c.args = {Misaligned(In("x", s, Kind::kAct, Normal(3.0f)), misalign),
               Out("y", s)};
     c.run = [](Backend& be, std::vector<Tensor>& t) { return be.Silu(t[0], &t[1]); };
     cases.push_back(std::move(c));
@@ -331,11 +330,9 @@ std::vector<Case> MakeCases() {
   auto ln_mod = [&](Shape x, int64_t k, int shift, int scale, bool misalign = false) {
     Case c;
     c.op = "LayerNormModulate";
-    Arg xa = In("x", x, Kind::kAct, Normal(2.0f));
-    if (misalign) xa = Misaligned(xa);
-    Arg ya = Out("y", x);
-    if (misalign) ya = Misaligned(ya);
-    c.args = {xa, In("mod", {x[0], k, x[2]}, kF32, Normal(0.5f)), ya};
+    c.args = {Misaligned(In("x", x, Kind::kAct, Normal(2.0f)), misalign),
+              In("mod", {x[0], k, x[2]}, kF32, Normal(0.5f)),
+              Misaligned(Out("y", x), misalign)};
     c.extra = absl::StrCat("shift=", shift, " scale=", scale);
     c.run = [shift, scale](Backend& be, std::vector<Tensor>& t) {
       return be.LayerNormModulate(t[0], t[1], shift, scale, 1e-6f, &t[2]);
@@ -354,12 +351,8 @@ std::vector<Case> MakeCases() {
     const int64_t d = x.back();
     Case c;
     c.op = "LayerNormAffine";
-    Arg xa = In("x", x, Kind::kAct, Normal(2.0f));
-    Arg ya = Out("y", x);
-    if (misalign) {
-      xa = Misaligned(xa);
-      ya = Misaligned(ya);
-    }
+    const Arg xa = Misaligned(In("x", x, Kind::kAct, Normal(2.0f)), misalign);
+    const Arg ya = Misaligned(Out("y", x), misalign);
     c.args = {xa, In("weight", {d}, kF32, NearOne(0.2f)),
               In("bias", {d}, kF32, Normal(0.2f)), ya};
     c.run = [](Backend& be, std::vector<Tensor>& t) {
@@ -377,12 +370,8 @@ std::vector<Case> MakeCases() {
     const int64_t d = x.back();
     Case c;
     c.op = "RmsNorm";
-    Arg xa = In("x", x, Kind::kAct, Normal(2.0f));
-    Arg ya = Out("y", x);
-    if (misalign) {
-      xa = Misaligned(xa);
-      ya = Misaligned(ya);
-    }
+    const Arg xa = Misaligned(In("x", x, Kind::kAct, Normal(2.0f)), misalign);
+    const Arg ya = Misaligned(Out("y", x), misalign);
     c.args = {xa, In("weight", {d}, kF32, NearOne(0.2f)), ya};
     c.run = [](Backend& be, std::vector<Tensor>& t) {
       return be.RmsNorm(t[0], t[1], 1e-6f, &t[2]);
@@ -399,12 +388,8 @@ std::vector<Case> MakeCases() {
     const int64_t d = x[2], hd = d / heads;
     Case c;
     c.op = "RmsNormRope";
-    Arg xa = In("x", x, Kind::kAct, Normal(2.0f));
-    Arg ya = Out("y", x);
-    if (misalign) {
-      xa = Misaligned(xa);
-      ya = Misaligned(ya);
-    }
+    const Arg xa = Misaligned(In("x", x, Kind::kAct, Normal(2.0f)), misalign);
+    const Arg ya = Misaligned(Out("y", x), misalign);
     c.args = {xa, In("weight", {d}, kF32, NearOne(0.2f)),
               In("rope", {x[1], hd / 2, 2}, kF32, RopeTable()), ya};
     c.extra = absl::StrCat("heads=", heads);
@@ -449,12 +434,8 @@ std::vector<Case> MakeCases() {
   auto gated = [&](Shape x, int64_t k, int gate, bool misalign = false) {
     Case c;
     c.op = "GatedResidual";
-    Arg xa = InOut("x", x);
-    Arg ya = In("y", x);
-    if (misalign) {
-      xa = Misaligned(xa);
-      ya = Misaligned(ya);
-    }
+    const Arg xa = Misaligned(InOut("x", x), misalign);
+    const Arg ya = Misaligned(In("y", x), misalign);
     c.args = {xa, ya, In("mod", {x[0], k, x[2]}, kF32, Normal(0.5f))};
     c.extra = absl::StrCat("gate=", gate);
     c.run = [gate](Backend& be, std::vector<Tensor>& t) {
@@ -471,12 +452,8 @@ std::vector<Case> MakeCases() {
   auto add = [&](Shape x, bool misalign = false) {
     Case c;
     c.op = "AddInPlace";
-    Arg xa = InOut("x", x);
-    Arg ya = In("y", x);
-    if (misalign) {
-      xa = Misaligned(xa);
-      ya = Misaligned(ya);
-    }
+    const Arg xa = Misaligned(InOut("x", x), misalign);
+    const Arg ya = Misaligned(In("y", x), misalign);
     c.args = {xa, ya};
     c.run = [](Backend& be, std::vector<Tensor>& t) { return be.AddInPlace(&t[0], t[1]); };
     cases.push_back(std::move(c));
@@ -491,7 +468,7 @@ std::vector<Case> MakeCases() {
                        bool misalign = false) {
     const int64_t h = heads / world;
     const std::string w = absl::StrCat("world=", world);
-    auto mis = [misalign](Arg a) { return misalign ? Misaligned(a) : a; };
+    auto mis = [misalign](Arg a) { return Misaligned(std::move(a), misalign); };
     Case pack;
     pack.op = "PackQkv";
     pack.extra = w;
