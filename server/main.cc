@@ -3,8 +3,11 @@
 #include <cstring>
 #include <string>
 
+#include "bench/comm_bench.h"
+#include "bench/step_bench.h"
 #include "server/version.h"
 #include "worker/make_checkpoint_command.h"
+#include "worker/run_command.h"
 
 namespace {
 
@@ -24,7 +27,15 @@ const Command kCommands[] = {
        std::printf("denoised %s\n", dn::Version());
        return 0;
      }, false},
+    {"bench comm", "all-to-all latency and bus bandwidth (Gloo CPU ranks or NCCL GPUs)", dn::bench::BenchCommCommand, false},
+    {"bench comm-rank", "one rank of `bench comm` (internal)", dn::bench::BenchCommRankCommand, true},
     {"make-checkpoint", "write a diffusers-layout checkpoint with seeded random weights", dn::worker::MakeCheckpointCommand, false},
+    {"run", "run the engine without the service (N local rank processes)",
+     dn::worker::RunCommand, false},
+    {"run-rank", "", dn::worker::RunRankCommand, true},
+    {"bench step", "time one denoising step (ms, all-to-all, TFLOP/s, memory)",
+     dn::bench::BenchStepCommand, false},
+    {"bench step-rank", "", dn::bench::BenchStepRankCommand, true},
 };
 
 void PrintUsage() {
