@@ -128,16 +128,26 @@ def cfg_combine(v_cond, v_uncond, guidance):
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
-def make_schedule(scheduler, n, shift):
+def make_schedule(scheduler, n, shift, fp32_sigmas=False):
+    """(sigmas, timesteps). fp32_sigmas=True stores the sigmas as float32, as diffusers does
+    (UniPC: `sigmas.astype(np.float32)` after computing the int timesteps from float64; Euler: float32
+    tensors, t = sigma * 1000 in float32). Note sigma_0 = 1 - 1e-6 becomes 0.99999899 in float32, so
+    alpha_0 = 1 - sigma_0 differs by ~1.3% between the two; this moves UniPC results by ~1e-6."""
     if scheduler == "unipc":
-        return unipc_schedule(n, shift)
-    if scheduler == "euler":
-        return euler_schedule(n, shift)
-    raise ValueError(f"unknown scheduler {scheduler}")
+        sig, t = unipc_schedule(n, shift)
+    elif scheduler == "euler":
+        sig, t = euler_schedule(n, shift)
+    else:
+        raise ValueError(f"unknown scheduler {scheduler}")
+    if fp32_sigmas:
+        sig = sig.astype(np.float32).astype(np.float64)
+        if scheduler == "euler":
+            t = (sig[:-1].astype(np.float32) * np.float32(NUM_TRAIN_TIMESTEPS)).astype(np.float64)
+    return sig, t
 
 
-def sample(scheduler, model, x, n, shift, trace=None):
-    sig, t = make_schedule(scheduler, n, shift)
+def sample(scheduler, model, x, n, shift, trace=None, fp32_sigmas=False):
+    sig, t = make_schedule(scheduler, n, shift, fp32_sigmas)
     if scheduler == "unipc":
         return unipc_sample(model, x, sig, t, trace=trace)
     return euler_sample(model, x, sig, t, trace=trace)

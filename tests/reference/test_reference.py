@@ -175,6 +175,14 @@ class ScheduleTest(unittest.TestCase):
         np.testing.assert_allclose(sig[1:4], 3 * u[1:] / (1 + 2 * u[1:]), rtol=1e-14)
         self.assertEqual(list(t), [999, int(3000 * 0.75025 / 2.5005), int(3000 * 0.5005 / 2.001), int(3000 * 0.25075 / 1.5015)])
 
+    def test_fp32_sigma_storage(self):
+        sig, t = sr.make_schedule("unipc", 4, 3.0, fp32_sigmas=True)
+        self.assertEqual(sig[0], float(np.float32(1.0 - 1e-6)))
+        self.assertEqual(list(t), list(sr.unipc_schedule(4, 3.0)[1]))  # t from float64, as diffusers
+        self.assertGreater(abs((1 - sig[0]) / 1e-6 - 1), 0.01)  # alpha_0 moves by ~1.3%
+        sig, t = sr.make_schedule("euler", 3, 5.0, fp32_sigmas=True)
+        np.testing.assert_array_equal(t, (sig[:-1].astype(np.float32) * np.float32(1000)).astype(np.float64))
+
     def test_euler_double_shift(self):
         sig, t = sr.euler_schedule(3, 5.0)
         smin = 5 * 0.001 / (1 + 4 * 0.001)
