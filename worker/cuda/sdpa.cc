@@ -20,10 +20,15 @@ constexpr int64_t kUidScores = 101, kUidScaled = 102, kUidMax = 103,
                   kUidLogSum = 107, kUidStats = 108, kUidProbs = 109;
 
 // Runtime versions: the single SDPA op needs 9.13.1; 9.10.0/9.10.1 have
-// known bf16 SDPA forward bugs (the frontend refuses them); before 9.8 the
-// operation graph and execution plan want the handle attribute.
+// known bf16 SDPA forward bugs (the frontend refuses them).
+//
+// Device: cuDNN must be told which GPU the graph targets. Without it the
+// heuristics see smVersion 0 and every engine reports ARCH_MISMATCH (seen on
+// H100 with 9.19: "only Hopper is supported for this engine"). We pass the
+// handle through the deprecated-but-honoured OPERATIONGRAPH/EXECUTION_PLAN
+// handle attributes and, where the runtime has it (9.x DEVICEPROP
+// descriptor), through ENGINEHEUR_DEVICEPROP / EXECUTION_PLAN_DEVICEPROP too.
 constexpr size_t kUnifiedSince = 91301;
-constexpr size_t kHandleAttrBefore = 90800;
 // CUDNN_ATTR_OPERATIONGRAPH_HANDLE / CUDNN_ATTR_EXECUTION_PLAN_HANDLE, by
 // value: the enumerators are deprecated in the 9.19 headers.
 constexpr auto kGraphHandleAttr = static_cast<cudnnBackendAttributeName_t>(800);
@@ -278,11 +283,23 @@ absl::StatusOr<std::unique_ptr<CudnnSdpa::Plan>> CudnnSdpa::Build(
       graph.get(), CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
       static_cast<int64_t>(raw_ops.size()), raw_ops.data()));
   cudnnHandle_t handle = handle_.get();
-  if (version_ < kHandleAttrBefore) {
-    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
-        graph.get(), kGraphHandleAttr, CUDNN_TYPE_HANDLE, 1, &handle));
-  }
+  DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
+      graph.get(), kGraphHandleAttr, CUDNN_TYPE_HANDLE, 1, &handle));
   DN_CUDNN_RETURN_IF_ERROR(cudnnBackendFinalize(graph.get()));
+  // Optional device-properties descriptor (ignored when unsupported).
+  CudnnDescPtr devprop;
+  {
+    cudnnBackendDescriptor_t d = nullptr;
+    if (cudnnBackendCreateDescriptor(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR, &d) ==
+        CUDNN_STATUS_SUCCESS) {
+      CudnnDescPtr candidate(d);
+      if (cudnnBackendSetAttribute(candidate.get(), CUDNN_ATTR_DEVICEPROP_HANDLE,
+                                   CUDNN_TYPE_HANDLE, 1,
+                                   &handle) == CUDNN_STATUS_SUCCESS &&
+          cudnnBackendFinalize(candidate.get()) == CUDNN_STATUS_SUCCESS)
+        devprop = std::move(candidate);
+    }
+  }
   for (CudnnDescPtr& op : ops) keep.push_back(std::move(op));
 
   // Heuristics (mode A, then fallback); the first config whose plan
@@ -295,6 +312,11 @@ absl::StatusOr<std::unique_ptr<CudnnSdpa::Plan>> CudnnSdpa::Build(
     DN_RETURN_IF_ERROR(SetDesc(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph));
     DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
         heur.get(), CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode));
+    if (devprop) {
+      cudnnBackendDescriptor_t dp = devprop.get();
+      (void)cudnnBackendSetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_DEVICEPROP,
+                                     CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dp);
+    }
     DN_CUDNN_RETURN_IF_ERROR(cudnnBackendFinalize(heur.get()));
     int64_t count = 0;
     DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
@@ -320,9 +342,13 @@ absl::StatusOr<std::unique_ptr<CudnnSdpa::Plan>> CudnnSdpa::Build(
                           NewDesc(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR));
       DN_RETURN_IF_ERROR(SetDesc(exec, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
                                  cfgs[static_cast<size_t>(i)]));
-      if (version_ < kHandleAttrBefore) {
-        DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
-            exec.get(), kPlanHandleAttr, CUDNN_TYPE_HANDLE, 1, &handle));
+      DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
+          exec.get(), kPlanHandleAttr, CUDNN_TYPE_HANDLE, 1, &handle));
+      if (devprop) {
+        cudnnBackendDescriptor_t dp = devprop.get();
+        (void)cudnnBackendSetAttribute(exec.get(),
+                                       CUDNN_ATTR_EXECUTION_PLAN_DEVICEPROP,
+                                       CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dp);
       }
       const cudnnStatus_t fin = cudnnBackendFinalize(exec.get());
       if (fin != CUDNN_STATUS_SUCCESS) {
@@ -347,6 +373,7 @@ absl::StatusOr<std::unique_ptr<CudnnSdpa::Plan>> CudnnSdpa::Build(
       plan->keep.push_back(std::move(graph));
       for (CudnnDescPtr& c : cfgs) plan->keep.push_back(std::move(c));
       plan->keep.push_back(std::move(heur));
+      if (devprop) plan->keep.push_back(std::move(devprop));
       return plan;
     }
   }
