@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string>
 
+#include "server/coordinator.h"
 #include "server/version.h"
 
 namespace {
@@ -23,6 +24,8 @@ const Command kCommands[] = {
        std::printf("denoised %s\n", dn::Version());
        return 0;
      }, false},
+    {"coordinator", "serve the Denoiser gRPC API and dispatch to worker groups",
+     dn::server::CoordinatorMain, false},
 };
 
 void PrintUsage() {
