@@ -3,7 +3,11 @@
 #include <cstring>
 #include <string>
 
+#include "server/client.h"
 #include "server/coordinator.h"
+#include "server/demo.h"
+#include "server/rank_runner.h"
+#include "server/worker_launcher.h"
 #include "server/version.h"
 
 namespace {
@@ -24,8 +28,16 @@ const Command kCommands[] = {
        std::printf("denoised %s\n", dn::Version());
        return 0;
      }, false},
+    {"demo", "run the whole service locally (CPU, tiny model) with one request",
+     dn::server::DemoMain, false},
     {"coordinator", "serve the Denoiser gRPC API and dispatch to worker groups",
      dn::server::CoordinatorMain, false},
+    {"worker", "start and supervise one worker group (N rank processes)",
+     dn::server::WorkerMain, false},
+    {"generate", "call a coordinator's Generate and write the latents",
+     dn::server::GenerateMain, false},
+    {"worker-rank", "one rank of a worker group (started by `worker`)",
+     dn::server::WorkerRankMain, true},
 };
 
 void PrintUsage() {
