@@ -1,7 +1,5 @@
 #include "server/coordinator.h"
 
-#include <pthread.h>
-#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -32,6 +30,7 @@
 #include "grpcpp/grpcpp.h"
 #include "server/event_loop.h"
 #include "server/metrics.h"
+#include "server/process.h"
 #include "server/proto_convert.h"
 #include "server/protocol.h"
 #include "server/request_validation.h"
@@ -1625,13 +1624,7 @@ int CoordinatorMain(int argc, char** argv) {
   o.max_message_bytes = int64_t{max_message_mb} << 20;
   SetLogTag("coordinator");
 
-  // Signals are taken synchronously by this thread; block them before any
-  // other thread starts so every thread inherits the mask.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  InstallStopSignalHandlers();
 
   absl::StatusOr<std::unique_ptr<Coordinator>> c = Coordinator::Start(o);
   if (!c.ok()) {
@@ -1649,8 +1642,7 @@ int CoordinatorMain(int argc, char** argv) {
       return 1;
     }
   }
-  int sig = 0;
-  sigwait(&signals, &sig);
+  const int sig = WaitStopSignal(std::chrono::milliseconds(-1));
   DN_LOG(INFO) << "signal " << sig << ": shutting down";
   (*c)->Shutdown();
   c->reset();

@@ -1,7 +1,5 @@
 #include "server/demo.h"
 
-#include <pthread.h>
-#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -118,9 +116,8 @@ struct SignalState {
   std::atomic<pid_t> coordinator{-1};
 };
 
-void SignalLoop(SignalState* st, sigset_t signals) {
-  int sig = 0;
-  sigwait(&signals, &sig);
+void SignalLoop(SignalState* st) {
+  WaitStopSignal(std::chrono::milliseconds(-1));
   {
     std::lock_guard<std::mutex> lock(st->mu);
     st->signalled = true;
@@ -173,15 +170,11 @@ int DemoMain(int argc, char** argv) {
     return 2;
   }
 
-  // Ctrl-C / SIGTERM are taken synchronously (children live in their own
-  // process groups, and are stopped in order below).
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // Ctrl-C / SIGTERM are taken by a thread (children live in their own
+  // process groups, and are stopped in order).
+  InstallStopSignalHandlers();
   static SignalState signal_state;
-  std::thread(SignalLoop, &signal_state, signals).detach();
+  std::thread(SignalLoop, &signal_state).detach();
 
   mkdir(out_dir.c_str(), 0755);
   const std::string coord_log = out_dir + "/coordinator.log";
@@ -351,8 +344,8 @@ int DemoMain(int argc, char** argv) {
         HttpGet(rank_metrics[r], "/metrics", std::chrono::seconds(5));
     if (!rt.ok()) return fail(rt.status());
     std::vector<MetricSample> rs = ParseMetricsText(*rt);
-    std::printf("      rank %zu        denoised_rank_steps_total %g (warm-up "
-                "included), own step time p50 %s\n",
+    std::printf("      rank %zu        denoised_rank_steps_total %g, own step time "
+                "p50 %s\n",
                 r, SumSamples(rs, "denoised_rank_steps_total"),
                 Ms(HistogramQuantile(rs, "denoised_rank_step_duration_seconds", 0.5)).c_str());
   }

@@ -2,11 +2,14 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <thread>
@@ -62,6 +65,8 @@ absl::StatusOr<pid_t> Spawn(const SpawnOptions& options) {
       if (getppid() != parent) _exit(127);  // the parent is already gone
     }
     if (options.new_process_group) setpgid(0, 0);
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, nullptr);
@@ -94,6 +99,55 @@ int Terminate(pid_t pid, std::chrono::milliseconds grace) {
   kill(pid, SIGKILL);
   if (std::optional<int> s = WaitPid(pid, std::chrono::seconds(10))) return *s;
   return -1;
+}
+
+namespace {
+
+int g_signal_pipe[2] = {-1, -1};
+
+void OnStopSignal(int sig) {
+  const int saved = errno;
+  const char byte = static_cast<char>(sig);
+  [[maybe_unused]] ssize_t n = write(g_signal_pipe[1], &byte, 1);
+  errno = saved;
+}
+
+}  // namespace
+
+void InstallStopSignalHandlers() {
+  if (g_signal_pipe[0] >= 0) return;
+  if (pipe2(g_signal_pipe, O_CLOEXEC | O_NONBLOCK) != 0) return;
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = OnStopSignal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+}
+
+int WaitStopSignal(std::chrono::milliseconds timeout) {
+  if (g_signal_pipe[0] < 0) return 0;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    int wait_ms = -1;
+    if (timeout.count() >= 0) {
+      wait_ms = static_cast<int>(std::max<int64_t>(
+          0, std::chrono::duration_cast<std::chrono::milliseconds>(
+                 deadline - std::chrono::steady_clock::now())
+                 .count()));
+    }
+    pollfd p{g_signal_pipe[0], POLLIN, 0};
+    const int r = poll(&p, 1, wait_ms);
+    if (r > 0) {
+      char byte = 0;
+      if (read(g_signal_pipe[0], &byte, 1) == 1) return byte;
+    } else if (r == 0) {
+      return 0;
+    } else if (errno != EINTR) {
+      return 0;
+    }
+  }
 }
 
 std::string DescribeWaitStatus(int status) {

@@ -48,6 +48,15 @@ int Terminate(pid_t pid, std::chrono::milliseconds grace);
 // "exit code 3", "killed by signal 9 (Killed)".
 std::string DescribeWaitStatus(int status);
 
+// SIGTERM/SIGINT as events: installs handlers that record the signal through
+// a self-pipe (async-signal-safe), so the signal is caught whichever thread
+// the kernel delivers it to (libraries such as OpenBLAS start threads before
+// main() that do not block signals). Call once, before waiting.
+void InstallStopSignalHandlers();
+// Waits for SIGTERM/SIGINT; returns the signal, or 0 after `timeout`
+// (negative: wait forever).
+int WaitStopSignal(std::chrono::milliseconds timeout);
+
 }  // namespace dn::server
 
 #endif  // DN_SERVER_PROCESS_H_

@@ -1,7 +1,5 @@
 #include "server/rank_runner.h"
 
-#include <pthread.h>
-#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -30,6 +28,7 @@
 #include "grpcpp/grpcpp.h"
 #include "server/grpc_store.h"
 #include "server/metrics.h"
+#include "server/process.h"
 #include "server/proto_convert.h"
 #include "server/protocol.h"
 #include "server/version.h"
@@ -332,11 +331,7 @@ int RunRank(const RankOptions& o) {
   }
 
   // SIGTERM/SIGINT are handled by a thread (a clean leave).
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  InstallStopSignalHandlers();
 
   RankMetrics metrics(o.group, o.rank);
   std::unique_ptr<MetricsEndpoint> endpoint;
@@ -466,8 +461,7 @@ int RunRank(const RankOptions& o) {
   });
   heartbeat.detach();
   std::thread signal_thread([&] {
-    int sig = 0;
-    sigwait(&signals, &sig);
+    const int sig = WaitStopSignal(std::chrono::milliseconds(-1));
     DN_LOG(INFO) << "signal " << sig << ": leaving the group";
     leaving = true;
     conn.WritesDone();

@@ -1,6 +1,5 @@
 #include "server/worker_launcher.h"
 
-#include <pthread.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -45,17 +44,8 @@ std::string RankMetricsAddress(const std::string& listen, int rank) {
 }
 
 // Waits up to `timeout` for SIGTERM/SIGINT; true if one came.
-bool WaitForStopSignal(const sigset_t& set, std::chrono::milliseconds timeout) {
-  const auto deadline = Clock::now() + timeout;
-  for (;;) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - Clock::now());
-    if (left.count() <= 0) return false;
-    timespec ts{static_cast<time_t>(left.count() / 1000),
-                static_cast<long>((left.count() % 1000) * 1000000)};
-    const int sig = sigtimedwait(&set, nullptr, &ts);
-    if (sig == SIGTERM || sig == SIGINT) return true;
-  }
+bool WaitForStopSignal(std::chrono::milliseconds timeout) {
+  return WaitStopSignal(timeout) != 0;
 }
 
 }  // namespace
@@ -85,11 +75,7 @@ int RunLauncher(const LauncherOptions& o) {
     threads = std::max(1, static_cast<int>(cores) / o.ranks);
   }
 
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  InstallStopSignalHandlers();
 
   int64_t generation = 1;
   auto backoff = std::chrono::seconds(1);
@@ -141,7 +127,7 @@ int RunLauncher(const LauncherOptions& o) {
     int dead_rank = -1;
     int dead_status = 0;
     while (!spawn_failed && !stop && dead_rank < 0) {
-      stop = WaitForStopSignal(stop_signals, std::chrono::milliseconds(200));
+      stop = WaitForStopSignal(std::chrono::milliseconds(200));
       for (int r = 0; r < o.ranks && !stop; ++r) {
         int status = 0;
         if (waitpid(pids[static_cast<size_t>(r)], &status, WNOHANG) ==
@@ -174,7 +160,7 @@ int RunLauncher(const LauncherOptions& o) {
     }
     DN_LOG(INFO) << "restarting group " << name << " as generation "
                  << generation + 1 << " in " << backoff.count() << " s";
-    if (WaitForStopSignal(stop_signals, backoff)) {
+    if (WaitForStopSignal(backoff)) {
       DN_LOG(INFO) << "group " << name << " stopped";
       return 0;
     }
