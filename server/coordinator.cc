@@ -407,7 +407,9 @@ class Coordinator::Impl {
   void StartOnGroup(const std::shared_ptr<Request>& req, Group& group);
   void CancelRunning(Request& req, absl::StatusCode code);
   void FinishRequest(const std::shared_ptr<Request>& req, grpc::Status status);
-  void FailGroup(Group& group, const std::string& reason);
+  // Marks the group FAILED, fails its running request with UNAVAILABLE and
+  // closes its rank streams (with OK when the group is leaving cleanly).
+  void FailGroup(Group& group, const std::string& reason, bool leaving = false);
   void CloseLink(RankLink& link, grpc::Status status);
   void RejectRequest(RequestSink& sink, const std::string& model_label,
                      grpc::Status status);
@@ -1318,12 +1320,18 @@ void Coordinator::Impl::HandleResult(Group& group, const RankLink& link,
   }
 }
 
-void Coordinator::Impl::FailGroup(Group& group, const std::string& reason) {
+void Coordinator::Impl::FailGroup(Group& group, const std::string& reason,
+                                  bool leaving) {
   if (group.state == v1::GROUP_STATE_FAILED) return;
   group.state = v1::GROUP_STATE_FAILED;
   group.failure = reason;
-  DN_LOG(WARNING) << "group " << group.name << " generation "
-                  << group.generation << " FAILED: " << reason;
+  if (leaving) {
+    DN_LOG(INFO) << "group " << group.name << " generation "
+                 << group.generation << " is leaving: " << reason;
+  } else {
+    DN_LOG(WARNING) << "group " << group.name << " generation "
+                    << group.generation << " FAILED: " << reason;
+  }
   if (group.running != nullptr) {
     std::shared_ptr<Request> req = group.running;
     group.running = nullptr;
@@ -1333,8 +1341,10 @@ void Coordinator::Impl::FailGroup(Group& group, const std::string& reason) {
   }
   for (auto& link : group.ranks) {
     if (link == nullptr || link->ended) continue;
-    CloseLink(*link, grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                  "worker group failed: " + reason));
+    CloseLink(*link, leaving ? grpc::Status(grpc::StatusCode::OK,
+                                            "worker group leaving: " + reason)
+                             : grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                            "worker group failed: " + reason));
   }
   // Forget the rendezvous keys of this generation.
   for (auto it = store_.lower_bound(group.store_prefix);
@@ -1366,8 +1376,7 @@ void Coordinator::Impl::OnRankStreamEnd(const std::shared_ptr<RankLink>& link,
   } else {
     // A clean leave (the launcher stopped the group): fail what runs, then
     // forget the group.
-    FailGroup(group, absl::StrCat("rank ", link->rank, " left"));
-    DN_LOG(INFO) << "group " << group.name << " left";
+    FailGroup(group, absl::StrCat("rank ", link->rank, " left"), true);
     groups_.erase(git);
     UpdateHealthAndGauges();
   }

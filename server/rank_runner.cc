@@ -446,6 +446,10 @@ int RunRank(const RankOptions& o) {
     }
     const grpc::Status s = conn.Finish();
     if (shutdown || leaving.load()) ExitNow(0);
+    if (s.ok()) {
+      DN_LOG(INFO) << "the coordinator closed the stream: " << s.error_message();
+      ExitNow(0);
+    }
     DN_LOG(ERROR) << "coordinator stream ended: "
                   << StatusCodeName(s.error_code()) << ": " << s.error_message();
     ExitNow(3);
