@@ -119,7 +119,9 @@ class ServiceTest : public ::testing::Test {
     delete g1_;
     delete g2_;
     delete client_;
-    if (coord_) EXPECT_EQ(coord_->proc.Stop(), 0);
+    if (coord_) {
+      EXPECT_EQ(coord_->proc.Stop(), 0);
+    }
     delete coord_;
     delete dir_;
   }
@@ -326,7 +328,9 @@ TEST_F(ServiceTest, FullQueueIsResourceExhausted) {
     v1::GenerateRequest req = TinyRequest(5, 64, 64, 1000, 20 + i, kTextLen);
     req.set_client_request_id(absl::StrCat("fill-", i));
     calls.push_back(std::make_unique<StreamCall>(coord_->target, req));
-    if (i < 2) ASSERT_TRUE(calls.back()->WaitSteps(1));
+    if (i < 2) {
+      ASSERT_TRUE(calls.back()->WaitSteps(1));
+    }
   }
   for (int i = 0; i < 200; ++i) {  // the two queued ones are admitted
     const auto m = Scrape(coord_->metrics);
