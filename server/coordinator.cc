@@ -738,13 +738,16 @@ void Coordinator::Impl::Shutdown() {
     done.set_value();
   });
   done.get_future().wait();
+  DN_VLOG << "shutdown: work failed, ranks released";
   health_.FinishWatchers();
   const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(3);
   if (worker_server_) worker_server_->Shutdown(deadline);
   if (server_) server_->Shutdown(deadline);
+  DN_VLOG << "shutdown: servers stopped";
   loop_.Stop();
   if (worker_server_) worker_server_->Wait();
   if (server_) server_->Wait();
+  DN_VLOG << "shutdown: done";
 }
 
 // ---------------------------------------------------------------------------
@@ -1655,6 +1658,7 @@ int CoordinatorMain(int argc, char** argv) {
   DN_LOG(INFO) << "signal " << sig << ": shutting down";
   (*c)->Shutdown();
   c->reset();
+  DN_VLOG << "coordinator destroyed";
   return 0;
 }
 

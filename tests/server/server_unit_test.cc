@@ -49,7 +49,8 @@ TEST(RequestValidation, FillsDefaults) {
   r.mutable_latent_shape()->set_height(4);
   r.mutable_latent_shape()->set_width(4);
   *r.mutable_prompt_embeds() = SeededEmbeds(0, 3, 32);
-  r.mutable_prompt_embeds()->add_shape(0);  // [3, 32] -> [3, 32, 0]: invalid
+  r.mutable_prompt_embeds()->clear_shape();  // [3, 1, 32]: right size, bad shape
+  for (int d : {3, 1, 32}) r.mutable_prompt_embeds()->add_shape(d);
   EXPECT_THAT(std::string(ValidateRequest(r, WanLike()).status().message()),
               HasSubstr("prompt_embeds.shape"));
   // [1, T, D] is accepted.
