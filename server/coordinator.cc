@@ -53,6 +53,12 @@ double SecondsSince(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
+int64_t UnixMillisNow() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
 // Constant-time comparison, so the secret cannot be guessed byte by byte.
 bool SecretMatches(const std::string& expected, const std::string& given) {
   if (expected.empty()) return true;
@@ -899,6 +905,12 @@ void Coordinator::Impl::Dispatch() {
       Group* group = IdleGroupFor(name);
       if (group == nullptr) break;
       std::shared_ptr<Request> req = model.queue.begin()->second;
+      if (req->deadline_unix_ms > 0 && UnixMillisNow() >= req->deadline_unix_ms) {
+        req->cancel_code = absl::StatusCode::kDeadlineExceeded;
+        FinishRequest(req, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                        "deadline exceeded in the queue"));
+        continue;
+      }
       model.queue.erase(model.queue.begin());
       StartOnGroup(req, *group);
     }
@@ -925,6 +937,7 @@ void Coordinator::Impl::StartOnGroup(const std::shared_ptr<Request>& req,
   started.mutable_started()->set_ranks(group.world_size);
   started.mutable_started()->set_queue_seconds(queued);
   req->sink->Event(std::move(started));
+  UpdateHealthAndGauges();
 
   vi::CoordinatorMessage m;
   vi::Job* job = m.mutable_job();
@@ -1543,6 +1556,21 @@ void Coordinator::Impl::Tick() {
       ++it;
     }
   }
+  // Queued requests whose deadline passed (the call's own cancellation may
+  // come later than the deadline).
+  const int64_t now_ms = UnixMillisNow();
+  std::vector<std::shared_ptr<Request>> expired;
+  for (auto& [id, r] : requests_) {
+    if (r->phase == Request::kQueued && r->deadline_unix_ms > 0 &&
+        now_ms >= r->deadline_unix_ms) {
+      expired.push_back(r);
+    }
+  }
+  for (auto& r : expired) {
+    r->cancel_code = absl::StatusCode::kDeadlineExceeded;
+    FinishRequest(r, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                                  "deadline exceeded in the queue"));
+  }
   if (now - last_heartbeat_check_ < std::chrono::seconds(1)) return;
   last_heartbeat_check_ = now;
   const auto timeout = std::chrono::milliseconds(options_.heartbeat_timeout_ms);
@@ -1657,9 +1685,10 @@ int CoordinatorMain(int argc, char** argv) {
   const int sig = WaitStopSignal(std::chrono::milliseconds(-1));
   DN_LOG(INFO) << "signal " << sig << ": shutting down";
   (*c)->Shutdown();
-  c->reset();
-  DN_VLOG << "coordinator destroyed";
-  return 0;
+  // Everything is stopped; skip the destructors (prometheus-cpp's HTTP
+  // server takes a second to join its threads).
+  std::fflush(nullptr);
+  std::_Exit(0);
 }
 
 }  // namespace dn::server

@@ -572,6 +572,11 @@ TEST_F(ReadyGroupTest, DeadlineInTheQueue) {
   absl::StatusOr<v1::GenerateResult> late = client_->Generate(
       TinyRequest(5, 64, 64, 10, 2), std::chrono::milliseconds(300), {});
   EXPECT_EQ(late.status().code(), absl::StatusCode::kDeadlineExceeded);
+  // The coordinator drops it from the queue on its own (bounded wait).
+  for (int i = 0; i < 100; ++i) {
+    if (SumSamples(Scrape(), "denoised_queue_depth", {{"model", "tiny"}}) == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   rank_->Result(job->request_id(), 0, &*job);
   EXPECT_TRUE(busy.Status().ok());
   const auto m = Scrape();
