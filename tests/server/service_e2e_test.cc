@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstring>
+#include <fstream>
 #include <future>
 #include <map>
 #include <memory>
@@ -349,6 +351,63 @@ TEST_F(ServiceTest, FullQueueIsResourceExhausted) {
   ASSERT_TRUE(WaitGroups(*client_, {"g1", "g2"}, v1::GROUP_STATE_READY,
                          std::chrono::seconds(60))
                   .ok());
+}
+
+// The child processes of `pid` (the launcher's ranks).
+std::vector<pid_t> Children(pid_t pid) {
+  std::vector<pid_t> out;
+  std::ifstream in(absl::StrCat("/proc/", pid, "/task/", pid, "/children"));
+  for (pid_t c; in >> c;) out.push_back(c);
+  return out;
+}
+
+// Kept last: it restarts g2. A rank dies mid-request: the request fails with
+// UNAVAILABLE, the launcher restarts the whole group as generation 2, the
+// coordinator counts the restart and the group serves again.
+TEST_F(ServiceTest, RankCrashRestartsTheGroup) {
+  std::vector<std::unique_ptr<StreamCall>> calls;
+  for (int i = 0; i < 2; ++i) {
+    calls.push_back(std::make_unique<StreamCall>(
+        coord_->target, TinyRequest(5, 64, 64, 1000, 40 + i, kTextLen)));
+    ASSERT_TRUE(calls.back()->WaitSteps(1));
+  }
+  std::string on_g2;
+  for (const auto& e : calls[1]->events()) {
+    if (e.has_started()) on_g2 = e.started().worker_group();
+  }
+  const size_t g2_call = on_g2 == "g2" ? 1 : 0;
+  const std::vector<pid_t> ranks = Children(g2_->pid());
+  ASSERT_EQ(ranks.size(), 2u);
+  ASSERT_EQ(kill(ranks[1], SIGKILL), 0);
+  const absl::Status failed = calls[g2_call]->Wait().status();
+  EXPECT_EQ(failed.code(), absl::StatusCode::kUnavailable) << failed;
+  EXPECT_THAT(std::string(failed.message()), HasSubstr("g2"));
+  EXPECT_TRUE(client_->Cancel(calls[1 - g2_call]->events()[0].accepted().request_id())
+                  .value_or(false));
+  EXPECT_EQ(calls[1 - g2_call]->Wait().status().code(), absl::StatusCode::kCancelled);
+  // Generation 2 forms and serves.
+  bool restarted = false;
+  for (int i = 0; i < 600 && !restarted; ++i) {
+    const auto groups = Groups();
+    restarted = groups.count("g2") && groups.at("g2").generation() == 2 &&
+                groups.at("g2").state() == v1::GROUP_STATE_READY;
+    if (!restarted) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(restarted) << ReadFile(dir_->path() + "/g2.log");
+  const auto m = Scrape(coord_->metrics);
+  EXPECT_EQ(SumSamples(m, "denoised_worker_group_restarts_total", {{"group", "g2"}}), 1);
+  std::vector<std::unique_ptr<StreamCall>> after;
+  for (int i = 0; i < 2; ++i) {  // one lands on each group
+    after.push_back(std::make_unique<StreamCall>(
+        coord_->target, TinyRequest(5, 64, 64, 20, 50 + i, kTextLen)));
+  }
+  std::set<std::string> used;
+  for (auto& c : after) {
+    absl::StatusOr<v1::GenerateResult> r = c->Wait();
+    ASSERT_TRUE(r.ok()) << r.status();
+    used.insert(r->metadata().worker_group());
+  }
+  EXPECT_EQ(used, (std::set<std::string>{"g1", "g2"}));
 }
 
 }  // namespace
