@@ -4,6 +4,10 @@
 // failure at a chosen moment), and the public API as clients. The full
 // service with real rank processes is tested in service_e2e_test.cc.
 #include <atomic>
+#include <cmath>
+#include <functional>
+#include <mutex>
+#include <optional>
 #include <chrono>
 #include <future>
 #include <memory>
@@ -13,7 +17,11 @@
 
 #include "denoised/v1/worker.grpc.pb.h"
 #include "gmock/gmock.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
+#include "grpcpp/impl/codegen/client_unary_call.h"
+#include "grpcpp/impl/codegen/rpc_method.h"
+#include "grpcpp/impl/codegen/sync_stream.h"
 #include "gtest/gtest.h"
 #include "server/client.h"
 #include "server/metrics_scrape.h"
@@ -318,6 +326,50 @@ TEST_F(CoordinatorTest, StoreIsScopedAndWaits) {
   vi::StoreGetResponse missing;
   ASSERT_TRUE(get("g/7/never", 200, &missing).ok());
   EXPECT_FALSE(missing.found());
+}
+
+// Server reflection (what grpcurl uses), spoken with raw bytes: the
+// ServerReflectionRequest messages are tiny and their encoding is fixed.
+std::string ReflectionCall(const std::string& target, const std::string& request) {
+  auto channel = grpc::CreateChannel(target, grpc::InsecureChannelCredentials());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  const grpc::internal::RpcMethod method(
+      "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+      grpc::internal::RpcMethod::BIDI_STREAMING);
+  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> stream(
+      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+          channel.get(), method, &ctx));
+  grpc::Slice slice(request.data(), request.size());
+  grpc::ByteBuffer out(&slice, 1);
+  stream->Write(out);
+  stream->WritesDone();
+  grpc::ByteBuffer in;
+  std::string response;
+  while (stream->Read(&in)) {
+    std::vector<grpc::Slice> slices;
+    (void)in.Dump(&slices);
+    for (const auto& s : slices) {
+      response.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    }
+  }
+  stream->Finish();
+  return response;
+}
+
+TEST_F(CoordinatorTest, ReflectionDescribesTheApi) {
+  Start();
+  // list_services = "" (field 7, length-delimited, empty).
+  const std::string list = ReflectionCall(coord_->target, std::string("\x3a\x00", 2));
+  EXPECT_THAT(list, HasSubstr("denoised.v1.Denoiser"));
+  EXPECT_THAT(list, HasSubstr("grpc.health.v1.Health"));
+  // file_containing_symbol = "denoised.v1.Denoiser" (field 4).
+  const std::string symbol = "denoised.v1.Denoiser";
+  const std::string file = ReflectionCall(
+      coord_->target,
+      std::string("\x22") + static_cast<char>(symbol.size()) + symbol);
+  EXPECT_THAT(file, HasSubstr("denoised/v1/denoiser.proto"));
+  EXPECT_THAT(file, HasSubstr("GenerateRequest"));
 }
 
 class ReadyGroupTest : public CoordinatorTest {
