@@ -1234,6 +1234,11 @@ void Coordinator::Impl::HandleHello(const std::shared_ptr<RankLink>& link,
                                  group->generation, " is already attached"));
     }
   }
+  if (!hello.server_version().empty() && hello.server_version() != Version()) {
+    DN_LOG(WARNING) << "rank " << hello.rank() << " of group " << group->name
+                    << " runs denoised " << hello.server_version()
+                    << ", the coordinator " << Version();
+  }
   link->hello_done = true;
   link->group = group->name;
   link->generation = group->generation;
@@ -1642,6 +1647,7 @@ absl::Status WriteReadyFile(const std::string& path, const Coordinator& c) {
 int CoordinatorMain(int argc, char** argv) {
   CoordinatorOptions o;
   int max_message_mb = static_cast<int>(o.max_message_bytes >> 20);
+  int heartbeat_timeout_s = o.heartbeat_timeout_ms / 1000;
   std::string ready_file;
   FlagSet flags("denoised coordinator",
                 "Serves the Denoiser gRPC API and dispatches requests to "
@@ -1655,6 +1661,8 @@ int CoordinatorMain(int argc, char** argv) {
   flags.Int("max-message-mb", &max_message_mb, "largest gRPC message, MiB");
   flags.String("secret", &o.secret,
                "shared secret ranks must present (default: $DENOISED_SECRET)");
+  flags.Int("heartbeat-timeout", &heartbeat_timeout_s,
+            "seconds of rank silence before its group is failed");
   flags.String("ready-file", &ready_file,
                "write the bound addresses here once serving (for scripts)");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
@@ -1662,6 +1670,7 @@ int CoordinatorMain(int argc, char** argv) {
     if (const char* s = std::getenv(kSecretEnv)) o.secret = s;
   }
   o.max_message_bytes = int64_t{max_message_mb} << 20;
+  o.heartbeat_timeout_ms = std::max(2, heartbeat_timeout_s) * 1000;
   SetLogTag("coordinator");
 
   InstallStopSignalHandlers();

@@ -140,7 +140,7 @@ absl::StatusOr<worker::GenerateParams> ParamsFromJob(const vi::Job& job) {
 // one reader thread reads.
 class Connection {
  public:
-  Connection(std::shared_ptr<grpc::Channel> channel)
+  explicit Connection(std::shared_ptr<grpc::Channel> channel)
       : stub_(vi::WorkerControl::NewStub(std::move(channel))) {
     stream_ = stub_->Attach(&ctx_);
   }
