@@ -9,6 +9,7 @@
 #include "server/rank_runner.h"
 #include "server/worker_launcher.h"
 #include "server/version.h"
+#include "worker/make_checkpoint_command.h"
 
 namespace {
 
@@ -38,6 +39,7 @@ const Command kCommands[] = {
      dn::server::GenerateMain, false},
     {"worker-rank", "one rank of a worker group (started by `worker`)",
      dn::server::WorkerRankMain, true},
+    {"make-checkpoint", "write a diffusers-layout checkpoint with seeded random weights", dn::worker::MakeCheckpointCommand, false},
 };
 
 void PrintUsage() {
