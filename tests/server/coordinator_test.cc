@@ -511,6 +511,25 @@ TEST_F(ReadyGroupTest, JobIsRelayedStepByStep) {
   EXPECT_TRUE(promtool.ok()) << promtool.status();
 }
 
+TEST_F(ReadyGroupTest, UnaryCallReturnsTheResult) {
+  SetUpGroup();
+  v1::GenerateRequest req = TinyRequest(1, 32, 32, 3, 5);
+  auto unary = std::async(std::launch::async, [&] {
+    return client_->GenerateUnary(req, std::chrono::seconds(30));
+  });
+  std::optional<vi::Job> job = rank_->NextJob();
+  ASSERT_TRUE(job.has_value());
+  for (int i = 0; i < 3; ++i) rank_->Step(job->request_id(), i, 3);
+  rank_->Result(job->request_id(), 0, &*job);
+  absl::StatusOr<v1::GenerateResult> r = unary.get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->request_id(), job->request_id());
+  EXPECT_EQ(r->metadata().steps(), 3);
+  EXPECT_EQ(r->metadata().latent_shape().frames(), 1);
+  EXPECT_EQ(r->metadata().latent_shape().height(), 4);
+  EXPECT_EQ(r->latents().data().size(), 4u * 16 * 1 * 4 * 4);
+}
+
 TEST_F(ReadyGroupTest, QueueFullCancelAndDuplicateIds) {
   SetUpGroup({"--max-queue", "1"});
   v1::GenerateRequest a = TinyRequest(5, 64, 64, 10, 1);
