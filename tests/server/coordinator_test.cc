@@ -51,7 +51,7 @@ v1::ModelInfo TinyInfo() {
   m.set_head_dim(16);
   for (int s : {4, 8, 8}) m.add_vae_stride(s);
   for (int p : {1, 2, 2}) m.add_patch_size(p);
-  m.set_max_tokens(4096);
+  m.set_max_tokens(100000);
   return m;
 }
 
@@ -427,9 +427,9 @@ TEST_F(ReadyGroupTest, InvalidRequestsNameTheField) {
       {"priority", [](v1::GenerateRequest& r) { r.set_priority(101); }},
       {"latent_shape",
        [](v1::GenerateRequest& r) {
-         r.mutable_latent_shape()->set_frames(64);
-         r.mutable_latent_shape()->set_height(64);
-         r.mutable_latent_shape()->set_width(64);
+         r.mutable_latent_shape()->set_frames(128);
+         r.mutable_latent_shape()->set_height(128);
+         r.mutable_latent_shape()->set_width(128);
        }},
   };
   for (const Case& c : cases) {
@@ -528,6 +528,23 @@ TEST_F(ReadyGroupTest, UnaryCallReturnsTheResult) {
   EXPECT_EQ(r->metadata().latent_shape().frames(), 1);
   EXPECT_EQ(r->metadata().latent_shape().height(), 4);
   EXPECT_EQ(r->latents().data().size(), 4u * 16 * 1 * 4 * 4);
+}
+
+// 720p video latents are tens of MB, far above gRPC's 4 MB default.
+TEST_F(ReadyGroupTest, VideoSizedMessagesPass) {
+  SetUpGroup();
+  v1::GenerateRequest req = TinyRequest(81, 720, 1280, 2, 3, /*text_len=*/512);
+  *req.mutable_initial_latents() = SeededEmbeds(3, 16 * 21 * 90, 160);
+  req.mutable_initial_latents()->clear_shape();
+  for (int d : {16, 21, 90, 160}) req.mutable_initial_latents()->add_shape(d);
+  Call call(*client_, req);
+  std::optional<vi::Job> job = rank_->NextJob();
+  ASSERT_TRUE(job.has_value());
+  EXPECT_EQ(job->request().initial_latents().data().size(), 4u * 16 * 21 * 90 * 160);
+  rank_->Result(job->request_id(), 0, &*job);
+  absl::StatusOr<v1::GenerateResult> r = call.done.get();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->latents().data().size(), 4u * 16 * 21 * 90 * 160);  // 19.4 MB
 }
 
 TEST_F(ReadyGroupTest, QueueFullCancelAndDuplicateIds) {
