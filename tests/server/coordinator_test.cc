@@ -55,13 +55,20 @@ v1::ModelInfo TinyInfo() {
   return m;
 }
 
+grpc::ChannelArguments LargeMessages() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(256 << 20);
+  args.SetMaxSendMessageSize(256 << 20);
+  return args;
+}
+
 // The test's stand-in for a rank process: the real protocol, scripted.
 class ScriptedRank {
  public:
   ScriptedRank(const std::string& target, const std::string& group, int rank,
                int world, int64_t generation, const std::string& secret = "")
-      : stub_(vi::WorkerControl::NewStub(grpc::CreateChannel(
-            target, grpc::InsecureChannelCredentials()))) {
+      : stub_(vi::WorkerControl::NewStub(grpc::CreateCustomChannel(
+            target, grpc::InsecureChannelCredentials(), LargeMessages()))) {
     ctx_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
     stream_ = stub_->Attach(&ctx_);
     vi::RankMessage m;
