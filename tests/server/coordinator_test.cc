@@ -659,6 +659,25 @@ TEST_F(ReadyGroupTest, RankReportingAFailureFailsTheGroup) {
   EXPECT_EQ(rank_->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
 }
 
+TEST_F(ReadyGroupTest, SilentRankFailsTheGroup) {
+  SetUpGroup({"--heartbeat-timeout", "2"});
+  // The scripted rank sends no heartbeats (a hung process).
+  for (int i = 0; i < 200; ++i) {
+    if (GroupState("g").value_or(v1::GROUP_STATE_UNSPECIFIED) ==
+        v1::GROUP_STATE_FAILED) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(GroupState("g").value_or(v1::GROUP_STATE_UNSPECIFIED),
+            v1::GROUP_STATE_FAILED);
+  vi::CoordinatorMessage m;
+  EXPECT_FALSE(rank_->Read(&m));
+  const grpc::Status s = rank_->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(s.error_message(), HasSubstr("heartbeat"));
+}
+
 TEST_F(ReadyGroupTest, DeadlineInTheQueue) {
   SetUpGroup();
   Call busy(*client_, TinyRequest(5, 64, 64, 10, 1));
