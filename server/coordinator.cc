@@ -746,7 +746,11 @@ void Coordinator::Impl::Shutdown() {
   done.get_future().wait();
   DN_VLOG << "shutdown: work failed, ranks released";
   health_.FinishWatchers();
-  const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(3);
+  // Every call has been answered above; the short deadline only lets the
+  // final statuses go out (an idle client connection would otherwise hold
+  // the shutdown until the deadline).
+  const auto deadline =
+      std::chrono::system_clock::now() + std::chrono::milliseconds(500);
   if (worker_server_) worker_server_->Shutdown(deadline);
   if (server_) server_->Shutdown(deadline);
   DN_VLOG << "shutdown: servers stopped";

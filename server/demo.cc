@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -242,7 +243,8 @@ int DemoMain(int argc, char** argv) {
       "(Gloo over loopback),\n      load the model and warm up ... ",
       worker.pid(), ranks, ranks == 1 ? "" : "es");
   std::fflush(stdout);
-  DenoiserClient client(target);
+  auto client_holder = std::make_unique<DenoiserClient>(target);
+  DenoiserClient& client = *client_holder;
   const auto t_wait = Clock::now();
   absl::Status serving =
       client.WaitServing(std::chrono::seconds(180), [&]() -> absl::Status {
@@ -371,6 +373,7 @@ int DemoMain(int argc, char** argv) {
 
   // Shut down: the worker group first (its ranks leave the coordinator),
   // then the coordinator.
+  client_holder.reset();  // no idle connection delays the coordinator's exit
   signal_state.worker = -1;
   signal_state.coordinator = -1;
   const std::string worker_end = worker.Stop(std::chrono::seconds(15));
