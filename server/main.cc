@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string>
 
+#include "bench/comm_bench.h"
 #include "server/client.h"
 #include "server/coordinator.h"
 #include "server/demo.h"
@@ -39,6 +40,8 @@ const Command kCommands[] = {
      dn::server::GenerateMain, false},
     {"worker-rank", "one rank of a worker group (started by `worker`)",
      dn::server::WorkerRankMain, true},
+    {"bench comm", "all-to-all latency and bus bandwidth (Gloo CPU ranks or NCCL GPUs)", dn::bench::BenchCommCommand, false},
+    {"bench comm-rank", "one rank of `bench comm` (internal)", dn::bench::BenchCommRankCommand, true},
     {"make-checkpoint", "write a diffusers-layout checkpoint with seeded random weights", dn::worker::MakeCheckpointCommand, false},
 };
 
