@@ -290,6 +290,19 @@ TEST_F(CoordinatorTest, SecretIsRequired) {
             grpc::StatusCode::PERMISSION_DENIED);
 }
 
+TEST_F(CoordinatorTest, SeparateWorkerPort) {
+  Start({"--worker-listen", "127.0.0.1:0"});
+  ASSERT_NE(coord_->worker, coord_->target);
+  ScriptedRank on_public(coord_->target, "g", 0, 1, 1);
+  EXPECT_FALSE(on_public.welcomed());
+  EXPECT_EQ(on_public.Finish().error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  ScriptedRank on_worker(coord_->worker, "g", 0, 1, 1);
+  EXPECT_TRUE(on_worker.welcomed());
+  DenoiserClient on_worker_port(coord_->worker);
+  EXPECT_EQ(on_worker_port.ListModels().status().code(),
+            absl::StatusCode::kUnimplemented);
+}
+
 TEST_F(CoordinatorTest, StoreIsScopedAndWaits) {
   Start();
   ScriptedRank r0(coord_->target, "g", 0, 1, 7);

@@ -43,6 +43,8 @@ using ::dn::server::testing::WaitGroups;
 using ::testing::HasSubstr;
 
 constexpr int kTextLen = 8;
+// Ranks present it in Hello and in every store call of their rendezvous.
+constexpr char kSecret[] = "e2e-secret";
 
 // A streamed call in a thread that records its events; `stop_at_step` >= 0
 // cancels the call from the client side at that step.
@@ -97,14 +99,16 @@ class ServiceTest : public ::testing::Test {
   static void SetUpTestSuite() {
     dir_ = new TempDir();
     absl::StatusOr<std::unique_ptr<CoordinatorProc>> c =
-        StartCoordinator(dir_->path(), {"--max-queue", "2"});
+        StartCoordinator(dir_->path(), {"--max-queue", "2", "--secret", kSecret});
     ASSERT_TRUE(c.ok()) << c.status();
     coord_ = c->release();
     client_ = new DenoiserClient(coord_->target);
     // Before any group is ready the service is not serving.
     health_before_ = client_->Health().value_or("unreachable");
-    g1_ = new Proc(StartTinyGroup(coord_->target, "g1", 1, dir_->path() + "/g1.log"));
-    g2_ = new Proc(StartTinyGroup(coord_->target, "g2", 2, dir_->path() + "/g2.log"));
+    g1_ = new Proc(StartTinyGroup(coord_->target, "g1", 1, dir_->path() + "/g1.log",
+                                  {"--secret", kSecret}));
+    g2_ = new Proc(StartTinyGroup(coord_->target, "g2", 2, dir_->path() + "/g2.log",
+                                  {"--secret", kSecret}));
     const absl::Status ready =
         WaitGroups(*client_, {"g1", "g2"}, v1::GROUP_STATE_READY,
                    std::chrono::seconds(120));

@@ -105,7 +105,8 @@ inline std::string ReadFile(const std::string& path) {
 // A coordinator on free loopback ports.
 struct CoordinatorProc {
   Proc proc;
-  std::string target;   // public (and worker) gRPC address
+  std::string target;   // public gRPC address
+  std::string worker;   // WorkerControl address (= target unless --worker-listen)
   std::string metrics;  // HOST:PORT of /metrics
   std::string log;
 };
@@ -126,6 +127,7 @@ inline absl::StatusOr<std::unique_ptr<CoordinatorProc>> StartCoordinator(
     auto kv = ReadKeyValues(ready);
     if (kv.count("listen") && kv.count("metrics")) {
       c->target = kv["listen"];
+      c->worker = kv["worker_listen"];
       c->metrics = kv["metrics"];
       return c;
     }
