@@ -673,8 +673,11 @@ absl::Status Coordinator::Impl::Start() {
 
   denoiser_service_ = std::make_unique<DenoiserServiceImpl>(this);
   worker_service_ = std::make_unique<WorkerControlServiceImpl>(this);
-  const bool shared_port = options_.worker_listen.empty() ||
-                           options_.worker_listen == options_.listen;
+  // "HOST:0" twice means two free ports, not one.
+  const bool shared_port =
+      options_.worker_listen.empty() ||
+      (options_.worker_listen == options_.listen &&
+       !absl::EndsWith(options_.listen, ":0"));
 
   int port = 0;
   grpc::ServerBuilder b;
