@@ -327,6 +327,26 @@ TEST_F(ServiceTest, CancelMidRunFreesTheGroup) {
   EXPECT_GE(SumSamples(m, "denoised_requests_total", {{"code", "CANCELLED"}}), 2);
 }
 
+TEST_F(ServiceTest, DeadlineMidRunStopsTheGroup) {
+  absl::StatusOr<v1::GenerateResult> late = client_->Generate(
+      TinyRequest(5, 64, 64, 1000, 14, kTextLen), std::chrono::milliseconds(400),
+      {});
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kDeadlineExceeded);
+  ASSERT_TRUE(WaitGroups(*client_, {"g1", "g2"}, v1::GROUP_STATE_READY,
+                         std::chrono::seconds(60))
+                  .ok());
+  std::vector<MetricSample> m;
+  for (int i = 0; i < 100; ++i) {  // the ranks' answer lands just after
+    m = Scrape(coord_->metrics);
+    if (SumSamples(m, "denoised_requests_total", {{"code", "DEADLINE_EXCEEDED"}}) >= 1) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(SumSamples(m, "denoised_requests_total", {{"code", "DEADLINE_EXCEEDED"}}), 1);
+  EXPECT_LT(SumSamples(m, "denoised_steps_total"), 1000);  // it really stopped
+}
+
 TEST_F(ServiceTest, FullQueueIsResourceExhausted) {
   // Occupy both groups, fill the queue (2), then one more.
   std::vector<std::unique_ptr<StreamCall>> calls;
