@@ -4,6 +4,7 @@
 #include <string>
 
 #include "bench/comm_bench.h"
+#include "bench/step_bench.h"
 #include "server/client.h"
 #include "server/coordinator.h"
 #include "server/demo.h"
@@ -11,6 +12,7 @@
 #include "server/worker_launcher.h"
 #include "server/version.h"
 #include "worker/make_checkpoint_command.h"
+#include "worker/run_command.h"
 
 namespace {
 
@@ -43,6 +45,12 @@ const Command kCommands[] = {
     {"bench comm", "all-to-all latency and bus bandwidth (Gloo CPU ranks or NCCL GPUs)", dn::bench::BenchCommCommand, false},
     {"bench comm-rank", "one rank of `bench comm` (internal)", dn::bench::BenchCommRankCommand, true},
     {"make-checkpoint", "write a diffusers-layout checkpoint with seeded random weights", dn::worker::MakeCheckpointCommand, false},
+    {"run", "run the engine without the service (N local rank processes)",
+     dn::worker::RunCommand, false},
+    {"run-rank", "", dn::worker::RunRankCommand, true},
+    {"bench step", "time one denoising step (ms, all-to-all, TFLOP/s, memory)",
+     dn::bench::BenchStepCommand, false},
+    {"bench step-rank", "", dn::bench::BenchStepRankCommand, true},
 };
 
 void PrintUsage() {
