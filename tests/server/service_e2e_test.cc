@@ -328,15 +328,21 @@ TEST_F(ServiceTest, CancelMidRunFreesTheGroup) {
 }
 
 TEST_F(ServiceTest, DeadlineMidRunStopsTheGroup) {
+  // 1000 steps take well over the 2 s deadline, even on a fast machine.
+  bool started = false;
   absl::StatusOr<v1::GenerateResult> late = client_->Generate(
-      TinyRequest(5, 64, 64, 1000, 14, kTextLen), std::chrono::milliseconds(400),
-      {});
+      TinyRequest(5, 64, 64, 1000, 14, kTextLen), std::chrono::seconds(2),
+      [&](const v1::GenerateEvent& e) {
+        started = started || e.has_started();
+        return true;
+      });
   EXPECT_EQ(late.status().code(), absl::StatusCode::kDeadlineExceeded);
+  ASSERT_TRUE(started) << "the request never reached a group within its deadline";
   ASSERT_TRUE(WaitGroups(*client_, {"g1", "g2"}, v1::GROUP_STATE_READY,
                          std::chrono::seconds(60))
                   .ok());
   std::vector<MetricSample> m;
-  for (int i = 0; i < 100; ++i) {  // the ranks' answer lands just after
+  for (int i = 0; i < 500; ++i) {  // the ranks' answer lands just after
     m = Scrape(coord_->metrics);
     if (SumSamples(m, "denoised_requests_total", {{"code", "DEADLINE_EXCEEDED"}}) >= 1) {
       break;
