@@ -80,6 +80,15 @@ const char* StateLabel(v1::GroupState s) {
   }
 }
 
+// Whether a cancelled call was cancelled by its deadline. The client's own
+// deadline timer usually fires first and cancels the call a moment before
+// the server's copy of the deadline (computed from grpc-timeout on arrival)
+// passes, so a cancellation this close to the deadline counts as one.
+bool DeadlineReached(grpc::CallbackServerContext* ctx) {
+  return ctx->deadline() <=
+         std::chrono::system_clock::now() + std::chrono::milliseconds(500);
+}
+
 // A unary reactor whose work runs on the event loop; `fn` fills the
 // response and returns the status. The reactor deletes itself.
 class LoopUnaryReactor : public grpc::ServerUnaryReactor {
@@ -467,7 +476,7 @@ class GenerateReactor final
   }
   void OnWriteDone(bool ok) override { sink_->writer.OnWriteDone(ok); }
   void OnCancel() override {
-    core_->PostClientGone(sink_, ctx_->deadline() <= std::chrono::system_clock::now());
+    core_->PostClientGone(sink_, DeadlineReached(ctx_));
   }
   void OnDone() override {
     sink_->writer.Detach();
@@ -504,7 +513,7 @@ class UnaryGenerateReactor final : public grpc::ServerUnaryReactor {
                       GenerateReactor::DeadlineUnixMillis(ctx));
   }
   void OnCancel() override {
-    core_->PostClientGone(sink_, ctx_->deadline() <= std::chrono::system_clock::now());
+    core_->PostClientGone(sink_, DeadlineReached(ctx_));
   }
   void OnDone() override { delete this; }
 
