@@ -46,6 +46,13 @@ constexpr int kTextLen = 8;
 // Ranks present it in Hello and in every store call of their rendezvous.
 constexpr char kSecret[] = "e2e-secret";
 
+// A request that runs for tens of seconds on the tiny model (about 50 ms a
+// step on one CPU rank): long enough to be cancelled, stopped or failed
+// mid-run on any machine.
+v1::GenerateRequest LongRequest(uint64_t seed) {
+  return TinyRequest(9, 256, 256, 1000, seed, kTextLen);
+}
+
 // A streamed call in a thread that records its events; `stop_at_step` >= 0
 // cancels the call from the client side at that step.
 class StreamCall {
@@ -303,11 +310,11 @@ TEST_F(ServiceTest, InvalidRequestLeavesTheRunningOneAlone) {
 
 TEST_F(ServiceTest, CancelMidRunFreesTheGroup) {
   // Client-side cancellation at step 3 of a long request.
-  StreamCall cancelled(coord_->target, TinyRequest(5, 64, 64, 1000, 11, kTextLen),
+  StreamCall cancelled(coord_->target, LongRequest(11),
                        /*stop_at_step=*/3);
   EXPECT_EQ(cancelled.Wait().status().code(), absl::StatusCode::kCancelled);
   // The Cancel RPC, by client_request_id, while a duplicate id is refused.
-  v1::GenerateRequest req = TinyRequest(5, 64, 64, 1000, 12, kTextLen);
+  v1::GenerateRequest req = LongRequest(12);
   req.set_client_request_id("e2e-cancel");
   StreamCall by_rpc(coord_->target, req);
   ASSERT_TRUE(by_rpc.WaitSteps(2));
@@ -328,10 +335,9 @@ TEST_F(ServiceTest, CancelMidRunFreesTheGroup) {
 }
 
 TEST_F(ServiceTest, DeadlineMidRunStopsTheGroup) {
-  // 1000 steps take well over the 2 s deadline, even on a fast machine.
   bool started = false;
   absl::StatusOr<v1::GenerateResult> late = client_->Generate(
-      TinyRequest(5, 64, 64, 1000, 14, kTextLen), std::chrono::seconds(2),
+      LongRequest(14), std::chrono::seconds(1),
       [&](const v1::GenerateEvent& e) {
         started = started || e.has_started();
         return true;
@@ -357,7 +363,7 @@ TEST_F(ServiceTest, FullQueueIsResourceExhausted) {
   // Occupy both groups, fill the queue (2), then one more.
   std::vector<std::unique_ptr<StreamCall>> calls;
   for (int i = 0; i < 4; ++i) {
-    v1::GenerateRequest req = TinyRequest(5, 64, 64, 1000, 20 + i, kTextLen);
+    v1::GenerateRequest req = LongRequest(20 + i);
     req.set_client_request_id(absl::StrCat("fill-", i));
     calls.push_back(std::make_unique<StreamCall>(coord_->target, req));
     if (i < 2) {
@@ -398,7 +404,7 @@ TEST_F(ServiceTest, RankCrashRestartsTheGroup) {
   std::vector<std::unique_ptr<StreamCall>> calls;
   for (int i = 0; i < 2; ++i) {
     calls.push_back(std::make_unique<StreamCall>(
-        coord_->target, TinyRequest(5, 64, 64, 1000, 40 + i, kTextLen)));
+        coord_->target, LongRequest(40 + i)));
     ASSERT_TRUE(calls.back()->WaitSteps(1));
   }
   std::string on_g2;
