@@ -4,23 +4,24 @@
 #                ../shared/gpu/bundle.sh .gpu build-cuda/bin/*
 #                mkdir -p .anchor && cp ../shared/anchors/usp_anchor.py .anchor/
 # Run there:     . .gpu/env.sh && scripts/gpu/check_all.sh STAGE...   (carry .gpu and .anchor)
-# Stages: info ops nccl tiny sp commbench perf step step4k
-# Logs go to $OUT/<stage>.log; a summary table is printed last.
+# Stages: info ops nccl tiny sp commbench perf step step4k service
+# Logs go to $OUT/all.log; a summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 NGPU=$(nvidia-smi -L | wc -l)
 summary=()
+W=/tmp/dn; mkdir -p $W
 stage() {  # stage NAME TIMEOUT CMD...
   local name=$1 t=$2; shift 2
-  echo "=== $name: $*" | tee -a "$OUT/$name.log"
+  echo "=== $name: $*" | tee -a "$OUT/all.log" > "$W/$name.log"
   local s=$SECONDS
-  timeout --kill-after=10 "$t" "$@" >>"$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$t" "$@" >>"$W/$name.log" 2>&1
   local rc=$?
   summary+=("$(printf '%-28s rc=%-3d %4ds' "$name" "$rc" $((SECONDS - s)))")
-  tail -n 25 "$OUT/$name.log"
+  cat "$W/$name.log" >> "$OUT/all.log"; tail -n 25 "$W/$name.log"
   return $rc
 }
-W=/tmp/dn; mkdir -p $W
+
 for st in "$@"; do
   case $st in
     info) stage info 60 bash -c 'nvidia-smi; nvidia-smi topo -m; python3 -c "import torch;print(torch.__version__, torch.cuda.nccl.version())"' ;;
@@ -64,6 +65,7 @@ for st in "$@"; do
         stage step4k_ours_p$p 300 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks $p --backend cuda --cfg --iters 10
         stage step4k_anchor_p$p 300 torchrun --nproc_per_node $p .anchor/usp_anchor.py --backend cudnn --modes direct,packed --seq 4096 --iters 10
       done ;;
+    service) stage service 300 scripts/gpu/service_check.sh $NGPU 6 ;;
     *) echo "unknown stage $st" ;;
   esac
 done
