@@ -22,5 +22,5 @@ echo "== coordinator /metrics (step, all-to-all, skew, requests)"
 curl -s --noproxy '*' 127.0.0.1:7101/metrics | grep -E '^denoised_(step_duration_seconds_(sum|count)|alltoall_duration_seconds_(sum|count)|rank_skew_seconds_(sum|count)|steps_total|requests_total)'
 echo "== rank 0 /metrics"
 curl -s --noproxy '*' 127.0.0.1:7110/metrics | grep -E '^denoised_rank_(step_duration_seconds_(sum|count)|device_memory_peak_bytes|info)'
-[[ $rc -eq 0 ]] || { tail -30 $W/coord.log $W/worker.log; }
+[[ $rc -eq 0 ]] || { tail -n 40 $W/coord.log $W/worker.log; }
 exit $rc
