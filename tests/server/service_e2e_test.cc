@@ -106,7 +106,11 @@ class ServiceTest : public ::testing::Test {
   static void SetUpTestSuite() {
     dir_ = new TempDir();
     absl::StatusOr<std::unique_ptr<CoordinatorProc>> c =
-        StartCoordinator(dir_->path(), {"--max-queue", "2", "--secret", kSecret});
+        // The mid-run deadline test needs a deadline shorter than the
+        // request's estimate, which admission by cost would reject up front
+        // (tests/server/reliability_test.cc covers admission).
+        StartCoordinator(dir_->path(), {"--max-queue", "2", "--secret", kSecret,
+                                        "--admission-by-cost=false"});
     ASSERT_TRUE(c.ok()) << c.status();
     coord_ = c->release();
     client_ = new DenoiserClient(coord_->target);
