@@ -281,6 +281,16 @@ TEST_F(ReliabilityTest, FullQueueCarriesARetryHint) {
     if (i < 2) {
       ASSERT_TRUE(calls.back()->WaitSteps(1));
     }
+    if (i == 1) {
+      // Both groups busy for many seconds: a short request whose own run
+      // fits its deadline is still rejected for the work ahead of it.
+      absl::StatusOr<v1::GenerateResult> late = client_->Generate(
+          TinyRequest(5, 64, 64, 2, 30, kTextLen), std::chrono::seconds(3), {});
+      EXPECT_EQ(late.status().code(), absl::StatusCode::kDeadlineExceeded);
+      EXPECT_THAT(std::string(late.status().message()),
+                  HasSubstr("rejected at admission"));
+      EXPECT_THAT(std::string(late.status().message()), HasSubstr("work ahead"));
+    }
   }
   for (int i = 0; i < 250; ++i) {
     if (SumSamples(Scrape(coord_->metrics), "denoised_queue_depth",
@@ -358,6 +368,53 @@ TEST_F(ReliabilityTest, CancelAtRandomStepsStopsEveryRankTogether) {
   }
   EXPECT_EQ(groups_used, (std::set<std::string>{"g1", "g2"}));
   EXPECT_EQ(Requests("CANCELLED"), cancelled_before + kRounds);
+}
+
+// The same on a group of 4 ranks (its own coordinator): every rank stops
+// after the same number of steps.
+TEST(Cancel4RanksTest, EveryRankStopsTogether) {
+  TempDir dir;
+  absl::StatusOr<std::unique_ptr<CoordinatorProc>> c = StartCoordinator(dir.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  DenoiserClient client((*c)->target);
+  Proc group = StartTinyGroup((*c)->target, "g4", 4, dir.path() + "/g4.log");
+  ASSERT_TRUE(WaitGroups(client, {"g4"}, v1::GROUP_STATE_READY,
+                         std::chrono::seconds(120)).ok())
+      << ReadFile(dir.path() + "/g4.log");
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> step(0, 6);
+  for (int round = 0; round < 2; ++round) {
+    const int stop_at = step(rng);
+    absl::StatusOr<v1::ServerInfo> info = client.GetServerInfo();
+    ASSERT_TRUE(info.ok());
+    ASSERT_EQ(info->groups_size(), 1);
+    ASSERT_EQ(info->groups(0).ranks_size(), 4);
+    auto steps = [&] {
+      std::vector<double> out;
+      for (const auto& r : info->groups(0).ranks()) {
+        out.push_back(SumSamples(Scrape(r.metrics_address()), "denoised_rank_steps_total"));
+      }
+      return out;
+    };
+    const std::vector<double> before = steps();
+    StreamCall call((*c)->target, LongRequest(200 + round), stop_at);
+    EXPECT_EQ(call.Wait().status().code(), absl::StatusCode::kCancelled);
+    ASSERT_TRUE(WaitGroups(client, {"g4"}, v1::GROUP_STATE_READY,
+                           std::chrono::seconds(30)).ok());
+    const std::vector<double> after = steps();
+    const double first = after[0] - before[0];
+    EXPECT_GE(first, stop_at + 1);
+    EXPECT_LT(first, 1000);
+    for (size_t r = 1; r < after.size(); ++r) {
+      EXPECT_EQ(after[r] - before[r], first) << "rank " << r << ", round " << round;
+    }
+    std::printf("4 ranks, round %d: cancel at step %d -> every rank ran %g steps\n",
+                round, stop_at, first);
+  }
+  EXPECT_EQ(SumSamples(Scrape((*c)->metrics), "denoised_requests_total",
+                       {{"code", "CANCELLED"}}),
+            2);
+  EXPECT_EQ(group.Stop(), 0);
 }
 
 // A free loopback port (bound then released).
