@@ -51,7 +51,8 @@ bool WaitForStopSignal(std::chrono::milliseconds timeout) {
 }
 
 // Waits until a TCP/HTTP2 connection to the coordinator succeeds, retrying
-// with backoff (0.5 s doubling to 5 s) and logging each failure. False if a
+// with backoff (each attempt waits up to 2 s, then 0.5 s doubling to 5 s)
+// and logging each failure. False if a
 // stop signal came first.
 bool WaitForCoordinator(const std::string& target) {
   auto backoff = std::chrono::milliseconds(500);
@@ -75,10 +76,12 @@ bool WaitForCoordinator(const std::string& target) {
       return true;
     }
     DN_LOG(WARNING) << "coordinator " << target
-                    << " unreachable (no connection within 2 s, attempt "
-                    << attempt << ", state "
-                    << static_cast<int>(channel->GetState(false))
-                    << "); retrying in " << backoff.count() << " ms";
+                    << " unreachable (no connection within 2 s, channel "
+                    << (channel->GetState(false) == GRPC_CHANNEL_TRANSIENT_FAILURE
+                            ? "failing to connect"
+                            : "still connecting")
+                    << ", attempt " << attempt << "); retrying in "
+                    << backoff.count() << " ms";
     if (WaitForStopSignal(backoff)) return false;
     backoff = std::min(backoff * 2, std::chrono::milliseconds(5000));
   }
