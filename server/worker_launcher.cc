@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "comm/base/flags.h"
 #include "comm/base/log.h"
+#include "server/credentials.h"
 #include "server/process.h"
 #include "server/protocol.h"
 #include "server/rank_runner.h"
@@ -198,7 +199,24 @@ int WorkerMain(int argc, char** argv) {
                "address ranks bind their process groups to (default 127.0.0.1)");
   flags.Int64("max-tokens", &max_tokens, "largest request in tokens (0: default)");
   flags.String("warmup-latent", &warmup_latent, "warm-up latent FxHxW");
+  TlsFiles tls;
+  AddTlsFlags(flags, "", &tls, "TLS to the coordinator's worker port (passed to the ranks)");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
+  if (tls.enabled()) {
+    // Check the files once here, so a typo fails the launcher, not every rank.
+    if (absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> c =
+            MakeChannelCredentials(tls, "");
+        !c.ok()) {
+      std::fprintf(stderr, "denoised worker: %s\n", c.status().ToString().c_str());
+      return 2;
+    }
+    for (const auto& [flag, value] :
+         {std::pair<const char*, const std::string*>{"--tls-cert", &tls.cert},
+          {"--tls-key", &tls.key},
+          {"--tls-ca", &tls.ca}}) {
+      if (!value->empty()) o.rank_flags.insert(o.rank_flags.end(), {flag, *value});
+    }
+  }
   if (o.secret.empty()) {
     if (const char* s = std::getenv(kSecretEnv)) o.secret = s;
   }
