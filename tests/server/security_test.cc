@@ -18,6 +18,7 @@
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "server/auth.h"
 #include "server/client.h"
 #include "server/credentials.h"
 #include "server/process.h"
@@ -68,6 +69,30 @@ int RunDenoised(std::vector<std::string> args, const std::string& log) {
     return -2;
   }
   return WIFEXITED(*status) ? WEXITSTATUS(*status) : -3;
+}
+
+// --- units ------------------------------------------------------------------
+
+TEST(ReadTokenFileTest, ParsesAndRejects) {
+  TempDir dir;
+  const std::string f = dir.path() + "/t";
+  WriteFile(f, "# comment\n\n  abc  \n\tdef\n");
+  absl::StatusOr<std::vector<std::string>> t = ReadTokenFile(f, "auth-token-file");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_THAT(*t, ::testing::ElementsAre("abc", "def"));
+  WriteFile(f, "# only a comment\n\n");
+  EXPECT_THAT(ReadTokenFile(f, "auth-token-file").status().message(),
+              HasSubstr("--auth-token-file: no token"));
+  WriteFile(f, "two words\n");
+  EXPECT_FALSE(ReadTokenFile(f, "auth-token-file").ok());
+  EXPECT_THAT(ReadTokenFile(dir.path() + "/missing", "x").status().message(),
+              HasSubstr("--x: cannot read"));
+}
+
+TEST(PeerHostTest, DropsThePort) {
+  EXPECT_EQ(PeerHost("ipv4:127.0.0.1:4242"), "ipv4:127.0.0.1");
+  EXPECT_EQ(PeerHost("ipv6:[::1]:4242"), "ipv6:[::1]");
+  EXPECT_EQ(PeerHost("unix:/tmp/sock"), "unix:/tmp/sock");
 }
 
 // --- bearer tokens and the per-client limit ---------------------------------
