@@ -10,6 +10,7 @@ PKGS=(
   libabsl-dev prometheus-cpp-dev libgloo-dev libgtest-dev libgmock-dev
   libopenblas-dev nlohmann-json3-dev libpng-dev libssl-dev
   python3 python3-numpy prometheus
+  clang libclang-rt-14-dev openssl
 )
 missing=()
 for p in "${PKGS[@]}"; do

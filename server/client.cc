@@ -18,6 +18,8 @@
 #include "denoised/v1/denoiser.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "server/auth.h"
+#include "server/credentials.h"
 #include "server/proto_convert.h"
 #include "worker/noise.h"
 #include "worker/safetensors.h"
@@ -48,14 +50,22 @@ void SetTimeout(grpc::ClientContext& ctx, std::chrono::milliseconds timeout) {
 
 DenoiserClient::DenoiserClient(const std::string& target,
                                int64_t max_message_bytes)
-    : target_(target), stubs_(std::make_unique<Stubs>()) {
+    : DenoiserClient(target, grpc::InsecureChannelCredentials(), "",
+                     max_message_bytes) {}
+
+DenoiserClient::DenoiserClient(
+    const std::string& target,
+    std::shared_ptr<grpc::ChannelCredentials> credentials,
+    std::string bearer_token, int64_t max_message_bytes)
+    : target_(target),
+      bearer_token_(std::move(bearer_token)),
+      stubs_(std::make_unique<Stubs>()) {
   grpc::ChannelArguments args;
   const int max = static_cast<int>(
       std::min<int64_t>(max_message_bytes, std::numeric_limits<int>::max()));
   args.SetMaxReceiveMessageSize(max);
   args.SetMaxSendMessageSize(max);
-  stubs_->channel = grpc::CreateCustomChannel(
-      target, grpc::InsecureChannelCredentials(), args);
+  stubs_->channel = grpc::CreateCustomChannel(target, credentials, args);
   stubs_->denoiser = v1::Denoiser::NewStub(stubs_->channel);
   stubs_->health = health::Health::NewStub(stubs_->channel);
 }
@@ -66,6 +76,7 @@ absl::StatusOr<v1::GenerateResult> DenoiserClient::Generate(
     const v1::GenerateRequest& request, std::chrono::milliseconds deadline,
     const EventFn& on_event) {
   grpc::ClientContext ctx;
+  AddBearerToken(ctx, bearer_token_);
   SetTimeout(ctx, deadline);
   std::unique_ptr<grpc::ClientReader<v1::GenerateEvent>> reader =
       stubs_->denoiser->Generate(&ctx, request);
@@ -86,6 +97,7 @@ absl::StatusOr<v1::GenerateResult> DenoiserClient::Generate(
 absl::StatusOr<v1::GenerateResult> DenoiserClient::GenerateUnary(
     const v1::GenerateRequest& request, std::chrono::milliseconds deadline) {
   grpc::ClientContext ctx;
+  AddBearerToken(ctx, bearer_token_);
   SetTimeout(ctx, deadline);
   v1::GenerateResult result;
   const grpc::Status s =
@@ -96,6 +108,7 @@ absl::StatusOr<v1::GenerateResult> DenoiserClient::GenerateUnary(
 
 absl::StatusOr<bool> DenoiserClient::Cancel(const std::string& request_id) {
   grpc::ClientContext ctx;
+  AddBearerToken(ctx, bearer_token_);
   SetTimeout(ctx, kRpcTimeout);
   v1::CancelRequest req;
   req.set_request_id(request_id);
@@ -107,6 +120,7 @@ absl::StatusOr<bool> DenoiserClient::Cancel(const std::string& request_id) {
 
 absl::StatusOr<v1::ListModelsResponse> DenoiserClient::ListModels() {
   grpc::ClientContext ctx;
+  AddBearerToken(ctx, bearer_token_);
   SetTimeout(ctx, kRpcTimeout);
   v1::ListModelsResponse resp;
   const grpc::Status s =
@@ -117,6 +131,7 @@ absl::StatusOr<v1::ListModelsResponse> DenoiserClient::ListModels() {
 
 absl::StatusOr<v1::ServerInfo> DenoiserClient::GetServerInfo() {
   grpc::ClientContext ctx;
+  AddBearerToken(ctx, bearer_token_);
   SetTimeout(ctx, kRpcTimeout);
   v1::ServerInfo resp;
   const grpc::Status s =
@@ -126,7 +141,7 @@ absl::StatusOr<v1::ServerInfo> DenoiserClient::GetServerInfo() {
 }
 
 absl::StatusOr<std::string> DenoiserClient::Health(const std::string& service) {
-  grpc::ClientContext ctx;
+  grpc::ClientContext ctx;  // Health is not authenticated
   SetTimeout(ctx, std::chrono::seconds(3));
   health::HealthCheckRequest req;
   req.set_service(service);
@@ -323,6 +338,13 @@ int GenerateMain(int argc, char** argv) {
   flags.Int("step-interval", &step_interval, "a Step event every n steps");
   flags.Bool("progress", &progress, "draw the progress bar on stderr");
   flags.String("out", &out, "output .safetensors file");
+  int max_message_mb = static_cast<int>(kDefaultMaxMessageBytes >> 20);
+  flags.Int("max-message-mb", &max_message_mb, "largest gRPC message, MiB");
+  std::string auth_token_file;
+  flags.String("auth-token-file", &auth_token_file,
+               "file whose first token is sent as 'authorization: Bearer'");
+  TlsFiles tls;
+  AddTlsFlags(flags, "", &tls, "TLS to the coordinator (--tls-ca alone: server TLS)");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
   auto usage_error = [](const std::string& msg) {
     std::fprintf(stderr, "denoised generate: %s\n", msg.c_str());
@@ -340,7 +362,18 @@ int GenerateMain(int argc, char** argv) {
   absl::StatusOr<v1::Scheduler> sched = ParseScheduler(scheduler);
   if (!sched.ok()) return usage_error(std::string(sched.status().message()));
 
-  DenoiserClient client(target);
+  std::string token;
+  if (!auth_token_file.empty()) {
+    absl::StatusOr<std::vector<std::string>> tokens =
+        ReadTokenFile(auth_token_file, "auth-token-file");
+    if (!tokens.ok()) return usage_error(std::string(tokens.status().message()));
+    token = tokens->front();
+  }
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds =
+      MakeChannelCredentials(tls, "");
+  if (!creds.ok()) return usage_error(std::string(creds.status().message()));
+  if (max_message_mb < 1) return usage_error("--max-message-mb: must be >= 1");
+  DenoiserClient client(target, *creds, token, int64_t{max_message_mb} << 20);
   v1::GenerateRequest req;
   req.set_model(model);
   if (pixels) {

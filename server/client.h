@@ -23,6 +23,7 @@
 
 namespace grpc {
 class Channel;
+class ChannelCredentials;
 }  // namespace grpc
 
 namespace dn::server {
@@ -32,6 +33,13 @@ class DenoiserClient {
   // Plaintext channel to HOST:PORT allowing messages up to `max_message_bytes`.
   explicit DenoiserClient(const std::string& target,
                           int64_t max_message_bytes = kDefaultMaxMessageBytes);
+  // Channel with `credentials` (server/credentials.h: TLS or plaintext);
+  // every call carries `authorization: Bearer <bearer_token>` when the token
+  // is non-empty (docs/SECURITY.md).
+  DenoiserClient(const std::string& target,
+                 std::shared_ptr<grpc::ChannelCredentials> credentials,
+                 std::string bearer_token,
+                 int64_t max_message_bytes = kDefaultMaxMessageBytes);
   ~DenoiserClient();
   DenoiserClient(const DenoiserClient&) = delete;
   DenoiserClient& operator=(const DenoiserClient&) = delete;
@@ -63,6 +71,7 @@ class DenoiserClient {
  private:
   struct Stubs;
   std::string target_;
+  std::string bearer_token_;
   std::unique_ptr<Stubs> stubs_;
 };
 

@@ -29,6 +29,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
+#include "server/auth.h"
 #include "server/event_loop.h"
 #include "server/metrics.h"
 #include "server/process.h"
@@ -372,7 +373,9 @@ struct StoreWaiter {
 class Coordinator::Impl {
  public:
   explicit Impl(const CoordinatorOptions& options)
-      : options_(options), rng_(std::random_device{}()) {}
+      : options_(options),
+        gate_(options.auth_tokens, options.max_streams_per_client),
+        rng_(std::random_device{}()) {}
 
   absl::Status Start();
   void Shutdown();
@@ -404,6 +407,7 @@ class Coordinator::Impl {
 
   EventLoop& loop() { return loop_; }
   const CoordinatorOptions& options() const { return options_; }
+  ClientGate& gate() { return gate_; }
 
   // --- loop-thread operations ---
   grpc::Status Cancel(const v1::CancelRequest& req, v1::CancelResponse* resp);
@@ -451,6 +455,7 @@ class Coordinator::Impl {
   int64_t RetryAfterMillis(const std::string& model) const;
 
   CoordinatorOptions options_;
+  ClientGate gate_;
   EventLoop loop_;
   CoordinatorMetrics metrics_;
   HealthService health_;
@@ -484,8 +489,11 @@ class GenerateReactor final
     : public grpc::ServerWriteReactor<v1::GenerateEvent> {
  public:
   GenerateReactor(Coordinator::Impl* core, grpc::CallbackServerContext* ctx,
-                  const v1::GenerateRequest* request)
-      : core_(core), ctx_(ctx), sink_(std::make_shared<StreamSink>(this)) {
+                  const v1::GenerateRequest* request, ClientGate::Slot slot)
+      : core_(core),
+        ctx_(ctx),
+        sink_(std::make_shared<StreamSink>(this)),
+        slot_(std::move(slot)) {
     sink_->ctx = ctx;
     core_->PostSubmit(*request, sink_, DeadlineUnixMillis(ctx));
   }
@@ -513,6 +521,7 @@ class GenerateReactor final
   Coordinator::Impl* core_;
   grpc::CallbackServerContext* ctx_;
   std::shared_ptr<StreamSink> sink_;
+  ClientGate::Slot slot_;  // released when the call is done
 };
 
 class UnaryGenerateReactor final : public grpc::ServerUnaryReactor {
@@ -520,10 +529,11 @@ class UnaryGenerateReactor final : public grpc::ServerUnaryReactor {
   UnaryGenerateReactor(Coordinator::Impl* core,
                        grpc::CallbackServerContext* ctx,
                        const v1::GenerateRequest* request,
-                       v1::GenerateResult* response)
+                       v1::GenerateResult* response, ClientGate::Slot slot)
       : core_(core),
         ctx_(ctx),
-        sink_(std::make_shared<UnarySink>(this, response)) {
+        sink_(std::make_shared<UnarySink>(this, response)),
+        slot_(std::move(slot)) {
     sink_->ctx = ctx;
     core_->PostSubmit(*request, sink_,
                       GenerateReactor::DeadlineUnixMillis(ctx));
@@ -537,6 +547,7 @@ class UnaryGenerateReactor final : public grpc::ServerUnaryReactor {
   Coordinator::Impl* core_;
   grpc::CallbackServerContext* ctx_;
   std::shared_ptr<UnarySink> sink_;
+  ClientGate::Slot slot_;  // released when the call is done
 };
 
 class AttachReactor final
@@ -573,6 +584,8 @@ class AttachReactor final
   vi::RankMessage in_;
 };
 
+// Every Denoiser call passes the ClientGate first (bearer token, per-client
+// generation limit); a rejected call finishes at once with its status.
 class DenoiserServiceImpl final : public v1::Denoiser::CallbackService {
  public:
   explicit DenoiserServiceImpl(Coordinator::Impl* core) : core_(core) {}
@@ -580,36 +593,58 @@ class DenoiserServiceImpl final : public v1::Denoiser::CallbackService {
   grpc::ServerWriteReactor<v1::GenerateEvent>* Generate(
       grpc::CallbackServerContext* ctx,
       const v1::GenerateRequest* request) override {
-    return new GenerateReactor(core_, ctx, request);
+    ClientGate::Slot slot;
+    if (grpc::Status s = core_->gate().Admit(*ctx, true, &slot); !s.ok()) {
+      return new RejectedWriteReactor<v1::GenerateEvent>(s);
+    }
+    return new GenerateReactor(core_, ctx, request, std::move(slot));
   }
   grpc::ServerUnaryReactor* GenerateUnary(
       grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request,
       v1::GenerateResult* response) override {
-    return new UnaryGenerateReactor(core_, ctx, request, response);
+    ClientGate::Slot slot;
+    if (grpc::Status s = core_->gate().Admit(*ctx, true, &slot); !s.ok()) {
+      return Reject(ctx, s);
+    }
+    return new UnaryGenerateReactor(core_, ctx, request, response, std::move(slot));
   }
-  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext*,
+  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx,
                                    const v1::CancelRequest* request,
                                    v1::CancelResponse* response) override {
+    if (grpc::Status s = Authenticate(ctx); !s.ok()) return Reject(ctx, s);
     return new LoopUnaryReactor(core_->loop(), [this, request, response] {
       return core_->Cancel(*request, response);
     });
   }
-  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext*,
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* ctx,
                                        const v1::ListModelsRequest*,
                                        v1::ListModelsResponse* response) override {
+    if (grpc::Status s = Authenticate(ctx); !s.ok()) return Reject(ctx, s);
     return new LoopUnaryReactor(core_->loop(), [this, response] {
       return core_->ListModels(response);
     });
   }
-  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext*,
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
                                           const v1::GetServerInfoRequest*,
                                           v1::ServerInfo* response) override {
+    if (grpc::Status s = Authenticate(ctx); !s.ok()) return Reject(ctx, s);
     return new LoopUnaryReactor(core_->loop(), [this, response] {
       return core_->GetServerInfo(response);
     });
   }
 
  private:
+  grpc::Status Authenticate(grpc::CallbackServerContext* ctx) {
+    ClientGate::Slot unused;
+    return core_->gate().Admit(*ctx, false, &unused);
+  }
+  static grpc::ServerUnaryReactor* Reject(grpc::CallbackServerContext* ctx,
+                                          const grpc::Status& status) {
+    grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
+    r->Finish(status);
+    return r;
+  }
+
   Coordinator::Impl* core_;
 };
 
@@ -685,6 +720,13 @@ absl::Status Coordinator::Impl::Start() {
   if (options_.max_message_bytes < (int64_t{1} << 20)) {
     return absl::InvalidArgumentError("--max-message-mb: must be >= 1");
   }
+  if (options_.max_streams_per_client < 0) {
+    return absl::InvalidArgumentError("--max-streams-per-client: must be >= 0");
+  }
+  DN_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> public_creds,
+                      MakeServerCredentials(options_.tls, false, ""));
+  DN_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> worker_creds,
+                      MakeServerCredentials(options_.worker_tls, true, "worker-"));
   DN_ASSIGN_OR_RETURN(metrics_endpoint_,
                       MetricsEndpoint::Start(options_.metrics_listen,
                                              metrics_.registry));
@@ -703,10 +745,15 @@ absl::Status Coordinator::Impl::Start() {
       options_.worker_listen.empty() ||
       (options_.worker_listen == options_.listen &&
        !absl::EndsWith(options_.listen, ":0"));
+  if (shared_port && options_.worker_tls.enabled()) {
+    loop_.Stop();
+    return absl::InvalidArgumentError(
+        "--worker-tls-*: need a separate --worker-listen port");
+  }
 
   int port = 0;
   grpc::ServerBuilder b;
-  b.AddListeningPort(options_.listen, grpc::InsecureServerCredentials(), &port);
+  b.AddListeningPort(options_.listen, public_creds, &port);
   ApplyServerArgs(b, options_.max_message_bytes);
   b.RegisterService(denoiser_service_.get());
   b.RegisterService(&health_);
@@ -722,8 +769,7 @@ absl::Status Coordinator::Impl::Start() {
   if (!shared_port) {
     int wport = 0;
     grpc::ServerBuilder wb;
-    wb.AddListeningPort(options_.worker_listen,
-                        grpc::InsecureServerCredentials(), &wport);
+    wb.AddListeningPort(options_.worker_listen, worker_creds, &wport);
     ApplyServerArgs(wb, options_.max_message_bytes);
     wb.RegisterService(worker_service_.get());
     worker_server_ = wb.BuildAndStart();
@@ -1775,6 +1821,7 @@ int CoordinatorMain(int argc, char** argv) {
   int max_message_mb = static_cast<int>(o.max_message_bytes >> 20);
   int heartbeat_timeout_s = o.heartbeat_timeout_ms / 1000;
   std::string ready_file;
+  std::string auth_token_file;
   FlagSet flags("denoised coordinator",
                 "Serves the Denoiser gRPC API and dispatches requests to "
                 "worker groups.");
@@ -1794,7 +1841,24 @@ int CoordinatorMain(int argc, char** argv) {
              "estimated queue + run time exceeds its deadline");
   flags.String("ready-file", &ready_file,
                "write the bound addresses here once serving (for scripts)");
+  flags.String("auth-token-file", &auth_token_file,
+               "bearer tokens clients must present, one per line (default: none)");
+  flags.Int("max-streams-per-client", &o.max_streams_per_client,
+            "concurrent Generate calls per client (token or peer host); 0: no limit");
+  AddTlsFlags(flags, "", &o.tls, "TLS of the public port");
+  AddTlsFlags(flags, "worker-", &o.worker_tls,
+              "mutual TLS of --worker-listen (clients need a cert the CA signed)");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
+  if (!auth_token_file.empty()) {
+    absl::StatusOr<std::vector<std::string>> tokens =
+        ReadTokenFile(auth_token_file, "auth-token-file");
+    if (!tokens.ok()) {
+      std::fprintf(stderr, "denoised coordinator: %s\n",
+                   tokens.status().ToString().c_str());
+      return 2;
+    }
+    o.auth_tokens = std::move(*tokens);
+  }
   if (o.secret.empty()) {
     if (const char* s = std::getenv(kSecretEnv)) o.secret = s;
   }

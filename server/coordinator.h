@@ -22,8 +22,10 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "server/credentials.h"
 
 namespace dn::server {
 
@@ -43,6 +45,14 @@ struct CoordinatorOptions {
   // measured seconds per token-step, plus the work queued and running ahead
   // of it shared over the model's groups.
   bool admission_by_cost = true;
+  // Security (docs/SECURITY.md). Non-empty: Denoiser calls must carry
+  // `authorization: Bearer <one of these>`.
+  std::vector<std::string> auth_tokens;
+  // Concurrent Generate/GenerateUnary calls per client (token, or peer
+  // address without auth); 0 = unlimited.
+  int max_streams_per_client = 0;
+  TlsFiles tls;         // public port (server TLS)
+  TlsFiles worker_tls;  // worker port (mutual TLS; needs --worker-listen)
 };
 
 class Coordinator {
@@ -72,7 +82,9 @@ class Coordinator {
 
 // `denoised coordinator --listen HOST:PORT --metrics-listen HOST:PORT
 //  [--worker-listen HOST:PORT] [--max-queue N] [--max-message-mb M]
-//  [--secret S] [--ready-file PATH]`. Runs until SIGTERM/SIGINT.
+//  [--secret S] [--ready-file PATH] [--auth-token-file F]
+//  [--max-streams-per-client N] [--tls-cert/--tls-key]
+//  [--worker-tls-cert/--worker-tls-key/--worker-tls-ca]`. Runs until SIGTERM/SIGINT.
 int CoordinatorMain(int argc, char** argv);
 
 }  // namespace dn::server

@@ -27,6 +27,7 @@
 #include "denoised/v1/worker.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "server/grpc_store.h"
+#include "server/credentials.h"
 #include "server/metrics.h"
 #include "server/process.h"
 #include "server/proto_convert.h"
@@ -373,8 +374,11 @@ int RunRank(const RankOptions& o) {
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
-  std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
-      o.coordinator, grpc::InsecureChannelCredentials(), args);
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds =
+      MakeChannelCredentials(o.tls, "");
+  if (!creds.ok()) return fail(creds.status());
+  std::shared_ptr<grpc::Channel> channel =
+      grpc::CreateCustomChannel(o.coordinator, *creds, args);
   if (!channel->WaitForConnected(std::chrono::system_clock::now() +
                                  std::chrono::seconds(o.connect_timeout_s))) {
     return fail(absl::UnavailableError(
@@ -561,6 +565,7 @@ int WorkerRankMain(int argc, char** argv) {
   flags.Int("connect-timeout", &o.connect_timeout_s, "seconds to reach the coordinator");
   flags.Int("pg-timeout", &o.pg_timeout_s, "process-group timeout, seconds");
   flags.Int("max-message-mb", &max_message_mb, "largest gRPC message, MiB");
+  AddTlsFlags(flags, "", &o.tls, "TLS to the coordinator's worker port");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
   o.max_message_bytes = int64_t{max_message_mb} << 20;
   if (const char* s = std::getenv(kSecretEnv)) o.secret = s;

@@ -20,6 +20,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "server/credentials.h"
 
 namespace dn::server {
 
@@ -46,6 +47,8 @@ struct RankOptions {
   int connect_timeout_s = 60;
   int pg_timeout_s = 120;  // rendezvous and collective timeout
   int64_t max_message_bytes = int64_t{256} << 20;
+  // TLS to the coordinator's worker port (client cert for mutual TLS).
+  TlsFiles tls;
 };
 
 // Runs the rank until it must exit; returns the process exit code.

@@ -1,6 +1,7 @@
 #include "server/request_validation.h"
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -80,8 +81,14 @@ int64_t LatentTokens(const v1::LatentShape& latent, const v1::ModelInfo& model) 
   const int pt = At(model.patch_size(), 0, 1);
   const int ph = At(model.patch_size(), 1, 1);
   const int pw = At(model.patch_size(), 2, 1);
-  return int64_t{latent.frames() / pt} * (latent.height() / ph) *
-         (latent.width() / pw);
+  // Each factor is < 2^31, so the product of three can overflow int64 (found
+  // by tests/fuzz): saturate, and the max_tokens check rejects it.
+  const int64_t ft = int64_t{latent.frames() / pt} * (latent.height() / ph);
+  int64_t tokens = 0;
+  if (__builtin_mul_overflow(ft, int64_t{latent.width() / pw}, &tokens)) {
+    return std::numeric_limits<int64_t>::max();
+  }
+  return tokens;
 }
 
 absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,

@@ -37,7 +37,7 @@ struct ResolvedRequest {
 absl::StatusOr<denoised::v1::LatentShape> ResolvePixelSize(
     const denoised::v1::PixelSize& pixels, const denoised::v1::ModelInfo& model);
 
-// Tokens of a latent shape after the model's patching.
+// Tokens of a latent shape after the model's patching (saturates at INT64_MAX).
 int64_t LatentTokens(const denoised::v1::LatentShape& latent,
                      const denoised::v1::ModelInfo& model);
 

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "comm/base/flags.h"
 #include "comm/base/log.h"
+#include "server/credentials.h"
 #include "server/process.h"
 #include "server/protocol.h"
 #include "server/rank_runner.h"
@@ -54,7 +55,9 @@ bool WaitForStopSignal(std::chrono::milliseconds timeout) {
 // with backoff (each attempt waits up to 2 s, then 0.5 s doubling to 5 s)
 // and logging each failure. False if a
 // stop signal came first.
-bool WaitForCoordinator(const std::string& target) {
+bool WaitForCoordinator(
+    const std::string& target,
+    const std::shared_ptr<grpc::ChannelCredentials>& credentials) {
   auto backoff = std::chrono::milliseconds(500);
   const auto since = Clock::now();
   for (int attempt = 1;; ++attempt) {
@@ -65,7 +68,8 @@ bool WaitForCoordinator(const std::string& target) {
     args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 200);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
     std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
-        target, grpc::InsecureChannelCredentials(), args);
+        target,
+        credentials ? credentials : grpc::InsecureChannelCredentials(), args);
     if (channel->WaitForConnected(std::chrono::system_clock::now() +
                                   std::chrono::seconds(2))) {
       if (attempt > 1) {
@@ -122,7 +126,7 @@ int RunLauncher(const LauncherOptions& o) {
     // Ranks attach to the coordinator at once and exit if it is not there:
     // wait for it first (a group started before its coordinator, or one
     // whose coordinator restarted).
-    if (!WaitForCoordinator(o.coordinator)) {
+    if (!WaitForCoordinator(o.coordinator, o.probe_credentials)) {
       DN_LOG(INFO) << "group " << name << " stopped";
       return 0;
     }
@@ -244,7 +248,26 @@ int WorkerMain(int argc, char** argv) {
                "address ranks bind their process groups to (default 127.0.0.1)");
   flags.Int64("max-tokens", &max_tokens, "largest request in tokens (0: default)");
   flags.String("warmup-latent", &warmup_latent, "warm-up latent FxHxW");
+  TlsFiles tls;
+  AddTlsFlags(flags, "", &tls, "TLS to the coordinator's worker port (passed to the ranks)");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
+  if (tls.enabled()) {
+    // Check the files once here, so a typo fails the launcher, not every rank.
+    if (absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> c =
+            MakeChannelCredentials(tls, "");
+        !c.ok()) {
+      std::fprintf(stderr, "denoised worker: %s\n", c.status().ToString().c_str());
+      return 2;
+    } else {
+      o.probe_credentials = *c;
+    }
+    for (const auto& [flag, value] :
+         {std::pair<const char*, const std::string*>{"--tls-cert", &tls.cert},
+          {"--tls-key", &tls.key},
+          {"--tls-ca", &tls.ca}}) {
+      if (!value->empty()) o.rank_flags.insert(o.rank_flags.end(), {flag, *value});
+    }
+  }
   if (o.secret.empty()) {
     if (const char* s = std::getenv(kSecretEnv)) o.secret = s;
   }

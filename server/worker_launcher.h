@@ -16,8 +16,11 @@
 #define DN_SERVER_WORKER_LAUNCHER_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "grpcpp/security/credentials.h"
 
 namespace dn::server {
 
@@ -35,6 +38,9 @@ struct LauncherOptions {
   int threads = 0;             // CPU threads per rank; 0 = cores / ranks
   // Passed through to every rank.
   std::vector<std::string> rank_flags;
+  // How the launcher itself probes the coordinator's worker port before it
+  // starts a generation (insecure when null; the ranks' TLS files otherwise).
+  std::shared_ptr<grpc::ChannelCredentials> probe_credentials;
 };
 
 // Supervises the group until SIGTERM/SIGINT; returns the exit code.
