@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string>
 
+#include "server/health_check_command.h"
 #include "server/version.h"
 
 namespace {
@@ -23,6 +24,8 @@ const Command kCommands[] = {
        std::printf("denoised %s\n", dn::Version());
        return 0;
      }, false},
+    {"health", "check a server's grpc.health.v1 status (exit 0 iff SERVING)",
+     dn::server::HealthCommand, false},
 };
 
 void PrintUsage() {
