@@ -48,7 +48,7 @@ if ! podman image exists "$base"; then
   log "debootstrap bookworm (minbase) -> $base"
   mkdir -p "$cache"
   rm -rf "$cache/rootfs"
-  debootstrap --variant=minbase bookworm "$cache/rootfs" http://deb.debian.org/debian \
+  debootstrap --variant=minbase bookworm "$cache/rootfs" \
     > "$cache/debootstrap.log" 2>&1 || { tail -20 "$cache/debootstrap.log"; die "debootstrap"; }
   tar -C "$cache/rootfs" -c . | podman import - "$base" >/dev/null
   rm -rf "$cache/rootfs"
@@ -77,19 +77,28 @@ timeout 300 podman run --rm --network=none --no-healthcheck "$image" demo \
   || die "denoised demo in the container"
 
 # 5. The default command (the coordinator), probed with the image's own
-# HEALTHCHECK command.
+# HEALTHCHECK command: NOT_SERVING while no worker group is attached, SERVING
+# once a 2-rank CPU group (started inside the same container) is READY.
 mapfile -t check < <(podman image inspect --format '{{range .Config.Healthcheck.Test}}{{println .}}{{end}}' "$image" | sed '/^$/d')
 [[ ${check[0]:-} == CMD ]] || die "image HEALTHCHECK is '${check[*]:-}', want CMD ..."
 check=("${check[@]:1}")
 log "HEALTHCHECK: ${check[*]}"
 podman run -d --name "$name" --network=none --no-healthcheck "$image" >/dev/null
-ok=0
-for _ in $(seq 1 30); do
-  if podman exec "$name" "${check[@]}"; then ok=1; break; fi
+up=0
+for _ in $(seq 1 30); do  # wait until the coordinator answers at all
+  out=$(podman exec "$name" "${check[@]}" 2>&1) && break
+  if [[ $out == NOT_SERVING* ]]; then up=1; break; fi
   sleep 1
 done
-[[ $ok == 1 ]] || { podman logs "$name" 2>&1 | tail -20; die "coordinator never reported SERVING"; }
-# And the same check fails where no coordinator runs (it is not a constant).
-podman run --rm --network=none --no-healthcheck --entrypoint "${check[0]}" "$image" \
-  "${check[@]:1}" 2>/dev/null && die "HEALTHCHECK passed with no coordinator running"
+[[ $up == 1 ]] || { podman logs "$name" 2>&1 | tail -20; die "coordinator without workers: HEALTHCHECK said '$out', want NOT_SERVING"; }
+log "HEALTHCHECK without a worker group: NOT_SERVING (unhealthy), as it should be"
+podman exec -d "$name" denoised worker --coordinator 127.0.0.1:50052 --preset tiny \
+  --ranks 2 --backend cpu --name container-test
+ok=0
+for _ in $(seq 1 120); do
+  if podman exec "$name" "${check[@]}" >/dev/null 2>&1; then ok=1; break; fi
+  sleep 1
+done
+[[ $ok == 1 ]] || { podman logs "$name" 2>&1 | tail -20; die "HEALTHCHECK never passed with a worker group attached"; }
+log "HEALTHCHECK with a READY worker group: SERVING (healthy)"
 log "PASS"
