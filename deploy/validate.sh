@@ -32,17 +32,9 @@ need npm "apt-get install npm, or scripts/install-deps.sh"
 need promtool "apt-get install prometheus, or scripts/install-deps.sh"
 
 # --- npm packages ---------------------------------------------------------
-mkdir -p "$node_dir/gen"
-cp "$root/deploy/validate/package.json" "$root/deploy/validate/package-lock.json" \
-   "$root/deploy/validate/validate.mjs" "$root/deploy/validate/tsconfig.json" "$node_dir/"
-stamp=$(sha256sum "$node_dir/package-lock.json" | cut -d' ' -f1)
-if [[ ! -d $node_dir/node_modules || $(cat "$node_dir/.lock-stamp" 2>/dev/null) != "$stamp" ]]; then
-  echo "== npm ci (deploy/validate/package-lock.json)"
-  (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error --cache "$work/npm-cache" 2>&1 \
-     | grep -v EBADENGINE || true)
-  [[ -d $node_dir/node_modules/kubernetes-models ]] || { echo "npm ci failed" >&2; exit 1; }
-  echo "$stamp" > "$node_dir/.lock-stamp"
-fi
+# shellcheck source=validate/npm-setup.sh
+source "$root/deploy/validate/npm-setup.sh"
+dn_npm_setup "$root" "$node_dir" "$work/npm-cache"
 rm -f "$node_dir"/gen/*.ts
 v() { (cd "$node_dir" && node validate.mjs "$@"); }
 tsc_file() {  # tsc on one generated file
