@@ -37,9 +37,32 @@ source "$root/deploy/validate/npm-setup.sh"
 dn_npm_setup "$root" "$node_dir" "$work/npm-cache"
 rm -f "$node_dir"/gen/*.ts
 v() { (cd "$node_dir" && node validate.mjs "$@"); }
-tsc_file() {  # tsc on one generated file
+tsc_file() {  # tsc on generated files (paths relative to $node_dir)
   (cd "$node_dir" && node_modules/.bin/tsc --noEmit --strict --target ES2022 --module nodenext \
-     --moduleResolution nodenext --skipLibCheck "$1")
+     --moduleResolution nodenext --skipLibCheck "$@")
+}
+# mutants k8s|dashboard INPUT: every mutation must be rejected, by
+# validate.mjs (REJECTED) or else by a tsc type error (TS2xxx) in its file.
+mutants() {
+  local kind=$1 input=$2 dir=gen/mutants-$1 line status name why tsc_out
+  rm -rf "${node_dir:?}/$dir"
+  local list
+  list=$(v "$kind-mutants" "$input" "$dir") || { failed "$kind mutants: validate.mjs failed"; return; }
+  tsc_out=""
+  if compgen -G "$node_dir/$dir/*.ts" >/dev/null; then
+    tsc_out=$(cd "$node_dir" && tsc_file "$dir"/*.ts 2>&1) || true
+  fi
+  while IFS=$'\t' read -r status name why; do
+    if [[ $status == REJECTED ]]; then
+      pass "rejected: $kind $name (${why:0:110})"
+    elif line=$(grep -m1 "^$dir/$name\.ts(.*error TS2" <<<"$tsc_out"); then
+      pass "rejected: $kind $name (tsc: $(grep -o 'error TS2.*' <<<"$line" | cut -c1-100))"
+    else
+      failed "not rejected: $kind mutation $name"
+    fi
+  done <<<"$list"
+  [[ $(wc -l <<<"$list") -ge 8 ]] || failed "$kind mutants: only $(wc -l <<<"$list") mutations ran"
+  rm -rf "${node_dir:?}/$dir"
 }
 
 # --- 1-3. Kubernetes ------------------------------------------------------
@@ -70,30 +93,8 @@ else failed "tsc: unknown fields (see above)"; fi
 # The mutations below prove the checks can fail; they mean something only
 # when the unmutated rendering passed every check.
 echo "== the checks reject broken manifests"
-mkdir -p "$work/mutants"
-[[ $fails -eq 0 ]] || failed "skipping the manifest mutations: the real manifests failed"
-for m in $( [[ $fails -eq 0 ]] && v mutations); do
-  src=$work/rendered/gpu.yaml
-  v mutate "$src" "$m" "$work/mutants/$m.yaml"
-  # Each must be rejected by a validation error (validate.mjs's "ERROR", or
-  # a tsc type error TS2xxx), not by a tool failing.
-  if ! v k8s "gen/mutant.ts" "$work/mutants/$m.yaml" >/dev/null 2>"$work/mutants/$m.err"; then
-    if grep -q ERROR "$work/mutants/$m.err"; then
-      pass "rejected: $m ($(grep -m1 ERROR "$work/mutants/$m.err" | sed 's/^ *ERROR [^ ]* //' | cut -c1-110))"
-    else
-      cat "$work/mutants/$m.err" >&2; failed "mutation $m: validate.mjs failed without a validation error"
-    fi
-  elif ! tsc_file gen/mutant.ts > "$work/mutants/$m.err" 2>&1; then
-    if grep -q 'error TS2' "$work/mutants/$m.err"; then
-      pass "rejected: $m (tsc: $(grep -m1 -o 'error TS2.*' "$work/mutants/$m.err" | cut -c1-100))"
-    else
-      cat "$work/mutants/$m.err" >&2; failed "mutation $m: tsc failed without a type error"
-    fi
-  else
-    failed "not rejected: mutation $m"
-  fi
-  rm -f "$node_dir/gen/mutant.ts"
-done
+if [[ $fails -eq 0 ]]; then mutants k8s "$work/rendered/gpu.yaml"
+else failed "skipping the manifest mutations: the real manifests failed"; fi
 
 # --- 4. Prometheus rules --------------------------------------------------
 echo "== prometheus rules ($(promtool --version 2>&1 | head -1))"
@@ -117,26 +118,8 @@ else
 fi
 
 echo "== the checks reject broken dashboards"
-[[ $dash_ok -eq 1 ]] || failed "skipping the dashboard mutations: the real dashboard failed"
-for m in $( [[ $dash_ok -eq 1 ]] && v dashboard-mutations); do
-  v mutate-dashboard "$root/deploy/grafana/denoised-dashboard.json" "$m" "$work/mutants/dash-$m.json"
-  if ! v dashboard "$work/mutants/dash-$m.json" gen/mutant.ts >/dev/null 2>"$work/mutants/dash-$m.err"; then
-    if grep -q ERROR "$work/mutants/dash-$m.err"; then
-      pass "rejected: dashboard $m ($(grep -m1 ERROR "$work/mutants/dash-$m.err" | sed 's/^ *ERROR [^ ]* //' | cut -c1-100))"
-    else
-      cat "$work/mutants/dash-$m.err" >&2; failed "dashboard mutation $m: validate.mjs failed without a validation error"
-    fi
-  elif ! tsc_file gen/mutant.ts > "$work/mutants/dash-$m.err" 2>&1; then
-    if grep -q 'error TS2' "$work/mutants/dash-$m.err"; then
-      pass "rejected: dashboard $m (tsc: $(grep -m1 -o 'error TS2.*' "$work/mutants/dash-$m.err" | cut -c1-100))"
-    else
-      cat "$work/mutants/dash-$m.err" >&2; failed "dashboard mutation $m: tsc failed without a type error"
-    fi
-  else
-    failed "not rejected: dashboard mutation $m"
-  fi
-  rm -f "$node_dir/gen/mutant.ts"
-done
+if [[ $dash_ok -eq 1 ]]; then mutants dashboard "$root/deploy/grafana/denoised-dashboard.json"
+else failed "skipping the dashboard mutations: the real dashboard failed"; fi
 
 # --- 6. Dockerfile --------------------------------------------------------
 echo "== Dockerfile"
