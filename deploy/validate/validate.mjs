@@ -183,6 +183,11 @@ function projectChecks(docs, file) {
         const want = Array.from({ length: ranks }, (_, r) => `rank${r}-metrics=${9400 + r}`).join(",");
         const got = rankPorts.map((p) => `${p.name}=${p.containerPort}`).join(",");
         if (got !== want) fail(cw, `rank metrics ports ${got}; want ${want} (rank r serves 9400+r)`);
+        const threads = Number(env.DN_THREADS ?? 0);
+        const cpu = String(c.resources?.limits?.cpu ?? "");
+        const cpuLimit = cpu.endsWith("m") ? Number(cpu.slice(0, -1)) / 1000 : Number(cpu);
+        if (threads > 0 && cpuLimit > 0 && ranks * threads > Math.ceil(cpuLimit))
+          fail(cw, `${ranks} ranks x DN_THREADS=${threads} oversubscribe the CPU limit ${cpu}`);
         if (!/^--(preset|model)=./.test(env.DN_MODEL_ARG ?? ""))
           fail(cw, `DN_MODEL_ARG=${env.DN_MODEL_ARG}: want --preset=NAME or --model=DIR`);
         if (String(env.DN_MODEL_ARG).startsWith("--model=")) {
@@ -456,6 +461,7 @@ const MUTATIONS = {
   "ranks-gpus-mismatch": (docs) => { workerConfig(docs).data.DN_RANKS = "4"; },
   "dangling-secret": (docs) => { docs.find((d) => d.kind === "Secret").metadata.name = "renamed"; },
   "probe-port": (docs) => { docs.find((d) => d.kind === "Deployment").spec.template.spec.containers[0].readinessProbe.grpc.port = 50099; },
+  "threads-over-limit": (docs) => { workerConfig(docs).data.DN_THREADS = "16"; },
   "no-limits": (docs) => { delete docs.find((d) => d.kind === "Deployment").spec.template.spec.containers[0].resources.limits; },
   "undefined-arg-var": (docs) => { worker(docs).spec.template.spec.containers[0].args.push("--x=$(DN_NOT_SET)"); },
   "service-port": (docs) => { docs.find((d) => d.kind === "Service" && d.metadata.name === "denoised-coordinator").spec.ports[0].targetPort = "grcp"; },
