@@ -8,7 +8,7 @@ PKGS=(
   build-essential cmake ninja-build pkg-config git ca-certificates curl
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev prometheus-cpp-dev libgloo-dev libgtest-dev libgmock-dev
-  libopenblas-dev nlohmann-json3-dev libpng-dev
+  libopenblas-dev nlohmann-json3-dev libpng-dev libssl-dev
   python3 python3-numpy prometheus
 )
 missing=()

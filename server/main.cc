@@ -3,8 +3,17 @@
 #include <cstring>
 #include <string>
 
+#include "bench/comm_bench.h"
+#include "bench/step_bench.h"
+#include "server/client.h"
+#include "server/coordinator.h"
+#include "server/demo.h"
 #include "server/health_check_command.h"
+#include "server/rank_runner.h"
+#include "server/worker_launcher.h"
 #include "server/version.h"
+#include "worker/make_checkpoint_command.h"
+#include "worker/run_command.h"
 
 namespace {
 
@@ -24,8 +33,27 @@ const Command kCommands[] = {
        std::printf("denoised %s\n", dn::Version());
        return 0;
      }, false},
+    {"demo", "run the whole service locally (CPU, tiny model) with one request",
+     dn::server::DemoMain, false},
+    {"coordinator", "serve the Denoiser gRPC API and dispatch to worker groups",
+     dn::server::CoordinatorMain, false},
+    {"worker", "start and supervise one worker group (N rank processes)",
+     dn::server::WorkerMain, false},
+    {"generate", "call a coordinator's Generate and write the latents",
+     dn::server::GenerateMain, false},
     {"health", "check a server's grpc.health.v1 status (exit 0 iff SERVING)",
      dn::server::HealthCommand, false},
+    {"worker-rank", "one rank of a worker group (started by `worker`)",
+     dn::server::WorkerRankMain, true},
+    {"bench comm", "all-to-all latency and bus bandwidth (Gloo CPU ranks or NCCL GPUs)", dn::bench::BenchCommCommand, false},
+    {"bench comm-rank", "one rank of `bench comm` (internal)", dn::bench::BenchCommRankCommand, true},
+    {"make-checkpoint", "write a diffusers-layout checkpoint with seeded random weights", dn::worker::MakeCheckpointCommand, false},
+    {"run", "run the engine without the service (N local rank processes)",
+     dn::worker::RunCommand, false},
+    {"run-rank", "", dn::worker::RunRankCommand, true},
+    {"bench step", "time one denoising step (ms, all-to-all, TFLOP/s, memory)",
+     dn::bench::BenchStepCommand, false},
+    {"bench step-rank", "", dn::bench::BenchStepRankCommand, true},
 };
 
 void PrintUsage() {

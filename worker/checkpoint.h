@@ -39,6 +39,16 @@ std::vector<TensorSpec> ExpectedTensors(const WanConfig& config);
 
 // How preset tensor `name` is initialised: value = mean + std * N(0,1)
 // drawn with (seed, stream) from worker/noise.h, element index = flat index.
+// The rule (D = inner_dim; first match wins, by the name's last component):
+//   stream = 64-bit FNV-1a of the diffusers name (TensorNameStream);
+//   "...scale_shift_table"            mean 0, std 1/sqrt(D)
+//   "....bias"                        mean 0, std 0.02   (Linear, conv, norm)
+//   "<norm*>.weight" (norm2, norm_q, norm_k, norm_added_k, image norm1/2)
+//                                     mean 1, std 0.05
+//   other ".weight" with rank >= 2    mean 0, std 1/sqrt(fan_in), fan_in =
+//                                     product of all dims but the first
+//                                     (Linear: in; patch embedding: C_in*pt*ph*pw)
+//   anything else (pos_embed)         mean 0, std 0.02
 struct RandomInit {
   uint64_t seed = 0;
   uint64_t stream = 0;  // derived from the tensor name

@@ -40,8 +40,9 @@ struct WanConfig {
   bool is_i2v() const { return added_kv_proj_dim > 0 || image_dim > 0; }
 
   // Parses a diffusers config.json (unknown keys ignored; "_class_name", if
-  // present, must be WanTransformer3DModel). Also accepts the original Wan2.1
-  // names (dim, num_heads, in_dim, out_dim, ...). Errors name the field.
+  // present, must be WanTransformer3DModel, or WanModel as original Wan2.1
+  // releases write). Also accepts the original Wan2.1 names (dim, num_heads,
+  // in_dim, out_dim, model_type, ...). Errors name the field.
   static absl::StatusOr<WanConfig> FromJson(const std::string& json);
   // Canonical diffusers JSON (sorted keys), as make-checkpoint writes it.
   std::string ToJson() const;

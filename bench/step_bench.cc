@@ -1,0 +1,200 @@
+#include "bench/step_bench.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "comm/base/flags.h"
+#include "comm/base/log.h"
+#include "comm/base/status_macros.h"
+#include "worker/engine.h"
+#include "worker/noise.h"
+#include "worker/run_command.h"
+
+namespace dn::bench {
+
+double Median(std::vector<double> values);  // bench_common.cc
+
+namespace {
+
+struct StepFlags {
+  int64_t tokens = 0;
+  int frames = 0;
+  int height = 0;
+  int width = 0;
+  bool cfg = false;
+  int iters = 5;
+  int warmup = 1;
+  int text_len = 512;
+};
+
+void AddStepFlags(FlagSet& flags, StepFlags* f, worker::RankOptions* ro) {
+  flags.Int64("tokens", &f->tokens,
+              "token count; latent of 1 patch-frame, H' x W' = N, H' the "
+              "largest divisor <= sqrt(N)");
+  flags.Int("frames", &f->frames, "pixel frames (instead of --tokens)");
+  flags.Int("height", &f->height, "pixel height (instead of --tokens)");
+  flags.Int("width", &f->width, "pixel width (instead of --tokens)");
+  flags.Bool("cfg", &f->cfg, "run both CFG branches per step (batch 2)");
+  flags.Int("iters", &f->iters, "timed steps");
+  flags.Int("warmup", &f->warmup, "untimed steps first (plans, graphs)");
+  flags.Int("text-len", &f->text_len, "text tokens");
+  flags.Int("layers", &ro->layers,
+            "keep only the first L blocks (cut-down big presets); 0 = all");
+}
+
+absl::Status CheckStepFlags(const StepFlags& f) {
+  const bool pixels = f.frames > 0 || f.height > 0 || f.width > 0;
+  if ((f.tokens > 0) == pixels)
+    return absl::InvalidArgumentError(
+        "give either --tokens or all of --frames/--height/--width");
+  if (pixels && (f.frames < 1 || f.height < 1 || f.width < 1))
+    return absl::InvalidArgumentError("--frames, --height and --width must all be given");
+  if (f.iters < 1) return absl::InvalidArgumentError("--iters must be >= 1");
+  if (f.warmup < 0) return absl::InvalidArgumentError("--warmup must be >= 0");
+  if (f.text_len < 1 || f.text_len > 4096)
+    return absl::InvalidArgumentError("--text-len must be in [1, 4096]");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<worker::LatentShape> ShapeFor(const worker::WanConfig& c,
+                                             const StepFlags& f) {
+  if (f.tokens <= 0) return worker::LatentFromPixels(c, f.frames, f.height, f.width);
+  int64_t gh = static_cast<int64_t>(std::sqrt(static_cast<double>(f.tokens)));
+  while (gh > 1 && f.tokens % gh != 0) --gh;
+  const int64_t gw = f.tokens / gh;
+  if (gw > c.rope_max_seq_len)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--tokens ", f.tokens, " gives a token grid 1 x ", gh, " x ", gw,
+        " wider than rope_max_seq_len ", c.rope_max_seq_len,
+        "; pick a token count with a divisor closer to its square root"));
+  worker::LatentShape s;
+  s.channels = c.in_channels;
+  s.frames = c.patch_size[0];
+  s.height = static_cast<int>(gh) * c.patch_size[1];
+  s.width = static_cast<int>(gw) * c.patch_size[2];
+  return s;
+}
+
+// FLOPs of one forward for one CFG branch (spec §6; FLOP = 2 MAC).
+double ForwardFlops(const worker::WanConfig& c, double l, double t) {
+  const double d = c.inner_dim(), fd = c.ffn_dim;
+  const double per_layer = l * (12 * d * d + 4 * d * fd) + 4 * t * d * d +
+                           4 * l * l * d + 4 * l * t * d;
+  return per_layer * c.num_layers;
+}
+
+absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
+  DN_ASSIGN_OR_RETURN(auto session, worker::OpenRankSession(ro));
+  worker::Engine& engine = *session->engine;
+  const worker::WanConfig& c = engine.config();
+  worker::GenerateParams p;
+  DN_ASSIGN_OR_RETURN(p.latent, ShapeFor(c, f));
+  p.steps = f.warmup + f.iters;
+  p.guidance = f.cfg ? 5.0 : 1.0;
+  p.scheduler = worker::SchedulerKind::kEuler;
+  p.prompt_embeds = worker::Tensor::Host({f.text_len, c.text_dim});
+  worker::FillNormal(1, worker::kEmbedStream, 0, 0.0f, 1.0f,
+                     p.prompt_embeds.data_as<float>(),
+                     static_cast<size_t>(p.prompt_embeds.numel()));
+  std::vector<double> step_s, a2a_s, skew_s;
+  DN_RETURN_IF_ERROR(engine
+                         .Generate(p,
+                                   [&](const worker::StepStats& s) {
+                                     if (s.index < f.warmup) return;
+                                     step_s.push_back(s.seconds);
+                                     a2a_s.push_back(s.alltoall_seconds);
+                                     skew_s.push_back(s.skew_seconds);
+                                   },
+                                   nullptr)
+                         .status());
+  int64_t peak = session->backend->peak_memory_bytes();
+  std::vector<int64_t> peaks(static_cast<size_t>(ro.ranks));
+  DN_RETURN_IF_ERROR(session->control->AllGather(&peak, peaks.data(), sizeof(peak)));
+  if (ro.rank != 0) return absl::OkStatus();
+
+  const int64_t tokens = worker::TokenCount(c, p.latent);
+  const int batch = f.cfg ? 2 : 1;
+  const double med = Median(step_s);
+  const double flops = ForwardFlops(c, static_cast<double>(tokens), f.text_len) * batch;
+  const double tflops = flops / med / 1e12;
+  const int64_t peak_max = *std::max_element(peaks.begin(), peaks.end());
+  std::string peak_list;
+  for (int64_t b : peaks)
+    peak_list += absl::StrCat(peak_list.empty() ? "" : ", ", b >> 20);
+  std::printf(
+      "bench step: %s on %s, %d rank(s)\n"
+      "  shape: latent [%d, %d, %d, %d] = %lld tokens, text %d, CFG %s (batch %d), "
+      "%d layers\n"
+      "  step: median %.3f ms (min %.3f, max %.3f over %d iters), all-to-all "
+      "%.3f ms/step, skew %.3f ms\n"
+      "  compute: %.4f TFLOP per step, %.4f TFLOP/s achieved (%.4f per rank)\n"
+      "  peak memory per rank: %.1f MiB max [%s] MiB\n",
+      session->weights->description().c_str(),
+      session->backend->device_description().c_str(), ro.ranks, p.latent.channels,
+      p.latent.frames, p.latent.height, p.latent.width,
+      static_cast<long long>(tokens), f.text_len, f.cfg ? "on" : "off", batch,
+      c.num_layers, med * 1e3, *std::min_element(step_s.begin(), step_s.end()) * 1e3,
+      *std::max_element(step_s.begin(), step_s.end()) * 1e3, f.iters,
+      Median(a2a_s) * 1e3, Median(skew_s) * 1e3, flops / 1e12, tflops,
+      tflops / ro.ranks, static_cast<double>(peak_max) / (1 << 20), peak_list.c_str());
+  // One machine-readable line for scripts.
+  std::printf(
+      "RESULT ranks=%d backend=%s tokens=%lld cfg=%d layers=%d step_ms=%.4f "
+      "alltoall_ms=%.4f tflops=%.5f peak_mib=%.1f\n",
+      ro.ranks, ro.backend.c_str(), static_cast<long long>(tokens), f.cfg ? 1 : 0,
+      c.num_layers, med * 1e3, Median(a2a_s) * 1e3, tflops,
+      static_cast<double>(peak_max) / (1 << 20));
+  std::fflush(stdout);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int BenchStepCommand(int argc, char** argv) {
+  FlagSet flags("denoised bench step",
+                "Milliseconds per denoising step on N local rank processes, "
+                "all-to-all time, TFLOP/s and peak memory per rank.");
+  worker::RankOptions ro;
+  StepFlags f;
+  worker::AddRankFlags(flags, &ro);
+  AddStepFlags(flags, &f, &ro);
+  if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
+  absl::Status s = worker::CheckRankOptions(ro);
+  if (s.ok()) s = CheckStepFlags(f);
+  if (!s.ok()) {
+    std::fprintf(stderr, "denoised bench step: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  s = worker::SpawnRanks({"bench", "step-rank"},
+                         std::vector<std::string>(argv + 1, argv + argc), ro);
+  if (!s.ok()) {
+    std::fprintf(stderr, "denoised bench step: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+int BenchStepRankCommand(int argc, char** argv) {
+  FlagSet flags("denoised bench step-rank", "One rank of `bench step` (internal).");
+  worker::RankOptions ro;
+  StepFlags f;
+  worker::AddRankFlags(flags, &ro);
+  AddStepFlags(flags, &f, &ro);
+  flags.Int("rank", &ro.rank, "this process's rank");
+  flags.String("store-dir", &ro.store_dir, "rendezvous folder");
+  if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
+  SetLogTag(absl::StrCat("rank", ro.rank));
+  absl::Status s = CheckStepFlags(f);
+  if (s.ok()) s = RunBenchRank(ro, f);
+  if (!s.ok()) {
+    worker::ReportRankError(ro, s);
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace dn::bench

@@ -1,0 +1,437 @@
+#include "server/client.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+#include <optional>
+#include <sstream>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "comm/base/flags.h"
+#include "comm/base/status_macros.h"
+#include "denoised/v1/denoiser.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "server/proto_convert.h"
+#include "worker/noise.h"
+#include "worker/safetensors.h"
+#include "worker/tensor.h"
+
+namespace dn::server {
+
+namespace v1 = ::denoised::v1;
+namespace health = ::grpc::health::v1;
+
+struct DenoiserClient::Stubs {
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::Denoiser::Stub> denoiser;
+  std::unique_ptr<health::Health::Stub> health;
+};
+
+namespace {
+
+constexpr auto kRpcTimeout = std::chrono::seconds(10);
+
+void SetTimeout(grpc::ClientContext& ctx, std::chrono::milliseconds timeout) {
+  if (timeout.count() > 0) {
+    ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+  }
+}
+
+}  // namespace
+
+DenoiserClient::DenoiserClient(const std::string& target,
+                               int64_t max_message_bytes)
+    : target_(target), stubs_(std::make_unique<Stubs>()) {
+  grpc::ChannelArguments args;
+  const int max = static_cast<int>(
+      std::min<int64_t>(max_message_bytes, std::numeric_limits<int>::max()));
+  args.SetMaxReceiveMessageSize(max);
+  args.SetMaxSendMessageSize(max);
+  stubs_->channel = grpc::CreateCustomChannel(
+      target, grpc::InsecureChannelCredentials(), args);
+  stubs_->denoiser = v1::Denoiser::NewStub(stubs_->channel);
+  stubs_->health = health::Health::NewStub(stubs_->channel);
+}
+
+DenoiserClient::~DenoiserClient() = default;
+
+absl::StatusOr<v1::GenerateResult> DenoiserClient::Generate(
+    const v1::GenerateRequest& request, std::chrono::milliseconds deadline,
+    const EventFn& on_event) {
+  grpc::ClientContext ctx;
+  SetTimeout(ctx, deadline);
+  std::unique_ptr<grpc::ClientReader<v1::GenerateEvent>> reader =
+      stubs_->denoiser->Generate(&ctx, request);
+  v1::GenerateEvent event;
+  std::optional<v1::GenerateResult> result;
+  while (reader->Read(&event)) {
+    if (on_event && !on_event(event)) ctx.TryCancel();
+    if (event.has_result()) result = std::move(*event.mutable_result());
+  }
+  const grpc::Status status = reader->Finish();
+  if (!status.ok()) return FromGrpcStatus(status);
+  if (!result.has_value()) {
+    return absl::InternalError("the Generate stream ended OK without a Result");
+  }
+  return *std::move(result);
+}
+
+absl::StatusOr<v1::GenerateResult> DenoiserClient::GenerateUnary(
+    const v1::GenerateRequest& request, std::chrono::milliseconds deadline) {
+  grpc::ClientContext ctx;
+  SetTimeout(ctx, deadline);
+  v1::GenerateResult result;
+  const grpc::Status s =
+      stubs_->denoiser->GenerateUnary(&ctx, request, &result);
+  if (!s.ok()) return FromGrpcStatus(s);
+  return result;
+}
+
+absl::StatusOr<bool> DenoiserClient::Cancel(const std::string& request_id) {
+  grpc::ClientContext ctx;
+  SetTimeout(ctx, kRpcTimeout);
+  v1::CancelRequest req;
+  req.set_request_id(request_id);
+  v1::CancelResponse resp;
+  const grpc::Status s = stubs_->denoiser->Cancel(&ctx, req, &resp);
+  if (!s.ok()) return FromGrpcStatus(s);
+  return resp.found();
+}
+
+absl::StatusOr<v1::ListModelsResponse> DenoiserClient::ListModels() {
+  grpc::ClientContext ctx;
+  SetTimeout(ctx, kRpcTimeout);
+  v1::ListModelsResponse resp;
+  const grpc::Status s =
+      stubs_->denoiser->ListModels(&ctx, v1::ListModelsRequest(), &resp);
+  if (!s.ok()) return FromGrpcStatus(s);
+  return resp;
+}
+
+absl::StatusOr<v1::ServerInfo> DenoiserClient::GetServerInfo() {
+  grpc::ClientContext ctx;
+  SetTimeout(ctx, kRpcTimeout);
+  v1::ServerInfo resp;
+  const grpc::Status s =
+      stubs_->denoiser->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &resp);
+  if (!s.ok()) return FromGrpcStatus(s);
+  return resp;
+}
+
+absl::StatusOr<std::string> DenoiserClient::Health(const std::string& service) {
+  grpc::ClientContext ctx;
+  SetTimeout(ctx, std::chrono::seconds(3));
+  health::HealthCheckRequest req;
+  req.set_service(service);
+  health::HealthCheckResponse resp;
+  const grpc::Status s = stubs_->health->Check(&ctx, req, &resp);
+  if (!s.ok()) return FromGrpcStatus(s);
+  return health::HealthCheckResponse::ServingStatus_Name(resp.status());
+}
+
+absl::Status DenoiserClient::WaitServing(
+    std::chrono::milliseconds timeout,
+    const std::function<absl::Status()>& keep_waiting) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::string last = "no answer";
+  for (;;) {
+    absl::StatusOr<std::string> h = Health();
+    if (h.ok() && *h == "SERVING") return absl::OkStatus();
+    last = h.ok() ? *h : h.status().ToString();
+    if (keep_waiting) DN_RETURN_IF_ERROR(keep_waiting());
+    if (std::chrono::steady_clock::now() >= deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          target_, " is not SERVING after ", timeout.count() / 1000,
+          " s (last health answer: ", last, ")"));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
+// ---------------------------------------------------------------------------
+
+v1::Tensor SeededEmbeds(uint64_t seed, int text_len, int text_dim) {
+  worker::Tensor t = worker::Tensor::Host({text_len, text_dim});
+  worker::FillNormal(seed, worker::kEmbedStream, 0, 0.0f, 1.0f,
+                     t.data_as<float>(), static_cast<size_t>(t.numel()));
+  v1::Tensor out;
+  TensorToProto(t, &out);
+  return out;
+}
+
+absl::StatusOr<v1::Tensor> ReadTensorFile(const std::string& path,
+                                          const std::vector<std::string>& names,
+                                          const std::string& flag) {
+  auto file = worker::SafetensorsFile::Open(path);
+  if (!file.ok()) {
+    return absl::Status(file.status().code(),
+                        absl::StrCat(flag, " ", path, ": ",
+                                     file.status().message()));
+  }
+  for (const std::string& name : names) {
+    const worker::SafetensorsEntry* e = (*file)->Find(name);
+    if (e == nullptr) continue;
+    worker::Tensor t = worker::Tensor::Host(e->shape);
+    DN_RETURN_IF_ERROR((*file)->ReadF32(*e, t.data_as<float>()));
+    v1::Tensor out;
+    TensorToProto(t, &out);
+    return out;
+  }
+  return absl::NotFoundError(absl::StrCat(flag, " ", path, " has no tensor ",
+                                          absl::StrJoin(names, " or ")));
+}
+
+std::map<std::string, std::string> ResultMetadata(
+    const v1::GenerateResult& result,
+    const std::map<std::string, std::string>& extra) {
+  const v1::GenerationMetadata& md = result.metadata();
+  auto num = [](double v) {
+    std::ostringstream s;
+    s << v;
+    return s.str();
+  };
+  std::map<std::string, std::string> m = {
+      {"seed", std::to_string(md.seed())},
+      {"scheduler", SchedulerWireName(md.scheduler())},
+      {"steps", std::to_string(md.steps())},
+      {"shift", num(md.shift())},
+      {"guidance", num(md.guidance_scale())},
+      {"model", md.model()},
+      {"model_config_hash", md.model_config_hash()},
+      {"ranks", std::to_string(md.ranks())},
+      {"backend", md.backend()},
+      {"latent_shape", LatentString(md.latent_shape())},
+      {"server_version", md.server_version()},
+      {"worker_group", md.worker_group()},
+      {"request_id", result.request_id()},
+      {"queue_seconds", num(result.queue_seconds())},
+      {"run_seconds", num(result.run_seconds())},
+  };
+  for (const auto& [k, v] : extra) m[k] = v;
+  return m;
+}
+
+absl::Status WriteResult(const std::string& path,
+                         const v1::GenerateResult& result,
+                         const std::map<std::string, std::string>& extra) {
+  DN_ASSIGN_OR_RETURN(worker::Tensor latents,
+                      TensorFromProto(result.latents(), "result.latents"));
+  return worker::WriteSafetensors(
+      path, {{"latents", worker::DType::kF32, latents.shape(), latents.data()}},
+      ResultMetadata(result, extra));
+}
+
+// ---------------------------------------------------------------------------
+
+ProgressPrinter::ProgressPrinter(std::string indent)
+    : indent_(std::move(indent)), tty_(isatty(STDERR_FILENO) != 0) {}
+
+bool ProgressPrinter::operator()(const v1::GenerateEvent& event) {
+  switch (event.event_case()) {
+    case v1::GenerateEvent::kAccepted: {
+      const v1::Accepted& a = event.accepted();
+      std::fprintf(stderr, "%saccepted as %s, queue position %d", indent_.c_str(),
+                   a.request_id().c_str(), a.queue_position());
+      if (a.estimated_seconds() > 0) {
+        std::fprintf(stderr, ", about %.1f s of compute", a.estimated_seconds());
+      }
+      std::fprintf(stderr, "\n");
+      break;
+    }
+    case v1::GenerateEvent::kStarted: {
+      const v1::Started& s = event.started();
+      std::fprintf(stderr, "%srunning on worker group %s (%d rank%s) after %.3f s in the queue\n",
+                   indent_.c_str(), s.worker_group().c_str(), s.ranks(),
+                   s.ranks() == 1 ? "" : "s", s.queue_seconds());
+      break;
+    }
+    case v1::GenerateEvent::kStep: {
+      const v1::Step& s = event.step();
+      constexpr int kWidth = 24;
+      const int filled = (s.index() + 1) * kWidth / std::max(1, s.total());
+      std::string bar(static_cast<size_t>(filled), '#');
+      bar.resize(kWidth, '.');
+      const bool last = s.index() + 1 >= s.total();
+      std::fprintf(stderr,
+                   "%s%sstep %d/%d [%s] sigma %.4f | %.1f ms/step (all-to-all "
+                   "%.2f ms, skew %.2f ms)%s",
+                   tty_ ? "\r" : "", indent_.c_str(), s.index() + 1, s.total(),
+                   bar.c_str(), s.sigma(), s.step_seconds() * 1e3,
+                   s.all_to_all_seconds() * 1e3, s.rank_skew_seconds() * 1e3,
+                   tty_ && !last ? "" : "\n");
+      bar_open_ = tty_ && !last;
+      break;
+    }
+    case v1::GenerateEvent::kResult:
+      if (bar_open_) std::fprintf(stderr, "\n");
+      bar_open_ = false;
+      break;
+    default:
+      break;
+  }
+  std::fflush(stderr);
+  return true;
+}
+
+// ---------------------------------------------------------------------------
+// `denoised generate`
+// ---------------------------------------------------------------------------
+
+int GenerateMain(int argc, char** argv) {
+  std::string target = "127.0.0.1:50051", model, scheduler = "unipc";
+  std::string embeds, negative_embeds, latents_file, request_id, out;
+  int frames = 0, height = 0, width = 0;
+  int latent_frames = 0, latent_height = 0, latent_width = 0;
+  int steps = 50, priority = 0, text_len = 512, step_interval = 1;
+  double guidance = 5.0, shift = 3.0, deadline_s = 0;
+  uint64_t seed = 0;
+  bool progress = true;
+  FlagSet flags("denoised generate",
+                "Calls a coordinator's Generate and writes the latents as "
+                "safetensors (tensor `latents` + reproduction metadata).");
+  flags.String("target", &target, "coordinator address HOST:PORT");
+  flags.String("model", &model, "model name (see GetServerInfo / ListModels)");
+  flags.Int("frames", &frames, "video frames in pixel space (1 + 4k for Wan)");
+  flags.Int("height", &height, "height in pixels");
+  flags.Int("width", &width, "width in pixels");
+  flags.Int("latent-frames", &latent_frames, "or: latent frames");
+  flags.Int("latent-height", &latent_height, "latent height");
+  flags.Int("latent-width", &latent_width, "latent width");
+  flags.Int("steps", &steps, "denoising steps");
+  flags.Double("guidance", &guidance, "CFG scale (CFG on iff > 1)");
+  flags.Double("shift", &shift, "flow shift");
+  flags.String("scheduler", &scheduler, "unipc | euler");
+  flags.Uint64("seed", &seed, "seed of the noise (and of random embeddings)");
+  flags.Int("priority", &priority, "queue priority in [-100, 100]");
+  flags.String("embeds", &embeds,
+               "safetensors file with tensor prompt_embeds [T, text_dim]");
+  flags.String("negative-embeds", &negative_embeds,
+               "safetensors file with prompt_embeds or negative_embeds");
+  flags.String("latents", &latents_file,
+               "safetensors file with tensor latents to start from");
+  flags.Int("text-len", &text_len,
+            "tokens of the seeded random embeddings used without --embeds");
+  flags.Double("deadline", &deadline_s, "gRPC deadline in seconds (0: none)");
+  flags.String("request-id", &request_id, "client_request_id (idempotency key)");
+  flags.Int("step-interval", &step_interval, "a Step event every n steps");
+  flags.Bool("progress", &progress, "draw the progress bar on stderr");
+  flags.String("out", &out, "output .safetensors file");
+  if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
+  auto usage_error = [](const std::string& msg) {
+    std::fprintf(stderr, "denoised generate: %s\n", msg.c_str());
+    return 2;
+  };
+  if (model.empty()) return usage_error("--model is required");
+  if (out.empty()) return usage_error("--out is required");
+  const bool pixels = frames > 0 || height > 0 || width > 0;
+  const bool latent = latent_frames > 0 || latent_height > 0 || latent_width > 0;
+  if (pixels == latent) {
+    return usage_error(
+        "give --frames/--height/--width or --latent-frames/--latent-height/"
+        "--latent-width");
+  }
+  absl::StatusOr<v1::Scheduler> sched = ParseScheduler(scheduler);
+  if (!sched.ok()) return usage_error(std::string(sched.status().message()));
+
+  DenoiserClient client(target);
+  v1::GenerateRequest req;
+  req.set_model(model);
+  if (pixels) {
+    req.mutable_pixel_size()->set_frames(frames);
+    req.mutable_pixel_size()->set_height(height);
+    req.mutable_pixel_size()->set_width(width);
+  } else {
+    req.mutable_latent_shape()->set_frames(latent_frames);
+    req.mutable_latent_shape()->set_height(latent_height);
+    req.mutable_latent_shape()->set_width(latent_width);
+  }
+  req.set_steps(steps);
+  req.set_guidance_scale(static_cast<float>(guidance));
+  req.set_shift(static_cast<float>(shift));
+  req.set_scheduler(*sched);
+  req.set_seed(seed);
+  req.set_priority(priority);
+  req.set_client_request_id(request_id);
+  req.set_step_event_interval(step_interval);
+  std::map<std::string, std::string> extra;
+  if (pixels) {
+    extra["frames"] = std::to_string(frames);
+    extra["height"] = std::to_string(height);
+    extra["width"] = std::to_string(width);
+  }
+  auto fail = [](const absl::Status& s) {
+    std::fprintf(stderr, "denoised generate: %s: %s\n",
+                 absl::StatusCodeToString(s.code()).c_str(),
+                 std::string(s.message()).c_str());
+    return 1;
+  };
+  if (!embeds.empty()) {
+    absl::StatusOr<v1::Tensor> t =
+        ReadTensorFile(embeds, {"prompt_embeds"}, "--embeds");
+    if (!t.ok()) return fail(t.status());
+    *req.mutable_prompt_embeds() = *std::move(t);
+    extra["embeds"] = embeds;
+  } else {
+    // Random embeddings need the model's text_dim.
+    absl::StatusOr<v1::ListModelsResponse> models = client.ListModels();
+    if (!models.ok()) return fail(models.status());
+    int text_dim = 0;
+    for (const auto& m : models->models()) {
+      if (m.name() == model) text_dim = m.text_dim();
+    }
+    if (text_dim == 0) {
+      return fail(absl::NotFoundError(absl::StrCat(
+          "model '", model, "' is not served by ", target)));
+    }
+    if (text_len < 1 || text_len > 4096) {
+      return usage_error("--text-len must be in [1, 4096]");
+    }
+    *req.mutable_prompt_embeds() = SeededEmbeds(seed, text_len, text_dim);
+    extra["embeds"] = absl::StrCat("random, text_len ", text_len);
+  }
+  if (!negative_embeds.empty()) {
+    absl::StatusOr<v1::Tensor> t = ReadTensorFile(
+        negative_embeds, {"prompt_embeds", "negative_embeds"},
+        "--negative-embeds");
+    if (!t.ok()) return fail(t.status());
+    *req.mutable_negative_prompt_embeds() = *std::move(t);
+    extra["negative_embeds"] = negative_embeds;
+  }
+  if (!latents_file.empty()) {
+    absl::StatusOr<v1::Tensor> t =
+        ReadTensorFile(latents_file, {"latents"}, "--latents");
+    if (!t.ok()) return fail(t.status());
+    *req.mutable_initial_latents() = *std::move(t);
+    extra["initial_latents"] = latents_file;
+  }
+
+  ProgressPrinter printer;
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<v1::GenerateResult> result = client.Generate(
+      req, std::chrono::milliseconds(static_cast<int64_t>(deadline_s * 1000)),
+      [&](const v1::GenerateEvent& e) { return progress ? printer(e) : true; });
+  if (!result.ok()) return fail(result.status());
+  if (absl::Status s = WriteResult(out, *result, extra); !s.ok()) return fail(s);
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const v1::GenerationMetadata& md = result->metadata();
+  std::printf(
+      "%s: %s latents %s from model %s (%d steps %s, CFG %g, seed %llu) on "
+      "group %s (%d %s rank%s) in %.2f s (queue %.3f s, run %.2f s) -> %s\n",
+      result->request_id().c_str(), "f32", LatentString(md.latent_shape()).c_str(),
+      md.model().c_str(), md.steps(), SchedulerWireName(md.scheduler()),
+      md.guidance_scale(), static_cast<unsigned long long>(md.seed()),
+      md.worker_group().c_str(), md.ranks(), md.backend().c_str(),
+      md.ranks() == 1 ? "" : "s", wall, result->queue_seconds(),
+      result->run_seconds(), out.c_str());
+  return 0;
+}
+
+}  // namespace dn::server

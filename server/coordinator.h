@@ -1,0 +1,75 @@
+// File: server/coordinator.h
+//
+// `denoised coordinator`: the public gRPC front end. It serves
+// - denoised.v1.Denoiser (Generate streaming, GenerateUnary, Cancel,
+//   ListModels, GetServerInfo) with the gRPC callback API,
+// - grpc.health.v1.Health (NOT_SERVING until a worker group is READY; both
+//   the overall status "" and "denoised.v1.Denoiser"),
+// - server reflection,
+// - the internal denoised.v1.internal.WorkerControl service (one Attach
+//   stream per rank process, plus the rendezvous store) on --worker-listen
+//   (by default the same port as --listen),
+// - Prometheus metrics (server/metrics.h) on --metrics-listen.
+//
+// Request path: validate (server/request_validation.h) -> bounded per-model
+// priority queue -> an idle READY worker group serving the model (one
+// request per group at a time) -> the Job fanned out to every rank ->
+// rank 0's step reports relayed as Step events -> the result. All state lives
+// on one event-loop thread; gRPC reactors only post events to it.
+#ifndef DN_SERVER_COORDINATOR_H_
+#define DN_SERVER_COORDINATOR_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace dn::server {
+
+struct CoordinatorOptions {
+  std::string listen = "127.0.0.1:50051";
+  // Empty: WorkerControl is served on `listen` too.
+  std::string worker_listen;
+  std::string metrics_listen = "127.0.0.1:9090";
+  // Requests waiting per model (not counting running ones).
+  int max_queue = 16;
+  int64_t max_message_bytes = int64_t{256} << 20;
+  // When set, ranks must present it in Hello and store calls.
+  std::string secret;
+  int heartbeat_timeout_ms = 15000;
+};
+
+class Coordinator {
+ public:
+  // Binds every port and starts serving. Port 0 picks free ports.
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Start(
+      const CoordinatorOptions& options);
+  ~Coordinator();  // Shutdown()
+  Coordinator(const Coordinator&) = delete;
+  Coordinator& operator=(const Coordinator&) = delete;
+
+  // Bound addresses, "HOST:PORT".
+  const std::string& address() const;
+  const std::string& worker_address() const;
+  const std::string& metrics_address() const;
+
+  // Health NOT_SERVING, fails queued and running requests with UNAVAILABLE,
+  // tells every rank to shut down, and stops the servers. Idempotent.
+  void Shutdown();
+
+  class Impl;
+
+ private:
+  explicit Coordinator(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// `denoised coordinator --listen HOST:PORT --metrics-listen HOST:PORT
+//  [--worker-listen HOST:PORT] [--max-queue N] [--max-message-mb M]
+//  [--secret S] [--ready-file PATH]`. Runs until SIGTERM/SIGINT.
+int CoordinatorMain(int argc, char** argv);
+
+}  // namespace dn::server
+
+#endif  // DN_SERVER_COORDINATOR_H_

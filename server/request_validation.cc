@@ -1,0 +1,208 @@
+#include "server/request_validation.h"
+
+#include <cmath>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "comm/base/status_macros.h"
+#include "server/proto_convert.h"
+
+namespace dn::server {
+
+namespace v1 = ::denoised::v1;
+
+namespace {
+
+absl::Status Invalid(const std::string& field, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
+}
+
+int At(const google::protobuf::RepeatedField<int32_t>& v, int i, int dflt) {
+  return i < v.size() && v.Get(i) > 0 ? v.Get(i) : dflt;
+}
+
+// Checks an embeddings tensor: [T, text_dim] or [1, T, text_dim]. Returns T.
+absl::StatusOr<int> CheckEmbeds(const v1::Tensor& t, const std::string& field,
+                                int text_dim) {
+  DN_RETURN_IF_ERROR(CheckTensor(t, field));
+  const auto& s = t.shape();
+  const bool rank2 = s.size() == 2;
+  const bool rank3 = s.size() == 3 && s.Get(0) == 1;
+  if (!(rank2 || rank3) || s.Get(s.size() - 1) != text_dim ||
+      s.Get(s.size() - 2) < 1) {
+    return Invalid(field + ".shape",
+                   absl::StrCat("expected [T, ", text_dim, "] or [1, T, ",
+                                text_dim, "] with T >= 1, got [",
+                                absl::StrJoin(s, ", "), "]"));
+  }
+  if (s.Get(s.size() - 2) > 65536) {
+    return Invalid(field + ".shape",
+                   absl::StrCat("T = ", s.Get(s.size() - 2),
+                                " text tokens is more than 65536"));
+  }
+  return static_cast<int>(s.Get(s.size() - 2));
+}
+
+}  // namespace
+
+absl::StatusOr<v1::LatentShape> ResolvePixelSize(const v1::PixelSize& pixels,
+                                                 const v1::ModelInfo& model) {
+  const int st = At(model.vae_stride(), 0, 1);
+  const int sh = At(model.vae_stride(), 1, 1);
+  const int sw = At(model.vae_stride(), 2, 1);
+  if (pixels.frames() < 1 || (pixels.frames() - 1) % st != 0) {
+    return Invalid("pixel_size.frames",
+                   absl::StrCat(pixels.frames(), " is not 1 + a multiple of ",
+                                st, " (the model's temporal VAE stride)"));
+  }
+  if (pixels.height() < 1 || pixels.height() % sh != 0) {
+    return Invalid("pixel_size.height",
+                   absl::StrCat(pixels.height(),
+                                " is not a positive multiple of ", sh,
+                                " (the model's VAE stride)"));
+  }
+  if (pixels.width() < 1 || pixels.width() % sw != 0) {
+    return Invalid("pixel_size.width",
+                   absl::StrCat(pixels.width(),
+                                " is not a positive multiple of ", sw,
+                                " (the model's VAE stride)"));
+  }
+  v1::LatentShape latent;
+  latent.set_channels(model.in_channels());
+  latent.set_frames((pixels.frames() - 1) / st + 1);
+  latent.set_height(pixels.height() / sh);
+  latent.set_width(pixels.width() / sw);
+  return latent;
+}
+
+int64_t LatentTokens(const v1::LatentShape& latent, const v1::ModelInfo& model) {
+  const int pt = At(model.patch_size(), 0, 1);
+  const int ph = At(model.patch_size(), 1, 1);
+  const int pw = At(model.patch_size(), 2, 1);
+  return int64_t{latent.frames() / pt} * (latent.height() / ph) *
+         (latent.width() / pw);
+}
+
+absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
+                                                const v1::ModelInfo& model) {
+  ResolvedRequest out;
+  out.request = in;
+  v1::GenerateRequest& r = out.request;
+
+  // --- size --------------------------------------------------------------
+  v1::LatentShape latent;
+  const bool from_pixels = in.has_pixel_size();
+  if (in.has_latent_shape()) {
+    latent = in.latent_shape();
+    if (latent.channels() == 0) latent.set_channels(model.in_channels());
+    if (latent.channels() != model.in_channels()) {
+      return Invalid("latent_shape.channels",
+                     absl::StrCat(latent.channels(), " != the model's ",
+                                  model.in_channels(), " input channels"));
+    }
+  } else if (from_pixels) {
+    DN_ASSIGN_OR_RETURN(latent, ResolvePixelSize(in.pixel_size(), model));
+  } else {
+    return Invalid("size", "set latent_shape or pixel_size");
+  }
+  const std::string shape_field = from_pixels ? "pixel_size" : "latent_shape";
+  const int patch[3] = {At(model.patch_size(), 0, 1),
+                        At(model.patch_size(), 1, 1),
+                        At(model.patch_size(), 2, 1)};
+  const int dims[3] = {latent.frames(), latent.height(), latent.width()};
+  const char* names[3] = {"frames", "height", "width"};
+  for (int i = 0; i < 3; ++i) {
+    if (dims[i] < 1 || dims[i] % patch[i] != 0) {
+      return Invalid(
+          absl::StrCat(shape_field, ".", names[i]),
+          absl::StrCat("latent ", names[i], " ", dims[i],
+                       " is not a positive multiple of the patch size ",
+                       patch[i],
+                       from_pixels ? " (pixel size / VAE stride)" : ""));
+    }
+  }
+  out.latent = latent;
+  out.tokens = LatentTokens(latent, model);
+  if (model.max_tokens() > 0 && out.tokens > model.max_tokens()) {
+    return Invalid(shape_field,
+                   absl::StrCat("latent ", LatentString(latent), " is ",
+                                out.tokens, " tokens; the model serves at most ",
+                                model.max_tokens()));
+  }
+  *r.mutable_latent_shape() = latent;  // clears pixel_size (oneof)
+
+  // --- embeddings --------------------------------------------------------
+  if (!in.has_prompt_embeds()) {
+    return Invalid("prompt_embeds", "required (text-encoder output [T, " +
+                                        std::to_string(model.text_dim()) +
+                                        "])");
+  }
+  DN_ASSIGN_OR_RETURN(out.text_len, CheckEmbeds(in.prompt_embeds(),
+                                                "prompt_embeds",
+                                                model.text_dim()));
+  if (in.has_negative_prompt_embeds()) {
+    DN_RETURN_IF_ERROR(CheckEmbeds(in.negative_prompt_embeds(),
+                                   "negative_prompt_embeds", model.text_dim())
+                           .status());
+  }
+
+  // --- sampling ----------------------------------------------------------
+  if (r.steps() == 0) r.set_steps(kDefaultSteps);
+  if (r.steps() < 1 || r.steps() > kMaxSteps) {
+    return Invalid("steps", absl::StrCat("must be in [1, ", kMaxSteps,
+                                         "], got ", in.steps()));
+  }
+  if (!std::isfinite(r.guidance_scale()) || r.guidance_scale() < 0) {
+    return Invalid("guidance_scale",
+                   absl::StrCat("must be finite and >= 0, got ",
+                                in.guidance_scale()));
+  }
+  if (r.guidance_scale() == 0) r.set_guidance_scale(kDefaultGuidance);
+  if (!std::isfinite(r.shift()) || r.shift() < 0) {
+    return Invalid("shift", absl::StrCat("must be finite and > 0, got ",
+                                         in.shift()));
+  }
+  if (r.shift() == 0) r.set_shift(kDefaultShift);
+  if (!v1::Scheduler_IsValid(r.scheduler())) {
+    return Invalid("scheduler",
+                   absl::StrCat("unknown value ", static_cast<int>(r.scheduler())));
+  }
+  if (r.scheduler() == v1::SCHEDULER_UNSPECIFIED) {
+    r.set_scheduler(v1::SCHEDULER_UNIPC);
+  }
+
+  // --- initial latents ---------------------------------------------------
+  if (in.has_initial_latents()) {
+    DN_RETURN_IF_ERROR(CheckTensor(in.initial_latents(), "initial_latents"));
+    const auto& s = in.initial_latents().shape();
+    if (s.size() != 4 || s.Get(0) != latent.channels() ||
+        s.Get(1) != latent.frames() || s.Get(2) != latent.height() ||
+        s.Get(3) != latent.width()) {
+      return Invalid("initial_latents.shape",
+                     absl::StrCat("expected the latent shape ",
+                                  LatentString(latent), ", got [",
+                                  absl::StrJoin(s, ", "), "]"));
+    }
+  }
+
+  // --- scheduling --------------------------------------------------------
+  if (r.priority() < -kMaxPriority || r.priority() > kMaxPriority) {
+    return Invalid("priority", absl::StrCat("must be in [-", kMaxPriority,
+                                            ", ", kMaxPriority, "], got ",
+                                            in.priority()));
+  }
+  if (r.client_request_id().size() > kMaxClientRequestIdLength) {
+    return Invalid("client_request_id",
+                   absl::StrCat("longer than ", kMaxClientRequestIdLength,
+                                " bytes"));
+  }
+  if (r.step_event_interval() < 0) {
+    return Invalid("step_event_interval",
+                   absl::StrCat("must be >= 0, got ", in.step_event_interval()));
+  }
+  if (r.step_event_interval() == 0) r.set_step_event_interval(1);
+  return out;
+}
+
+}  // namespace dn::server

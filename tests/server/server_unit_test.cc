@@ -1,0 +1,123 @@
+// Units of server/: request validation and pixel -> latent resolution, the
+// metric bucket layouts, and the Prometheus text parser / quantile helper.
+#include <cmath>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/client.h"
+#include "server/metrics.h"
+#include "server/metrics_scrape.h"
+#include "server/protocol.h"
+#include "server/request_validation.h"
+
+namespace dn::server {
+namespace {
+
+namespace v1 = ::denoised::v1;
+using ::testing::HasSubstr;
+
+v1::ModelInfo WanLike() {
+  v1::ModelInfo m;
+  m.set_name("wan");
+  m.set_in_channels(16);
+  m.set_text_dim(32);
+  for (int s : {4, 8, 8}) m.add_vae_stride(s);
+  for (int p : {1, 2, 2}) m.add_patch_size(p);
+  m.set_max_tokens(100000);
+  return m;
+}
+
+TEST(RequestValidation, ResolvesPixelsLikeWan) {
+  v1::PixelSize p;
+  p.set_frames(81);
+  p.set_height(480);
+  p.set_width(832);
+  absl::StatusOr<v1::LatentShape> l = ResolvePixelSize(p, WanLike());
+  ASSERT_TRUE(l.ok()) << l.status();
+  EXPECT_EQ(l->channels(), 16);
+  EXPECT_EQ(l->frames(), 21);
+  EXPECT_EQ(l->height(), 60);
+  EXPECT_EQ(l->width(), 104);
+  EXPECT_EQ(LatentTokens(*l, WanLike()), 21 * 30 * 52);
+}
+
+TEST(RequestValidation, FillsDefaults) {
+  v1::GenerateRequest r;
+  r.set_model("wan");
+  r.mutable_latent_shape()->set_frames(1);
+  r.mutable_latent_shape()->set_height(4);
+  r.mutable_latent_shape()->set_width(4);
+  *r.mutable_prompt_embeds() = SeededEmbeds(0, 3, 32);
+  r.mutable_prompt_embeds()->clear_shape();  // [3, 1, 32]: right size, bad shape
+  for (int d : {3, 1, 32}) r.mutable_prompt_embeds()->add_shape(d);
+  EXPECT_THAT(std::string(ValidateRequest(r, WanLike()).status().message()),
+              HasSubstr("prompt_embeds.shape"));
+  // [1, T, D] is accepted.
+  *r.mutable_prompt_embeds() = SeededEmbeds(0, 3, 32);
+  r.mutable_prompt_embeds()->clear_shape();
+  for (int d : {1, 3, 32}) r.mutable_prompt_embeds()->add_shape(d);
+  absl::StatusOr<ResolvedRequest> ok = ValidateRequest(r, WanLike());
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->request.steps(), kDefaultSteps);
+  EXPECT_FLOAT_EQ(ok->request.guidance_scale(), kDefaultGuidance);
+  EXPECT_FLOAT_EQ(ok->request.shift(), kDefaultShift);
+  EXPECT_EQ(ok->request.scheduler(), v1::SCHEDULER_UNIPC);
+  EXPECT_EQ(ok->request.step_event_interval(), 1);
+  EXPECT_EQ(ok->latent.channels(), 16);
+  EXPECT_EQ(ok->tokens, 4);
+  EXPECT_EQ(ok->text_len, 3);
+}
+
+TEST(RequestValidation, TooManyTokens) {
+  v1::GenerateRequest r;
+  r.mutable_pixel_size()->set_frames(81);
+  r.mutable_pixel_size()->set_height(1280);
+  r.mutable_pixel_size()->set_width(1280);
+  *r.mutable_prompt_embeds() = SeededEmbeds(0, 3, 32);
+  const absl::Status s = ValidateRequest(r, WanLike()).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("pixel_size: latent"));
+}
+
+TEST(Protocol, FatalCodes) {
+  EXPECT_TRUE(IsRequestLevelError(absl::StatusCode::kCancelled));
+  EXPECT_TRUE(IsRequestLevelError(absl::StatusCode::kInvalidArgument));
+  EXPECT_FALSE(IsRequestLevelError(absl::StatusCode::kInternal));
+  EXPECT_FALSE(IsRequestLevelError(absl::StatusCode::kAborted));
+  EXPECT_FALSE(IsRequestLevelError(absl::StatusCode::kUnavailable));
+}
+
+TEST(Metrics, BucketLayouts) {
+  const auto& step = StepBuckets();
+  EXPECT_DOUBLE_EQ(step.front(), 0.001);
+  EXPECT_DOUBLE_EQ(step.back(), 60.0);
+  EXPECT_TRUE(std::is_sorted(step.begin(), step.end()));
+  const auto& a2a = AllToAllBuckets();
+  EXPECT_DOUBLE_EQ(a2a.front(), 1e-5);
+  EXPECT_DOUBLE_EQ(a2a.back(), 10.0);
+  for (size_t i = 1; i < a2a.size(); ++i) EXPECT_GT(a2a[i], a2a[i - 1]);
+}
+
+TEST(MetricsScrape, ParsesAndEstimatesQuantiles) {
+  const std::string text =
+      "# HELP x_seconds a histogram\n"
+      "# TYPE x_seconds histogram\n"
+      "x_seconds_bucket{model=\"m\",le=\"0.1\"} 2\n"
+      "x_seconds_bucket{model=\"m\",le=\"0.2\"} 6\n"
+      "x_seconds_bucket{model=\"m\",le=\"+Inf\"} 8\n"
+      "x_seconds_count{model=\"m\"} 8\n"
+      "x_seconds_sum{model=\"m\"} 1.1\n"
+      "y_total{code=\"OK\",model=\"m\"} 3\n"
+      "y_total{code=\"CANCELLED\",model=\"m\"} 1\n";
+  const auto samples = ParseMetricsText(text);
+  EXPECT_EQ(SumSamples(samples, "y_total"), 4);
+  EXPECT_EQ(SumSamples(samples, "y_total", {{"code", "OK"}}), 3);
+  EXPECT_EQ(SumSamples(samples, "x_seconds_count", {{"model", "m"}}), 8);
+  // Rank 4 of 8 lies half way through the (0.1, 0.2] bucket.
+  EXPECT_NEAR(HistogramQuantile(samples, "x_seconds", 0.5), 0.15, 1e-12);
+  EXPECT_TRUE(std::isnan(HistogramQuantile(samples, "nope", 0.5)));
+}
+
+}  // namespace
+}  // namespace dn::server

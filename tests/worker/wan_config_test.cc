@@ -1,0 +1,182 @@
+#include "worker/wan_config.h"
+
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace dn::worker {
+namespace {
+
+using ::testing::HasSubstr;
+
+WanConfig Preset(const std::string& name) {
+  absl::StatusOr<WanConfig> c = PresetConfig(name);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? *c : WanConfig();
+}
+
+std::string ErrorOf(const std::string& json) {
+  absl::StatusOr<WanConfig> c = WanConfig::FromJson(json);
+  if (!c.ok()) return std::string(c.status().message());
+  absl::Status v = c->Validate();
+  return v.ok() ? "OK" : std::string(v.message());
+}
+
+TEST(WanConfigTest, PresetsMatchTheSpec) {
+  const WanConfig tiny = Preset("tiny");
+  EXPECT_EQ(tiny.num_layers, 2);
+  EXPECT_EQ(tiny.num_attention_heads, 4);
+  EXPECT_EQ(tiny.attention_head_dim, 16);
+  EXPECT_EQ(tiny.inner_dim(), 64);
+  EXPECT_EQ(tiny.in_channels, 16);
+  EXPECT_EQ(tiny.out_channels, 16);
+  EXPECT_EQ(tiny.text_dim, 32);
+  EXPECT_EQ(tiny.ffn_dim, 128);
+  EXPECT_EQ(tiny.freq_dim, 256);
+  EXPECT_EQ(tiny.patch_size, (std::array<int, 3>{1, 2, 2}));
+  EXPECT_EQ(tiny.vae_stride, (std::array<int, 3>{4, 8, 8}));
+  EXPECT_FALSE(tiny.is_i2v());
+
+  const WanConfig small = Preset("wan2.1-t2v-1.3b");
+  EXPECT_EQ(small.inner_dim(), 1536);
+  EXPECT_EQ(small.num_attention_heads, 12);
+  EXPECT_EQ(small.ffn_dim, 8960);
+  EXPECT_EQ(small.num_layers, 30);
+  EXPECT_EQ(small.text_dim, 4096);
+  EXPECT_EQ(small.eps, 1e-6);
+  EXPECT_EQ(small.rope_max_seq_len, 1024);
+
+  const WanConfig big = Preset("wan2.1-t2v-14b");
+  EXPECT_EQ(big.inner_dim(), 5120);
+  EXPECT_EQ(big.num_attention_heads, 40);
+  EXPECT_EQ(big.ffn_dim, 13824);
+  EXPECT_EQ(big.num_layers, 40);
+
+  for (const char* name : {"tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"})
+    EXPECT_TRUE(Preset(name).Validate().ok()) << name;
+  absl::StatusOr<WanConfig> bad = PresetConfig("wan2.2");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("unknown preset 'wan2.2'"));
+}
+
+TEST(WanConfigTest, JsonRoundTripsAndHashIsStable) {
+  WanConfig i2v = Preset("wan2.1-t2v-14b");
+  i2v.in_channels = 36;
+  i2v.image_dim = 1280;
+  i2v.added_kv_proj_dim = 5120;
+  i2v.pos_embed_seq_len = 514;
+  for (const WanConfig& c : {Preset("tiny"), Preset("wan2.1-t2v-1.3b"),
+                             Preset("wan2.1-t2v-14b"), i2v}) {
+    const std::string json = c.ToJson();
+    absl::StatusOr<WanConfig> back = WanConfig::FromJson(json);
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(back->ToJson(), json);
+    EXPECT_EQ(back->Hash(), c.Hash());
+    EXPECT_EQ(c.Hash().size(), 64u);
+  }
+  EXPECT_NE(Preset("tiny").Hash(), Preset("wan2.1-t2v-1.3b").Hash());
+  EXPECT_NE(Preset("wan2.1-t2v-14b").Hash(), i2v.Hash());
+  // Canonical form: sorted keys, class name first.
+  const std::string tiny = Preset("tiny").ToJson();
+  EXPECT_EQ(tiny.rfind("{\n  \"_class_name\": \"WanTransformer3DModel\",\n  "
+                       "\"added_kv_proj_dim\": null,",
+                       0),
+            0u)
+      << tiny;
+  // Pinned: sha256 of the tiny preset's canonical JSON (checked with
+  // sha256sum). A change here changes every config hash in metadata.
+  EXPECT_EQ(Preset("tiny").Hash(),
+            "1898e045260026d997f58336a82c5e336a61cdfc043464ac16b0e972f5e489e2");
+}
+
+TEST(WanConfigTest, ReadsTheDiffusersHubConfig) {
+  // Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json (its fields).
+  const std::string hub = R"({
+    "_class_name": "WanTransformer3DModel", "_diffusers_version": "0.33.0.dev0",
+    "added_kv_proj_dim": null, "attention_head_dim": 128, "cross_attn_norm": true,
+    "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256, "image_dim": null,
+    "in_channels": 16, "num_attention_heads": 12, "num_layers": 30,
+    "out_channels": 16, "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024, "text_dim": 4096})";
+  absl::StatusOr<WanConfig> c = WanConfig::FromJson(hub);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->ToJson(), Preset("wan2.1-t2v-1.3b").ToJson());
+  // No keys at all: the class defaults (= T2V-14B).
+  c = WanConfig::FromJson("{}");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->ToJson(), Preset("wan2.1-t2v-14b").ToJson());
+}
+
+TEST(WanConfigTest, ReadsOriginalWan21Names) {
+  // Wan-AI/Wan2.1-T2V-1.3B config.json as released.
+  const std::string t2v = R"({"_class_name": "WanModel", "_diffusers_version": "0.30.0",
+    "dim": 1536, "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256, "in_dim": 16,
+    "model_type": "t2v", "num_heads": 12, "num_layers": 30, "out_dim": 16,
+    "text_len": 512})";
+  absl::StatusOr<WanConfig> c = WanConfig::FromJson(t2v);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->ToJson(), Preset("wan2.1-t2v-1.3b").ToJson());
+
+  const std::string i2v = R"({"_class_name": "WanModel", "dim": 5120, "ffn_dim": 13824,
+    "in_dim": 36, "model_type": "i2v", "num_heads": 40, "num_layers": 40,
+    "out_dim": 16, "qk_norm": true, "cross_attn_norm": true, "window_size": [-1, -1]})";
+  c = WanConfig::FromJson(i2v);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->is_i2v());
+  EXPECT_EQ(c->in_channels, 36);
+  EXPECT_EQ(c->image_dim, 1280);
+  EXPECT_EQ(c->added_kv_proj_dim, 5120);
+  EXPECT_EQ(c->pos_embed_seq_len, 0);
+  EXPECT_TRUE(c->Validate().ok());
+
+  c = WanConfig::FromJson(R"({"dim": 5120, "num_heads": 40, "in_dim": 36, "model_type": "flf2v"})");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->pos_embed_seq_len, 514);
+}
+
+TEST(WanConfigTest, ErrorsNameTheField) {
+  struct Case {
+    const char* json;
+    const char* message;
+  };
+  const Case cases[] = {
+      {"not json", "config is not valid JSON"},
+      {"[1]", "config must be a JSON object"},
+      {R"({"_class_name": "UNet2DConditionModel"})",
+       "config field '_class_name': expected \"WanTransformer3DModel\""},
+      {R"({"num_layers": "two"})", "config field 'num_layers': expected an integer, got \"two\""},
+      {R"({"num_layers": 2.5})", "config field 'num_layers': expected an integer"},
+      {R"({"num_layers": 0})", "config field 'num_layers' must be >= 1 (got 0)"},
+      {R"({"num_layers": 99999999999})", "config field 'num_layers': out of range"},
+      {R"({"image_dim": "x"})", "config field 'image_dim': expected an integer or null"},
+      {R"({"patch_size": [1, 2]})", "config field 'patch_size': expected a list of 3 integers"},
+      {R"({"patch_size": [1, 0, 2]})", "config field 'patch_size[1]' must be >= 1"},
+      {R"({"vae_stride": "4,8,8"})", "config field 'vae_stride': expected a list of 3"},
+      {R"({"attention_head_dim": 15})", "config field 'attention_head_dim' must be even"},
+      {R"({"attention_head_dim": 4})", "config field 'attention_head_dim' must be >= 6"},
+      {R"({"freq_dim": 255})", "config field 'freq_dim' must be even"},
+      {R"({"eps": "small"})", "config field 'eps': expected a number"},
+      {R"({"eps": -1})", "config field 'eps' must be in (0, 1]"},
+      {R"({"qk_norm": "rms_norm"})", "config field 'qk_norm' must be \"rms_norm_across_heads\""},
+      {R"({"qk_norm": false})", "config field 'qk_norm' must be"},
+      {R"({"cross_attn_norm": false})", "config field 'cross_attn_norm' must be true"},
+      {R"({"cross_attn_norm": 1})", "config field 'cross_attn_norm': expected true or false"},
+      {R"({"num_heads": 12, "num_attention_heads": 40})",
+       "config fields 'num_attention_heads' (40) and 'num_heads' (12) disagree"},
+      {R"({"in_dim": 36, "in_channels": 16})", "'in_channels' (16) and 'in_dim' (36) disagree"},
+      {R"({"dim": 1000, "num_heads": 12})", "config field 'dim': must be a positive multiple"},
+      {R"({"dim": 1536, "num_heads": 12, "attention_head_dim": 64})",
+       "config fields 'dim' (1536) and 'attention_head_dim' (64) disagree"},
+      {R"({"window_size": [256, 256]})", "config field 'window_size': only [-1, -1]"},
+      {R"({"model_type": "vace"})", "config field 'model_type'"},
+      {R"({"image_dim": 1280})", "'image_dim' (1280) and 'added_kv_proj_dim' (0) must both"},
+      {R"({"pos_embed_seq_len": 514})", "'pos_embed_seq_len' needs 'image_dim'"},
+      {R"({"num_attention_heads": 100000, "attention_head_dim": 128})", "inner dim"},
+  };
+  for (const Case& c : cases)
+    EXPECT_THAT(ErrorOf(c.json), HasSubstr(c.message)) << c.json;
+}
+
+}  // namespace
+}  // namespace dn::worker

@@ -1,0 +1,756 @@
+#include "worker/cpu/cpu_backend.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "comm/base/status_macros.h"
+#include "comm/ulysses.h"
+#include "worker/noise.h"
+
+namespace dn::worker {
+
+// A fixed pool of worker threads; Run(tasks, fn) runs fn(0..tasks-1) on the
+// workers and the calling thread and returns when all are done.
+class ThreadPool {
+ public:
+  explicit ThreadPool(int workers) {
+    for (int i = 0; i < workers; ++i)
+      threads_.emplace_back([this] { WorkerLoop(); });
+  }
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (std::thread& t : threads_) t.join();
+  }
+  int workers() const { return static_cast<int>(threads_.size()); }
+
+  void Run(int tasks, const std::function<void(int)>& fn) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      // Workers still inside an earlier generation must leave it first.
+      idle_cv_.wait(lock, [&] { return active_ == 0; });
+      fn_ = &fn;
+      tasks_ = tasks;
+      next_.store(0);
+      done_ = 0;
+      ++generation_;
+    }
+    cv_.notify_all();
+    int finished = 0;
+    for (int i; (i = next_.fetch_add(1)) < tasks;) {
+      fn(i);
+      ++finished;
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    done_ += finished;
+    idle_cv_.wait(lock, [&] { return done_ == tasks_ && active_ == 0; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void WorkerLoop() {
+    uint64_t seen = 0;
+    while (true) {
+      const std::function<void(int)>* fn;
+      int tasks;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        fn = fn_;
+        tasks = tasks_;
+        ++active_;
+      }
+      int finished = 0;
+      if (fn != nullptr) {
+        for (int i; (i = next_.fetch_add(1)) < tasks;) {
+          (*fn)(i);
+          ++finished;
+        }
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        done_ += finished;
+        --active_;
+      }
+      idle_cv_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::condition_variable idle_cv_;
+  const std::function<void(int)>* fn_ = nullptr;
+  int tasks_ = 0;
+  std::atomic<int> next_{0};
+  int done_ = 0;
+  int active_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
+};
+
+namespace {
+
+absl::Status CheckCpu(const Tensor& t, const char* op, const char* what) {
+  if (!t.defined())
+    return absl::InvalidArgumentError(
+        absl::StrCat("cpu ", op, ": tensor '", what, "' is undefined"));
+  if (t.device() != Device::kCpu)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cpu ", op, ": tensor '", what, "' is ", t.DebugString(),
+        ", not in host memory"));
+  return absl::OkStatus();
+}
+
+absl::Status CheckF32(const Tensor& t, const char* op, const char* what) {
+  DN_RETURN_IF_ERROR(CheckCpu(t, op, what));
+  if (t.dtype() != DType::kF32)
+    return absl::InvalidArgumentError(
+        absl::StrCat("cpu ", op, ": tensor '", what, "' is ", t.DebugString(),
+                     "; the CPU backend computes in f32"));
+  return absl::OkStatus();
+}
+
+absl::Status ShapeError(const char* op, const char* what, const Tensor& t,
+                        const std::string& expected) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("cpu ", op, ": tensor '", what, "' has shape ",
+                   ShapeString(t.shape()), ", expected ", expected));
+}
+
+absl::Status CheckShape(const Tensor& t, const Shape& shape, const char* op,
+                        const char* what) {
+  if (t.shape() != shape) return ShapeError(op, what, t, ShapeString(shape));
+  return absl::OkStatus();
+}
+
+absl::Status CheckNumel(const Tensor& t, int64_t n, const char* op,
+                        const char* what) {
+  if (t.numel() != n)
+    return ShapeError(op, what, t, absl::StrCat(n, " elements"));
+  return absl::OkStatus();
+}
+
+inline float GeluTanh(float x) {
+  constexpr float kSqrt2OverPi = 0.7978845608028654f;
+  return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+}
+
+// Mean and 1/sqrt(var + eps) of n floats, accumulated in double.
+inline void MeanRstd(const float* x, int64_t n, double eps, double* mean,
+                     double* rstd) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  const double m = sum / static_cast<double>(n);
+  double var = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double c = x[i] - m;
+    var += c * c;
+  }
+  var /= static_cast<double>(n);
+  *mean = m;
+  *rstd = 1.0 / std::sqrt(var + eps);
+}
+
+inline double RmsInv(const float* x, int64_t n, double eps) {
+  double sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) sq += static_cast<double>(x[i]) * x[i];
+  return 1.0 / std::sqrt(sq / static_cast<double>(n) + eps);
+}
+
+class CpuMarker : public Marker {
+ public:
+  explicit CpuMarker(std::chrono::steady_clock::time_point t) : time(t) {}
+  std::chrono::steady_clock::time_point time;
+};
+
+class CpuGraph : public Graph {
+ public:
+  explicit CpuGraph(std::function<absl::Status()> body)
+      : body_(std::move(body)) {}
+  absl::Status Replay() override { return body_(); }
+
+ private:
+  std::function<absl::Status()> body_;
+};
+
+// Layout of a Ulysses relayout from a sequence-sharded [B,S,H,d] tensor.
+absl::StatusOr<comm::UlyssesLayout> LayoutFor(const Tensor& seq_sharded,
+                                              int world, const char* op) {
+  if (seq_sharded.rank() != 4)
+    return ShapeError(op, "sequence-sharded", seq_sharded, "[B, S, H, d]");
+  comm::UlyssesLayout l;
+  l.batch = seq_sharded.dim(0);
+  l.world = world;
+  l.seq_total = seq_sharded.dim(1) * world;  // shard() == S
+  l.heads = static_cast<int>(seq_sharded.dim(2));
+  l.head_dim = static_cast<int>(seq_sharded.dim(3));
+  l.elem_size = 4;
+  DN_RETURN_IF_ERROR(l.Validate());
+  return l;
+}
+
+}  // namespace
+
+CpuBackend::CpuBackend(int threads)
+    : threads_(threads > 0 ? threads
+                           : std::max(1u, std::thread::hardware_concurrency())),
+      memory_(std::make_shared<MemoryCounter>()) {
+  openblas_set_num_threads(threads_);
+  pool_ = std::make_unique<ThreadPool>(threads_ - 1);
+}
+
+CpuBackend::~CpuBackend() = default;
+
+std::string CpuBackend::device_description() const {
+  return absl::StrCat("CPU (fp32, ", threads_, " threads, OpenBLAS)");
+}
+
+void CpuBackend::ParallelFor(int64_t n, int64_t cost_per_item,
+                             const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  constexpr int64_t kMinWorkPerTask = 1 << 15;
+  const int64_t total = n * std::max<int64_t>(1, cost_per_item);
+  int64_t tasks = std::min<int64_t>(
+      {n, static_cast<int64_t>(threads_) * 4, total / kMinWorkPerTask});
+  if (tasks <= 1 || pool_->workers() == 0) {
+    fn(0, n);
+    return;
+  }
+  const int64_t chunk = (n + tasks - 1) / tasks;
+  tasks = (n + chunk - 1) / chunk;
+  pool_->Run(static_cast<int>(tasks), [&](int t) {
+    const int64_t begin = t * chunk;
+    fn(begin, std::min(n, begin + chunk));
+  });
+}
+
+// --- memory ------------------------------------------------------------------
+
+absl::StatusOr<Tensor> CpuBackend::Empty(const Shape& shape, DType dtype) {
+  for (int64_t d : shape)
+    if (d < 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat("cpu Empty: negative dimension in ", ShapeString(shape)));
+  const size_t bytes =
+      static_cast<size_t>(NumElements(shape)) * DTypeSize(dtype);
+  const size_t rounded = std::max<size_t>(64, ((bytes + 63) / 64) * 64);
+  void* p = std::aligned_alloc(64, rounded);
+  if (p == nullptr)
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cpu Empty: cannot allocate ", bytes, " bytes for ",
+                     ShapeString(shape)));
+  std::memset(p, 0, rounded);
+  const int64_t now = memory_->current.fetch_add(static_cast<int64_t>(rounded)) +
+                      static_cast<int64_t>(rounded);
+  int64_t peak = memory_->peak.load();
+  while (now > peak && !memory_->peak.compare_exchange_weak(peak, now)) {
+  }
+  std::shared_ptr<MemoryCounter> counter = memory_;
+  std::shared_ptr<void> storage(p, [counter, rounded](void* q) {
+    std::free(q);
+    counter->current.fetch_sub(static_cast<int64_t>(rounded));
+  });
+  return Tensor(std::move(storage), 0, Device::kCpu, dtype, shape);
+}
+
+int64_t CpuBackend::peak_memory_bytes() const { return memory_->peak.load(); }
+
+absl::Status CpuBackend::CopyFromHost(const float* src, Tensor* dst) {
+  DN_RETURN_IF_ERROR(CheckCpu(*dst, "CopyFromHost", "dst"));
+  const int64_t n = dst->numel();
+  switch (dst->dtype()) {
+    case DType::kF32:
+      if (n > 0) std::memcpy(dst->data(), src, static_cast<size_t>(n) * 4);
+      break;
+    case DType::kBF16: {
+      uint16_t* d = dst->data_as<uint16_t>();
+      for (int64_t i = 0; i < n; ++i) d[i] = F32ToBF16(src[i]);
+      break;
+    }
+    case DType::kF16: {
+      uint16_t* d = dst->data_as<uint16_t>();
+      for (int64_t i = 0; i < n; ++i) d[i] = F32ToF16(src[i]);
+      break;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::CopyToHost(const Tensor& src, float* dst) {
+  DN_RETURN_IF_ERROR(CheckCpu(src, "CopyToHost", "src"));
+  const int64_t n = src.numel();
+  switch (src.dtype()) {
+    case DType::kF32:
+      if (n > 0) std::memcpy(dst, src.data(), static_cast<size_t>(n) * 4);
+      break;
+    case DType::kBF16: {
+      const uint16_t* s = src.data_as<uint16_t>();
+      for (int64_t i = 0; i < n; ++i) dst[i] = BF16ToF32(s[i]);
+      break;
+    }
+    case DType::kF16: {
+      const uint16_t* s = src.data_as<uint16_t>();
+      for (int64_t i = 0; i < n; ++i) dst[i] = F16ToF32(s[i]);
+      break;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Copy(const Tensor& src, Tensor* dst) {
+  DN_RETURN_IF_ERROR(CheckCpu(src, "Copy", "src"));
+  DN_RETURN_IF_ERROR(CheckCpu(*dst, "Copy", "dst"));
+  DN_RETURN_IF_ERROR(CheckNumel(*dst, src.numel(), "Copy", "dst"));
+  if (src.dtype() == dst->dtype()) {
+    if (src.nbytes() > 0) std::memmove(dst->data(), src.data(), src.nbytes());
+    return absl::OkStatus();
+  }
+  if (src.dtype() == DType::kF32)
+    return CopyFromHost(src.data_as<float>(), dst);
+  if (dst->dtype() == DType::kF32) return CopyToHost(src, dst->data_as<float>());
+  std::vector<float> tmp(static_cast<size_t>(src.numel()));
+  DN_RETURN_IF_ERROR(CopyToHost(src, tmp.data()));
+  return CopyFromHost(tmp.data(), dst);
+}
+
+absl::Status CpuBackend::FillNormal(Tensor* dst, uint64_t seed,
+                                    uint64_t stream, float mean, float std) {
+  DN_RETURN_IF_ERROR(CheckCpu(*dst, "FillNormal", "dst"));
+  const int64_t n = dst->numel();
+  const DType dtype = dst->dtype();
+  void* data = dst->data();
+  ParallelFor(n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float v =
+          mean + std * NormalAt(seed, stream, static_cast<uint64_t>(i));
+      switch (dtype) {
+        case DType::kF32: static_cast<float*>(data)[i] = v; break;
+        case DType::kBF16: static_cast<uint16_t*>(data)[i] = F32ToBF16(v); break;
+        case DType::kF16: static_cast<uint16_t*>(data)[i] = F32ToF16(v); break;
+      }
+    }
+  });
+  return absl::OkStatus();
+}
+
+// --- dense ops -----------------------------------------------------------------
+
+absl::Status CpuBackend::Linear(const Tensor& x, const Tensor& w,
+                                const Tensor* bias, Activation act,
+                                Tensor* y) {
+  DN_RETURN_IF_ERROR(CheckF32(x, "Linear", "x"));
+  DN_RETURN_IF_ERROR(CheckF32(w, "Linear", "w"));
+  DN_RETURN_IF_ERROR(CheckF32(*y, "Linear", "y"));
+  if (w.rank() != 2) return ShapeError("Linear", "w", w, "[N, K]");
+  const int64_t n = w.dim(0), k = w.dim(1);
+  if (x.rank() < 1 || x.shape().back() != k)
+    return ShapeError("Linear", "x", x, absl::StrCat("[..., ", k, "]"));
+  const int64_t m = x.numel() / k;
+  if (y->rank() < 1 || y->shape().back() != n || y->numel() != m * n)
+    return ShapeError("Linear", "y", *y, absl::StrCat("[", m, " rows, ", n, "]"));
+  if (bias != nullptr) {
+    DN_RETURN_IF_ERROR(CheckF32(*bias, "Linear", "bias"));
+    DN_RETURN_IF_ERROR(CheckNumel(*bias, n, "Linear", "bias"));
+  }
+  if (m == 0 || n == 0) return absl::OkStatus();
+  float* out = y->data_as<float>();
+  if (k == 0) {
+    std::memset(out, 0, static_cast<size_t>(m * n) * 4);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m),
+                static_cast<int>(n), static_cast<int>(k), 1.0f,
+                x.data_as<float>(), static_cast<int>(k), w.data_as<float>(),
+                static_cast<int>(k), 0.0f, out, static_cast<int>(n));
+  }
+  if (bias == nullptr && act == Activation::kNone) return absl::OkStatus();
+  const float* b = bias != nullptr ? bias->data_as<float>() : nullptr;
+  ParallelFor(m, n * (act == Activation::kNone ? 1 : 16),
+              [&](int64_t begin, int64_t end) {
+                for (int64_t r = begin; r < end; ++r) {
+                  float* row = out + r * n;
+                  if (b != nullptr)
+                    for (int64_t j = 0; j < n; ++j) row[j] += b[j];
+                  if (act == Activation::kGeluTanh)
+                    for (int64_t j = 0; j < n; ++j) row[j] = GeluTanh(row[j]);
+                }
+              });
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Silu(const Tensor& x, Tensor* y) {
+  DN_RETURN_IF_ERROR(CheckF32(x, "Silu", "x"));
+  DN_RETURN_IF_ERROR(CheckF32(*y, "Silu", "y"));
+  DN_RETURN_IF_ERROR(CheckNumel(*y, x.numel(), "Silu", "y"));
+  const float* in = x.data_as<float>();
+  float* out = y->data_as<float>();
+  ParallelFor(x.numel(), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      out[i] = in[i] / (1.0f + std::exp(-in[i]));
+  });
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::AddModulation(const Tensor& table, const Tensor& proj,
+                                       Tensor* out) {
+  DN_RETURN_IF_ERROR(CheckF32(table, "AddModulation", "table"));
+  DN_RETURN_IF_ERROR(CheckF32(proj, "AddModulation", "proj"));
+  DN_RETURN_IF_ERROR(CheckF32(*out, "AddModulation", "out"));
+  if (out->rank() != 3) return ShapeError("AddModulation", "out", *out, "[B, k, D]");
+  const int64_t b = out->dim(0), k = out->dim(1), d = out->dim(2);
+  DN_RETURN_IF_ERROR(CheckNumel(table, k * d, "AddModulation", "table"));
+  const bool broadcast = proj.numel() == b * d && k != 1;
+  if (!broadcast && proj.numel() != b * k * d)
+    return ShapeError("AddModulation", "proj", proj,
+                      absl::StrCat("[", b, ", ", k * d, "] or [", b, ", ", d, "]"));
+  const float* t = table.data_as<float>();
+  const float* p = proj.data_as<float>();
+  float* o = out->data_as<float>();
+  for (int64_t bi = 0; bi < b; ++bi)
+    for (int64_t ki = 0; ki < k; ++ki)
+      for (int64_t j = 0; j < d; ++j) {
+        const float pv = broadcast ? p[bi * d + j] : p[(bi * k + ki) * d + j];
+        o[(bi * k + ki) * d + j] = t[ki * d + j] + pv;
+      }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::LayerNormModulate(const Tensor& x, const Tensor& mod,
+                                           int shift_index, int scale_index,
+                                           float eps, Tensor* y) {
+  DN_RETURN_IF_ERROR(CheckF32(x, "LayerNormModulate", "x"));
+  DN_RETURN_IF_ERROR(CheckF32(mod, "LayerNormModulate", "mod"));
+  DN_RETURN_IF_ERROR(CheckF32(*y, "LayerNormModulate", "y"));
+  if (x.rank() != 3) return ShapeError("LayerNormModulate", "x", x, "[B, S, D]");
+  DN_RETURN_IF_ERROR(CheckShape(*y, x.shape(), "LayerNormModulate", "y"));
+  const int64_t b = x.dim(0), s = x.dim(1), d = x.dim(2);
+  if (mod.rank() != 3 || mod.dim(0) != b || mod.dim(2) != d)
+    return ShapeError("LayerNormModulate", "mod", mod,
+                      absl::StrCat("[", b, ", k, ", d, "]"));
+  const int64_t k = mod.dim(1);
+  if (shift_index < 0 || shift_index >= k || scale_index < 0 || scale_index >= k)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cpu LayerNormModulate: shift_index ", shift_index, " / scale_index ",
+        scale_index, " outside the ", k, " rows of mod"));
+  const float* in = x.data_as<float>();
+  const float* m = mod.data_as<float>();
+  float* out = y->data_as<float>();
+  ParallelFor(b * s, d * 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bi = r / s;
+      const float* row = in + r * d;
+      const float* shift = m + (bi * k + shift_index) * d;
+      const float* scale = m + (bi * k + scale_index) * d;
+      double mean, rstd;
+      MeanRstd(row, d, eps, &mean, &rstd);
+      float* o = out + r * d;
+      for (int64_t j = 0; j < d; ++j) {
+        const float norm = static_cast<float>((row[j] - mean) * rstd);
+        o[j] = norm * (1.0f + scale[j]) + shift[j];
+      }
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::LayerNormAffine(const Tensor& x, const Tensor& weight,
+                                         const Tensor& bias, float eps,
+                                         Tensor* y) {
+  DN_RETURN_IF_ERROR(CheckF32(x, "LayerNormAffine", "x"));
+  DN_RETURN_IF_ERROR(CheckF32(weight, "LayerNormAffine", "weight"));
+  DN_RETURN_IF_ERROR(CheckF32(bias, "LayerNormAffine", "bias"));
+  DN_RETURN_IF_ERROR(CheckF32(*y, "LayerNormAffine", "y"));
+  if (x.rank() < 1) return ShapeError("LayerNormAffine", "x", x, "[M, D]");
+  const int64_t d = x.shape().back();
+  DN_RETURN_IF_ERROR(CheckNumel(weight, d, "LayerNormAffine", "weight"));
+  DN_RETURN_IF_ERROR(CheckNumel(bias, d, "LayerNormAffine", "bias"));
+  DN_RETURN_IF_ERROR(CheckNumel(*y, x.numel(), "LayerNormAffine", "y"));
+  const float* in = x.data_as<float>();
+  const float* g = weight.data_as<float>();
+  const float* bb = bias.data_as<float>();
+  float* out = y->data_as<float>();
+  ParallelFor(d ? x.numel() / d : 0, d * 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = in + r * d;
+      double mean, rstd;
+      MeanRstd(row, d, eps, &mean, &rstd);
+      float* o = out + r * d;
+      for (int64_t j = 0; j < d; ++j)
+        o[j] = static_cast<float>((row[j] - mean) * rstd) * g[j] + bb[j];
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::RmsNorm(const Tensor& x, const Tensor& weight,
+                                 float eps, Tensor* y) {
+  DN_RETURN_IF_ERROR(CheckF32(x, "RmsNorm", "x"));
+  DN_RETURN_IF_ERROR(CheckF32(weight, "RmsNorm", "weight"));
+  DN_RETURN_IF_ERROR(CheckF32(*y, "RmsNorm", "y"));
+  if (x.rank() < 1) return ShapeError("RmsNorm", "x", x, "[M, D]");
+  const int64_t d = x.shape().back();
+  DN_RETURN_IF_ERROR(CheckNumel(weight, d, "RmsNorm", "weight"));
+  DN_RETURN_IF_ERROR(CheckNumel(*y, x.numel(), "RmsNorm", "y"));
+  const float* in = x.data_as<float>();
+  const float* g = weight.data_as<float>();
+  float* out = y->data_as<float>();
+  ParallelFor(d ? x.numel() / d : 0, d * 2, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = in + r * d;
+      const double inv = RmsInv(row, d, eps);
+      float* o = out + r * d;
+      for (int64_t j = 0; j < d; ++j)
+        o[j] = static_cast<float>(row[j] * inv) * g[j];
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::RmsNormRope(const Tensor& x, const Tensor& weight,
+                                     const Tensor& rope, int heads, float eps,
+                                     Tensor* y) {
+  DN_RETURN_IF_ERROR(CheckF32(x, "RmsNormRope", "x"));
+  DN_RETURN_IF_ERROR(CheckF32(weight, "RmsNormRope", "weight"));
+  DN_RETURN_IF_ERROR(CheckF32(rope, "RmsNormRope", "rope"));
+  DN_RETURN_IF_ERROR(CheckF32(*y, "RmsNormRope", "y"));
+  if (x.rank() != 3) return ShapeError("RmsNormRope", "x", x, "[B, S, D]");
+  DN_RETURN_IF_ERROR(CheckShape(*y, x.shape(), "RmsNormRope", "y"));
+  const int64_t b = x.dim(0), s = x.dim(1), d_model = x.dim(2);
+  if (heads <= 0 || d_model % heads != 0 || (d_model / heads) % 2 != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cpu RmsNormRope: heads ", heads, " must divide D ", d_model,
+        " into even head dims"));
+  const int64_t hd = d_model / heads, pairs = hd / 2;
+  DN_RETURN_IF_ERROR(CheckNumel(weight, d_model, "RmsNormRope", "weight"));
+  DN_RETURN_IF_ERROR(CheckShape(rope, {s, pairs, 2}, "RmsNormRope", "rope"));
+  const float* in = x.data_as<float>();
+  const float* g = weight.data_as<float>();
+  const float* cs = rope.data_as<float>();
+  float* out = y->data_as<float>();
+  ParallelFor(b * s, d_model * 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t si = r % s;
+      const float* row = in + r * d_model;
+      const double inv = RmsInv(row, d_model, eps);
+      float* o = out + r * d_model;
+      const float* angle = cs + si * pairs * 2;
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t base = h * hd;
+        for (int64_t p = 0; p < pairs; ++p) {
+          const int64_t c0 = base + 2 * p, c1 = c0 + 1;
+          const float x0 = static_cast<float>(row[c0] * inv) * g[c0];
+          const float x1 = static_cast<float>(row[c1] * inv) * g[c1];
+          const float cosv = angle[2 * p], sinv = angle[2 * p + 1];
+          o[c0] = x0 * cosv - x1 * sinv;
+          o[c1] = x0 * sinv + x1 * cosv;
+        }
+      }
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::Attention(const Tensor& q, const Tensor& k,
+                                   const Tensor& v, int64_t kv_len,
+                                   float scale, Tensor* o) {
+  DN_RETURN_IF_ERROR(CheckF32(q, "Attention", "q"));
+  DN_RETURN_IF_ERROR(CheckF32(k, "Attention", "k"));
+  DN_RETURN_IF_ERROR(CheckF32(v, "Attention", "v"));
+  DN_RETURN_IF_ERROR(CheckF32(*o, "Attention", "o"));
+  if (q.rank() != 4) return ShapeError("Attention", "q", q, "[B, Sq, H, d]");
+  const int64_t b = q.dim(0), sq = q.dim(1), h = q.dim(2), d = q.dim(3);
+  if (k.rank() != 4 || k.dim(0) != b || k.dim(2) != h || k.dim(3) != d)
+    return ShapeError("Attention", "k", k,
+                      absl::StrCat("[", b, ", Skv, ", h, ", ", d, "]"));
+  const int64_t skv = k.dim(1);
+  DN_RETURN_IF_ERROR(CheckShape(v, k.shape(), "Attention", "v"));
+  DN_RETURN_IF_ERROR(CheckShape(*o, q.shape(), "Attention", "o"));
+  if (kv_len < 1 || kv_len > skv)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cpu Attention: kv_len ", kv_len, " outside [1, ", skv, "]"));
+  if (sq == 0 || b == 0 || h == 0) return absl::OkStatus();
+  // Query rows per chunk so the score block stays around 16 MiB.
+  const int64_t rows = std::max<int64_t>(
+      1, std::min<int64_t>(sq, (int64_t{1} << 22) / kv_len));
+  if (static_cast<int64_t>(scores_.size()) < rows * kv_len)
+    scores_.resize(static_cast<size_t>(rows * kv_len));
+  float* scores = scores_.data();
+  const int ld = static_cast<int>(h * d);
+  for (int64_t bi = 0; bi < b; ++bi) {
+    for (int64_t hi = 0; hi < h; ++hi) {
+      const float* kp = k.data_as<float>() + (bi * skv * h + hi) * d;
+      const float* vp = v.data_as<float>() + (bi * skv * h + hi) * d;
+      for (int64_t r0 = 0; r0 < sq; r0 += rows) {
+        const int64_t m = std::min(rows, sq - r0);
+        const float* qp = q.data_as<float>() + ((bi * sq + r0) * h + hi) * d;
+        float* op = o->data_as<float>() + ((bi * sq + r0) * h + hi) * d;
+        // scores[m, kv_len] = scale * q k^T
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans,
+                    static_cast<int>(m), static_cast<int>(kv_len),
+                    static_cast<int>(d), scale, qp, ld, kp, ld, 0.0f, scores,
+                    static_cast<int>(kv_len));
+        ParallelFor(m, kv_len * 8, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            float* row = scores + r * kv_len;
+            float mx = row[0];
+            for (int64_t j = 1; j < kv_len; ++j) mx = std::max(mx, row[j]);
+            double sum = 0.0;
+            for (int64_t j = 0; j < kv_len; ++j) {
+              row[j] = std::exp(row[j] - mx);
+              sum += row[j];
+            }
+            const float inv = static_cast<float>(1.0 / sum);
+            for (int64_t j = 0; j < kv_len; ++j) row[j] *= inv;
+          }
+        });
+        // o[m, d] = P v
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans,
+                    static_cast<int>(m), static_cast<int>(d),
+                    static_cast<int>(kv_len), 1.0f, scores,
+                    static_cast<int>(kv_len), vp, ld, 0.0f, op, ld);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::GatedResidual(Tensor* x, const Tensor& y,
+                                       const Tensor& mod, int gate_index) {
+  DN_RETURN_IF_ERROR(CheckF32(*x, "GatedResidual", "x"));
+  DN_RETURN_IF_ERROR(CheckF32(y, "GatedResidual", "y"));
+  DN_RETURN_IF_ERROR(CheckF32(mod, "GatedResidual", "mod"));
+  if (x->rank() != 3) return ShapeError("GatedResidual", "x", *x, "[B, S, D]");
+  DN_RETURN_IF_ERROR(CheckNumel(y, x->numel(), "GatedResidual", "y"));
+  const int64_t b = x->dim(0), s = x->dim(1), d = x->dim(2);
+  if (mod.rank() != 3 || mod.dim(0) != b || mod.dim(2) != d)
+    return ShapeError("GatedResidual", "mod", mod,
+                      absl::StrCat("[", b, ", k, ", d, "]"));
+  const int64_t k = mod.dim(1);
+  if (gate_index < 0 || gate_index >= k)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cpu GatedResidual: gate_index ", gate_index, " outside the ", k,
+        " rows of mod"));
+  float* xp = x->data_as<float>();
+  const float* yp = y.data_as<float>();
+  const float* m = mod.data_as<float>();
+  ParallelFor(b * s, d, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* gate = m + ((r / s) * k + gate_index) * d;
+      float* xr = xp + r * d;
+      const float* yr = yp + r * d;
+      for (int64_t j = 0; j < d; ++j) xr[j] += yr[j] * gate[j];
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::AddInPlace(Tensor* x, const Tensor& y) {
+  DN_RETURN_IF_ERROR(CheckF32(*x, "AddInPlace", "x"));
+  DN_RETURN_IF_ERROR(CheckF32(y, "AddInPlace", "y"));
+  DN_RETURN_IF_ERROR(CheckNumel(y, x->numel(), "AddInPlace", "y"));
+  float* xp = x->data_as<float>();
+  const float* yp = y.data_as<float>();
+  ParallelFor(x->numel(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) xp[i] += yp[i];
+  });
+  return absl::OkStatus();
+}
+
+// --- Ulysses relayouts ----------------------------------------------------------
+
+absl::Status CpuBackend::PackQkv(const Tensor& q, const Tensor& k,
+                                 const Tensor& v, int world, Tensor* send) {
+  DN_RETURN_IF_ERROR(CheckF32(q, "PackQkv", "q"));
+  DN_RETURN_IF_ERROR(CheckF32(k, "PackQkv", "k"));
+  DN_RETURN_IF_ERROR(CheckF32(v, "PackQkv", "v"));
+  DN_RETURN_IF_ERROR(CheckF32(*send, "PackQkv", "send"));
+  DN_ASSIGN_OR_RETURN(comm::UlyssesLayout l, LayoutFor(q, world, "PackQkv"));
+  DN_RETURN_IF_ERROR(CheckShape(k, q.shape(), "PackQkv", "k"));
+  DN_RETURN_IF_ERROR(CheckShape(v, q.shape(), "PackQkv", "v"));
+  DN_RETURN_IF_ERROR(CheckNumel(*send, 3 * q.numel(), "PackQkv", "send"));
+  comm::PackQkvHost(l, q.data(), k.data(), v.data(), send->data());
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::UnpackQkv(const Tensor& recv, int world, Tensor* q,
+                                   Tensor* k, Tensor* v) {
+  DN_RETURN_IF_ERROR(CheckF32(recv, "UnpackQkv", "recv"));
+  DN_RETURN_IF_ERROR(CheckF32(*q, "UnpackQkv", "q"));
+  DN_RETURN_IF_ERROR(CheckF32(*k, "UnpackQkv", "k"));
+  DN_RETURN_IF_ERROR(CheckF32(*v, "UnpackQkv", "v"));
+  // q is head-sharded [B, P*S, h, d]; the layout is that of [B, S, h*P, d].
+  if (q->rank() != 4 || world <= 0 || q->dim(1) % world != 0)
+    return ShapeError("UnpackQkv", "q", *q,
+                      absl::StrCat("[B, P*S, h, d] with P = ", world));
+  const Tensor seq_view =
+      q->View({q->dim(0), q->dim(1) / world, q->dim(2) * world, q->dim(3)});
+  DN_ASSIGN_OR_RETURN(comm::UlyssesLayout l,
+                      LayoutFor(seq_view, world, "UnpackQkv"));
+  DN_RETURN_IF_ERROR(CheckShape(*k, q->shape(), "UnpackQkv", "k"));
+  DN_RETURN_IF_ERROR(CheckShape(*v, q->shape(), "UnpackQkv", "v"));
+  DN_RETURN_IF_ERROR(CheckNumel(recv, 3 * q->numel(), "UnpackQkv", "recv"));
+  comm::UnpackQkvHost(l, recv.data(), q->data(), k->data(), v->data());
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::PackOut(const Tensor& o, int world, Tensor* send) {
+  DN_RETURN_IF_ERROR(CheckF32(o, "PackOut", "o"));
+  DN_RETURN_IF_ERROR(CheckF32(*send, "PackOut", "send"));
+  if (o.rank() != 4 || world <= 0 || o.dim(1) % world != 0)
+    return ShapeError("PackOut", "o", o,
+                      absl::StrCat("[B, P*S, h, d] with P = ", world));
+  const Tensor seq_view =
+      o.View({o.dim(0), o.dim(1) / world, o.dim(2) * world, o.dim(3)});
+  DN_ASSIGN_OR_RETURN(comm::UlyssesLayout l, LayoutFor(seq_view, world, "PackOut"));
+  DN_RETURN_IF_ERROR(CheckNumel(*send, o.numel(), "PackOut", "send"));
+  comm::PackOutHost(l, o.data(), send->data());
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::UnpackOut(const Tensor& recv, int world, Tensor* o) {
+  DN_RETURN_IF_ERROR(CheckF32(recv, "UnpackOut", "recv"));
+  DN_RETURN_IF_ERROR(CheckF32(*o, "UnpackOut", "o"));
+  DN_ASSIGN_OR_RETURN(comm::UlyssesLayout l, LayoutFor(*o, world, "UnpackOut"));
+  DN_RETURN_IF_ERROR(CheckNumel(recv, o->numel(), "UnpackOut", "recv"));
+  comm::UnpackOutHost(l, recv.data(), o->data());
+  return absl::OkStatus();
+}
+
+// --- timing and graphs ----------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<Marker>> CpuBackend::Mark() {
+  return std::unique_ptr<Marker>(
+      std::make_unique<CpuMarker>(std::chrono::steady_clock::now()));
+}
+
+absl::StatusOr<double> CpuBackend::ElapsedSeconds(const Marker& a,
+                                                  const Marker& b) {
+  const auto* ma = dynamic_cast<const CpuMarker*>(&a);
+  const auto* mb = dynamic_cast<const CpuMarker*>(&b);
+  if (ma == nullptr || mb == nullptr)
+    return absl::InvalidArgumentError(
+        "cpu ElapsedSeconds: markers do not come from a CPU backend");
+  return std::chrono::duration<double>(mb->time - ma->time).count();
+}
+
+absl::StatusOr<std::unique_ptr<Graph>> CpuBackend::Capture(
+    const std::function<absl::Status()>& body) {
+  DN_RETURN_IF_ERROR(body());
+  return std::unique_ptr<Graph>(std::make_unique<CpuGraph>(body));
+}
+
+}  // namespace dn::worker

@@ -1,0 +1,432 @@
+// The engine loop of one rank: Wan2.1 DiT forward of the rank's token shard,
+// all-gather of the head outputs, unpatchify, classifier-free guidance and
+// the sampler step on the replicated host latent; one control all-reduce per
+// step decides stops and carries errors and timings.
+#include "worker/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "comm/base/log.h"
+#include "comm/base/status_macros.h"
+#include "worker/noise.h"
+#include "worker/wan_model.h"
+
+namespace dn::worker {
+
+absl::StatusOr<LatentShape> LatentFromPixels(const WanConfig& config,
+                                             int frames, int height,
+                                             int width) {
+  const auto& vs = config.vae_stride;
+  const auto& ps = config.patch_size;
+  if (frames < 1 || (frames - 1) % vs[0] != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "frames ", frames, " must be 1 + a multiple of the VAE time stride ",
+        vs[0], " (e.g. 1, ", 1 + vs[0], ", ", 1 + 4 * vs[0], ")"));
+  const int latent_frames = (frames - 1) / vs[0] + 1;
+  if (latent_frames % ps[0] != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "frames ", frames, " give ", latent_frames,
+        " latent frames, not a multiple of the patch size ", ps[0]));
+  const int hmul = vs[1] * ps[1], wmul = vs[2] * ps[2];
+  if (height < 1 || height % hmul != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "height ", height, " must be a positive multiple of ", hmul,
+        " (VAE stride ", vs[1], " x patch ", ps[1], ")"));
+  if (width < 1 || width % wmul != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "width ", width, " must be a positive multiple of ", wmul,
+        " (VAE stride ", vs[2], " x patch ", ps[2], ")"));
+  LatentShape s;
+  s.channels = config.in_channels;
+  s.frames = latent_frames;
+  s.height = height / vs[1];
+  s.width = width / vs[2];
+  return s;
+}
+
+int64_t TokenCount(const WanConfig& config, const LatentShape& shape) {
+  const auto& p = config.patch_size;
+  return static_cast<int64_t>(shape.frames / p[0]) * (shape.height / p[1]) *
+         (shape.width / p[2]);
+}
+
+namespace {
+
+// Control words all-reduced (max, f64) once per step.
+enum ControlWord {
+  kStopCode = 0,     // absl::StatusCode of a requested stop, 0 = none
+  kErrorRank,        // 1 + rank of a failed rank, 0 = none
+  kStepSeconds,      // this rank's step time
+  kNegStepSeconds,   // minus it (max of it = -fastest)
+  kAllToAllSeconds,  // this rank's all-to-all time in the step
+  kControlWords
+};
+
+int64_t UnixMillis() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+class EngineImpl : public Engine {
+ public:
+  EngineImpl(std::unique_ptr<WanModel> model, Backend& backend,
+             comm::ProcessGroup& data, comm::ProcessGroup& control,
+             const EngineOptions& options)
+      : model_(std::move(model)),
+        backend_(backend),
+        data_(data),
+        control_(control),
+        options_(options) {}
+
+  const WanConfig& config() const override { return model_->config(); }
+  absl::Status Validate(const GenerateParams& params) const override;
+  absl::StatusOr<Tensor> Generate(const GenerateParams& params,
+                                  const StepCallback& on_step,
+                                  const StopFlag* stop) override;
+  absl::StatusOr<double> Warmup(const LatentShape& shape,
+                                int text_len) override;
+
+ private:
+  // Everything before the first step that may fail on one rank only.
+  absl::Status Setup(const GenerateParams& params, bool cfg);
+  absl::Status RunStep(int i, Sampler& sampler, bool cfg, float guidance,
+                       double* step_seconds, double* alltoall_seconds);
+  void Unpatchify(const float* gathered, int batch_index, float* v) const;
+
+  std::unique_ptr<WanModel> model_;
+  Backend& backend_;
+  comm::ProcessGroup& data_;
+  comm::ProcessGroup& control_;
+  EngineOptions options_;
+
+  // Per-shape state (reused across requests of the same shape).
+  LatentShape latent_;
+  Tensor gathered_;                   // backend [P, B, S, patch_out]
+  std::vector<float> gathered_host_;  // host copy of it
+  std::vector<float> x_;              // the replicated latent
+  std::vector<float> v_cond_, v_uncond_, v_;
+  Tensor zero_negative_;
+  MarkerList markers_;
+};
+
+absl::Status EngineImpl::Validate(const GenerateParams& p) const {
+  const WanConfig& c = config();
+  if (p.steps < 1 || p.steps > 1000)
+    return absl::InvalidArgumentError(
+        absl::StrCat("steps ", p.steps, " must be in [1, 1000]"));
+  if (!std::isfinite(p.guidance) || p.guidance < 0 || p.guidance > 100)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "guidance ", p.guidance, " must be finite and in [0, 100] (CFG on iff > 1)"));
+  if (!std::isfinite(p.shift) || p.shift <= 0 || p.shift > 1000)
+    return absl::InvalidArgumentError(
+        absl::StrCat("shift ", p.shift, " must be finite and in (0, 1000]"));
+  const LatentShape& l = p.latent;
+  if (l.channels != c.in_channels)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "latent channels ", l.channels, " must equal the model's in_channels ",
+        c.in_channels));
+  const auto& ps = c.patch_size;
+  if (l.frames < 1 || l.frames % ps[0] != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "latent frames ", l.frames, " must be a positive multiple of ", ps[0]));
+  if (l.height < 1 || l.height % ps[1] != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "latent height ", l.height, " must be a positive multiple of ", ps[1]));
+  if (l.width < 1 || l.width % ps[2] != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "latent width ", l.width, " must be a positive multiple of ", ps[2]));
+  const int max_pos = c.rope_max_seq_len;
+  if (l.frames / ps[0] > max_pos || l.height / ps[1] > max_pos ||
+      l.width / ps[2] > max_pos)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "latent frames/height/width ", l.frames, "/", l.height, "/", l.width,
+        " exceed rope_max_seq_len ", max_pos, " tokens on an axis"));
+  const int64_t tokens = TokenCount(c, l);
+  if (tokens > options_.max_tokens)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tokens ", tokens, " (latent ", l.frames, "x", l.height, "x", l.width,
+        ") over max_tokens ", options_.max_tokens));
+  auto check_embeds = [&](const Tensor& e, const char* name) -> absl::Status {
+    if (e.device() != Device::kCpu || e.dtype() != DType::kF32 ||
+        e.rank() != 2 || e.dim(0) < 1 || e.dim(1) != c.text_dim)
+      return absl::InvalidArgumentError(absl::StrCat(
+          name, " must be host f32 [T, text_dim = ", c.text_dim,
+          "] with T >= 1, got ", e.DebugString()));
+    if (e.dim(0) > 4096)
+      return absl::InvalidArgumentError(absl::StrCat(
+          name, " has ", e.dim(0), " tokens, more than 4096"));
+    return absl::OkStatus();
+  };
+  if (!p.prompt_embeds.defined())
+    return absl::InvalidArgumentError("prompt_embeds are missing");
+  DN_RETURN_IF_ERROR(check_embeds(p.prompt_embeds, "prompt_embeds"));
+  if (p.negative_embeds.defined())
+    DN_RETURN_IF_ERROR(check_embeds(p.negative_embeds, "negative_embeds"));
+  if (p.initial_latents.defined()) {
+    const Shape want = {l.channels, l.frames, l.height, l.width};
+    if (p.initial_latents.device() != Device::kCpu ||
+        p.initial_latents.dtype() != DType::kF32 ||
+        p.initial_latents.shape() != want)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "initial_latents must be host f32 ", ShapeString(want), ", got ",
+          p.initial_latents.DebugString()));
+  }
+  if (p.deadline_unix_millis < 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "deadline_unix_millis ", p.deadline_unix_millis, " is negative"));
+  return absl::OkStatus();
+}
+
+absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
+  const WanConfig& c = config();
+  const auto& ps = c.patch_size;
+  ModelShape shape;
+  shape.batch = cfg ? 2 : 1;
+  shape.grid_f = p.latent.frames / ps[0];
+  shape.grid_h = p.latent.height / ps[1];
+  shape.grid_w = p.latent.width / ps[2];
+  DN_RETURN_IF_ERROR(model_->Plan(shape));
+  const int64_t world = data_.size();
+  const Shape gshape = {world, shape.batch, model_->shard(), model_->patch_out()};
+  if (world > 1 && (!gathered_.defined() || gathered_.shape() != gshape)) {
+    gathered_ = Tensor();
+    DN_ASSIGN_OR_RETURN(gathered_, backend_.Empty(gshape, backend_.compute_dtype()));
+  }
+  gathered_host_.resize(static_cast<size_t>(NumElements(gshape)));
+  const size_t n = static_cast<size_t>(p.latent.channels) * p.latent.frames *
+                   p.latent.height * p.latent.width;
+  x_.resize(n);
+  v_cond_.resize(n);
+  v_uncond_.resize(cfg ? n : 0);
+  v_.resize(cfg ? n : 0);
+  latent_ = p.latent;
+
+  std::vector<const Tensor*> embeds = {&p.prompt_embeds};
+  if (cfg) {
+    if (p.negative_embeds.defined()) {
+      embeds.push_back(&p.negative_embeds);
+    } else {
+      if (!zero_negative_.defined() ||
+          zero_negative_.shape() != p.prompt_embeds.shape())
+        zero_negative_ = Tensor::Host(p.prompt_embeds.shape());
+      embeds.push_back(&zero_negative_);
+    }
+  }
+  DN_RETURN_IF_ERROR(model_->SetContext(embeds));
+
+  if (p.initial_latents.defined()) {
+    std::memcpy(x_.data(), p.initial_latents.data(), n * sizeof(float));
+  } else {
+    FillNormal(p.seed, kNoiseStream, 0, 0.0f, 1.0f, x_.data(), n);
+  }
+  markers_.reserve(4 * config().num_layers + 4);
+  return absl::OkStatus();
+}
+
+void EngineImpl::Unpatchify(const float* gathered, int batch_index,
+                            float* v) const {
+  // gathered [P, B, S, patch_out]; token n = p*S + s (n < L); patch vector
+  // index ((a*ph + y)*pw + x)*C_out + c (spec §3 step 9).
+  const WanConfig& c = config();
+  const int pt = c.patch_size[0], ph = c.patch_size[1], pw = c.patch_size[2];
+  const ModelShape& shape = model_->shape();
+  const int64_t s = model_->shard(), cp = model_->patch_out();
+  const int64_t gh = shape.grid_h, gw = shape.grid_w;
+  const int64_t l = shape.tokens();
+  const int64_t frames = latent_.frames, height = latent_.height,
+                width = latent_.width;
+  const int64_t batch = shape.batch;
+  for (int64_t n = 0; n < l; ++n) {
+    const int64_t p = n / s, si = n % s;
+    const float* row = gathered + ((p * batch + batch_index) * s + si) * cp;
+    const int64_t f = n / (gh * gw), hh = (n / gw) % gh, ww = n % gw;
+    for (int a = 0; a < pt; ++a)
+      for (int y = 0; y < ph; ++y)
+        for (int x = 0; x < pw; ++x) {
+          const float* src = row + ((a * ph + y) * pw + x) * c.out_channels;
+          const int64_t base =
+              ((f * pt + a) * height + hh * ph + y) * width + ww * pw + x;
+          for (int ch = 0; ch < c.out_channels; ++ch)
+            v[ch * frames * height * width + base] = src[ch];
+        }
+  }
+}
+
+absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
+                                 float guidance, double* step_seconds,
+                                 double* alltoall_seconds) {
+  const int world = data_.size();
+  markers_.clear();
+  DN_ASSIGN_OR_RETURN(std::unique_ptr<Marker> start, backend_.Mark());
+  DN_RETURN_IF_ERROR(model_->UploadInputs(x_.data(), sampler.timesteps()[i]));
+  DN_RETURN_IF_ERROR(model_->Forward(world > 1 ? &data_ : nullptr, &markers_,
+                                     options_.use_graphs));
+  if (world > 1) {
+    const Tensor& out = model_->output();
+    DN_RETURN_IF_ERROR(data_.AllGather(out.data(), gathered_.data(), out.nbytes()));
+    DN_RETURN_IF_ERROR(backend_.CopyToHost(gathered_, gathered_host_.data()));
+  } else {
+    DN_RETURN_IF_ERROR(
+        backend_.CopyToHost(model_->output(), gathered_host_.data()));
+  }
+  Unpatchify(gathered_host_.data(), 0, v_cond_.data());
+  const float* v = v_cond_.data();
+  if (cfg) {
+    Unpatchify(gathered_host_.data(), 1, v_uncond_.data());
+    ApplyGuidance(v_cond_.data(), v_uncond_.data(), guidance, v_.data(),
+                  v_.size());
+    v = v_.data();
+  }
+  DN_RETURN_IF_ERROR(sampler.Step(i, v, x_.data(), x_.size()));
+  DN_ASSIGN_OR_RETURN(std::unique_ptr<Marker> end, backend_.Mark());
+  DN_ASSIGN_OR_RETURN(*step_seconds, backend_.ElapsedSeconds(*start, *end));
+  double a2a = 0;
+  for (size_t m = 0; m + 1 < markers_.size(); m += 2) {
+    DN_ASSIGN_OR_RETURN(double sec,
+                        backend_.ElapsedSeconds(*markers_[m], *markers_[m + 1]));
+    a2a += sec;
+  }
+  *alltoall_seconds = a2a;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
+                                            const StepCallback& on_step,
+                                            const StopFlag* stop) {
+  // Params are identical on every rank, so every rank fails validation alike.
+  DN_RETURN_IF_ERROR(Validate(params));
+  DN_ASSIGN_OR_RETURN(std::unique_ptr<Sampler> sampler,
+                      Sampler::Create(params.scheduler, params.steps, params.shift));
+  const bool cfg = params.guidance > 1.0;
+  const int rank = data_.rank();
+  const int steps = sampler->steps();
+
+  absl::Status local = Setup(params, cfg);
+  for (int i = 0; i < steps; ++i) {
+    double step_seconds = 0, a2a_seconds = 0;
+    if (local.ok())
+      local = RunStep(i, *sampler, cfg, static_cast<float>(params.guidance),
+                      &step_seconds, &a2a_seconds);
+    if (!local.ok()) {
+      // Peers blocked in a data collective with us fail promptly.
+      data_.Abort();
+    }
+    double words[kControlWords] = {0, 0, 0, 0, 0};
+    if (stop != nullptr && stop->code() != absl::StatusCode::kOk)
+      words[kStopCode] = static_cast<double>(stop->code());
+    if (params.deadline_unix_millis > 0 &&
+        UnixMillis() >= params.deadline_unix_millis)
+      words[kStopCode] = std::max(
+          words[kStopCode], static_cast<double>(absl::StatusCode::kDeadlineExceeded));
+    words[kErrorRank] = local.ok() ? 0.0 : static_cast<double>(rank + 1);
+    words[kStepSeconds] = step_seconds;
+    words[kNegStepSeconds] = -step_seconds;
+    words[kAllToAllSeconds] = a2a_seconds;
+    absl::Status cs = control_.AllReduce(words, kControlWords,
+                                         comm::ReduceType::kF64,
+                                         comm::ReduceOp::kMax);
+    if (!cs.ok()) {
+      data_.Abort();
+      if (!local.ok()) return local;
+      return absl::Status(cs.code(), absl::StrCat("control all-reduce at step ",
+                                                  i, ": ", cs.message()));
+    }
+    if (words[kErrorRank] > 0) {
+      if (!local.ok()) return local;
+      data_.Abort();
+      return absl::AbortedError(absl::StrCat(
+          "rank ", static_cast<int>(words[kErrorRank]) - 1, " failed at step ",
+          i, "; rank ", rank, " stopped with it"));
+    }
+    StepStats stats;
+    stats.index = i;
+    stats.total = steps;
+    stats.sigma = sampler->sigmas()[static_cast<size_t>(i)];
+    stats.timestep = sampler->timesteps()[static_cast<size_t>(i)];
+    stats.seconds = words[kStepSeconds];
+    stats.rank_seconds = step_seconds;
+    stats.alltoall_seconds = words[kAllToAllSeconds];
+    stats.skew_seconds = words[kStepSeconds] + words[kNegStepSeconds];
+    if (on_step) on_step(stats);
+    if (words[kStopCode] > 0 && i + 1 < steps) {
+      const auto code = static_cast<absl::StatusCode>(
+          static_cast<int>(words[kStopCode]));
+      if (code == absl::StatusCode::kDeadlineExceeded)
+        return absl::DeadlineExceededError(absl::StrCat(
+            "deadline exceeded after step ", i + 1, " of ", steps));
+      return absl::Status(code, absl::StrCat("stopped after step ", i + 1,
+                                             " of ", steps));
+    }
+  }
+  Tensor result = Tensor::Host({params.latent.channels, params.latent.frames,
+                                params.latent.height, params.latent.width});
+  std::memcpy(result.data(), x_.data(), x_.size() * sizeof(float));
+  return result;
+}
+
+absl::StatusOr<double> EngineImpl::Warmup(const LatentShape& shape,
+                                          int text_len) {
+  if (text_len < 1)
+    return absl::InvalidArgumentError(
+        absl::StrCat("warmup text_len ", text_len, " must be >= 1"));
+  GenerateParams p;
+  p.latent = shape;
+  p.steps = 2;
+  p.guidance = 2.0;  // both CFG branches, as served requests run them
+  p.prompt_embeds = Tensor::Host({text_len, config().text_dim});
+  double seconds = 0;
+  DN_RETURN_IF_ERROR(
+      Generate(p, [&](const StepStats& s) { seconds = s.seconds; }, nullptr)
+          .status());
+  return seconds;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
+    const WeightSource& weights, Backend& backend, comm::ProcessGroup& data,
+    comm::ProcessGroup& control, const EngineOptions& options) {
+  const WanConfig& c = weights.config();
+  if (data.size() != control.size() || data.rank() != control.rank())
+    return absl::InvalidArgumentError(absl::StrCat(
+        "data group (rank ", data.rank(), " of ", data.size(),
+        ") and control group (rank ", control.rank(), " of ", control.size(),
+        ") must have the same ranks"));
+  const comm::MemoryKind want = backend.device() == Device::kCpu
+                                    ? comm::MemoryKind::kHost
+                                    : comm::MemoryKind::kDevice;
+  if (data.memory() != want)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "data group '", data.backend_name(), "' moves ",
+        data.memory() == comm::MemoryKind::kHost ? "host" : "device",
+        " memory, but backend '", backend.name(), "' keeps activations in ",
+        want == comm::MemoryKind::kHost ? "host" : "device", " memory"));
+  if (control.memory() != comm::MemoryKind::kHost)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "control group '", control.backend_name(), "' must move host memory"));
+  if (c.is_i2v())
+    return absl::UnimplementedError(absl::StrCat(
+        "image-to-video models are not supported yet (config image_dim=",
+        c.image_dim, ", added_kv_proj_dim=", c.added_kv_proj_dim,
+        "); only T2V Wan2.1 configs (both unset) run"));
+  if (c.num_attention_heads % data.size() != 0)
+    return absl::FailedPreconditionError(absl::StrCat(
+        "num_attention_heads ", c.num_attention_heads,
+        " does not divide by the group size ", data.size(),
+        " (Ulysses shards heads across ranks)"));
+  if (options.max_tokens < 1)
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens ", options.max_tokens, " must be >= 1"));
+  DN_ASSIGN_OR_RETURN(std::unique_ptr<WanModel> model,
+                      WanModel::Load(weights, backend, data.size(), data.rank()));
+  return std::unique_ptr<Engine>(std::make_unique<EngineImpl>(
+      std::move(model), backend, data, control, options));
+}
+
+}  // namespace dn::worker

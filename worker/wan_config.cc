@@ -1,0 +1,351 @@
+#include "worker/wan_config.h"
+
+#include <openssl/evp.h>
+
+#include <cmath>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "comm/base/status_macros.h"
+#include "nlohmann/json.hpp"
+
+namespace dn::worker {
+namespace {
+
+using Json = nlohmann::json;
+
+constexpr char kClassName[] = "WanTransformer3DModel";
+constexpr char kOriginalClassName[] = "WanModel";  // Wan2.1's own config.json
+constexpr char kQkNorm[] = "rms_norm_across_heads";
+// Upper bound on any size in a config, so derived tensor sizes cannot
+// overflow (configs are untrusted input).
+constexpr int kMaxSize = 1 << 20;
+
+std::string Show(const Json& j) {
+  std::string s = j.dump(-1, ' ', false, Json::error_handler_t::replace);
+  if (s.size() > 80) s = s.substr(0, 77) + "...";
+  return s;
+}
+
+absl::Status FieldError(const std::string& field, const std::string& what,
+                        const Json& got) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "config field '", field, "': ", what, ", got ", Show(got)));
+}
+
+// Reads an integer field, if present. `nullable`: JSON null reads as 0.
+absl::Status ReadInt(const Json& root, const std::string& field, bool nullable,
+                     std::optional<int>* out) {
+  auto it = root.find(field);
+  if (it == root.end()) return absl::OkStatus();
+  if (it->is_null() && nullable) {
+    *out = 0;
+    return absl::OkStatus();
+  }
+  if (!it->is_number_integer())
+    return FieldError(field, nullable ? "expected an integer or null"
+                                      : "expected an integer",
+                      *it);
+  const int64_t v = it->get<int64_t>();
+  if (v < -kMaxSize || v > kMaxSize)
+    return FieldError(field, absl::StrCat("out of range [", -kMaxSize, ", ",
+                                          kMaxSize, "]"),
+                      *it);
+  *out = static_cast<int>(v);
+  return absl::OkStatus();
+}
+
+absl::Status ReadTriple(const Json& root, const std::string& field,
+                        std::optional<std::array<int, 3>>* out) {
+  auto it = root.find(field);
+  if (it == root.end()) return absl::OkStatus();
+  if (!it->is_array() || it->size() != 3)
+    return FieldError(field, "expected a list of 3 integers", *it);
+  std::array<int, 3> v{};
+  for (size_t i = 0; i < 3; ++i) {
+    const Json& e = (*it)[i];
+    if (!e.is_number_integer() || e.get<int64_t>() < -kMaxSize ||
+        e.get<int64_t>() > kMaxSize)
+      return FieldError(field, "expected a list of 3 integers", *it);
+    v[i] = static_cast<int>(e.get<int64_t>());
+  }
+  *out = v;
+  return absl::OkStatus();
+}
+
+// Resolves a field that may come under its diffusers name or its original
+// Wan2.1 alias; both present must agree.
+absl::Status Merge(const std::string& name, const std::optional<int>& a,
+                   const std::string& alias, const std::optional<int>& b,
+                   int* out) {
+  if (a && b && *a != *b)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config fields '", name, "' (", *a, ") and '", alias, "' (", *b,
+        ") disagree"));
+  if (a) *out = *a;
+  else if (b) *out = *b;
+  return absl::OkStatus();
+}
+
+absl::Status CheckMin(const std::string& field, int value, int min) {
+  if (value < min)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config field '", field, "' must be >= ", min, " (got ", value, ")"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<WanConfig> WanConfig::FromJson(const std::string& json) {
+  Json root;
+  try {
+    root = Json::parse(json);
+  } catch (const Json::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config is not valid JSON: ", e.what()));
+  }
+  if (!root.is_object())
+    return absl::InvalidArgumentError(
+        absl::StrCat("config must be a JSON object, got ", root.type_name()));
+
+  WanConfig c;
+  if (auto it = root.find("_class_name"); it != root.end()) {
+    if (!it->is_string() || (*it != kClassName && *it != kOriginalClassName))
+      return FieldError("_class_name",
+                        absl::StrCat("expected \"", kClassName, "\" (or \"",
+                                     kOriginalClassName, "\" for Wan2.1's own)"),
+                        *it);
+  }
+
+  std::optional<int> heads, num_heads, head_dim, dim, in_ch, in_dim, out_ch,
+      out_dim, text_dim, freq_dim, ffn_dim, layers, image_dim, added_kv,
+      rope_len, pos_len;
+  DN_RETURN_IF_ERROR(ReadInt(root, "num_attention_heads", false, &heads));
+  DN_RETURN_IF_ERROR(ReadInt(root, "num_heads", false, &num_heads));
+  DN_RETURN_IF_ERROR(ReadInt(root, "attention_head_dim", false, &head_dim));
+  DN_RETURN_IF_ERROR(ReadInt(root, "dim", false, &dim));
+  DN_RETURN_IF_ERROR(ReadInt(root, "in_channels", false, &in_ch));
+  DN_RETURN_IF_ERROR(ReadInt(root, "in_dim", false, &in_dim));
+  DN_RETURN_IF_ERROR(ReadInt(root, "out_channels", false, &out_ch));
+  DN_RETURN_IF_ERROR(ReadInt(root, "out_dim", false, &out_dim));
+  DN_RETURN_IF_ERROR(ReadInt(root, "text_dim", false, &text_dim));
+  DN_RETURN_IF_ERROR(ReadInt(root, "freq_dim", false, &freq_dim));
+  DN_RETURN_IF_ERROR(ReadInt(root, "ffn_dim", false, &ffn_dim));
+  DN_RETURN_IF_ERROR(ReadInt(root, "num_layers", false, &layers));
+  DN_RETURN_IF_ERROR(ReadInt(root, "image_dim", true, &image_dim));
+  DN_RETURN_IF_ERROR(ReadInt(root, "added_kv_proj_dim", true, &added_kv));
+  DN_RETURN_IF_ERROR(ReadInt(root, "rope_max_seq_len", false, &rope_len));
+  DN_RETURN_IF_ERROR(ReadInt(root, "pos_embed_seq_len", true, &pos_len));
+
+  DN_RETURN_IF_ERROR(
+      Merge("num_attention_heads", heads, "num_heads", num_heads,
+            &c.num_attention_heads));
+  DN_RETURN_IF_ERROR(
+      Merge("in_channels", in_ch, "in_dim", in_dim, &c.in_channels));
+  DN_RETURN_IF_ERROR(
+      Merge("out_channels", out_ch, "out_dim", out_dim, &c.out_channels));
+  if (head_dim) c.attention_head_dim = *head_dim;
+  if (dim) {  // original: dim = heads * head_dim
+    if (c.num_attention_heads <= 0 || *dim <= 0 ||
+        *dim % c.num_attention_heads != 0)
+      return FieldError("dim",
+                        absl::StrCat("must be a positive multiple of the head "
+                                     "count ",
+                                     c.num_attention_heads),
+                        root["dim"]);
+    const int derived = *dim / c.num_attention_heads;
+    if (head_dim && *head_dim != derived)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "config fields 'dim' (", *dim, ") and 'attention_head_dim' (",
+          *head_dim, ") disagree with ", c.num_attention_heads, " heads"));
+    c.attention_head_dim = derived;
+  }
+  if (text_dim) c.text_dim = *text_dim;
+  if (freq_dim) c.freq_dim = *freq_dim;
+  if (ffn_dim) c.ffn_dim = *ffn_dim;
+  if (layers) c.num_layers = *layers;
+  if (image_dim) c.image_dim = *image_dim;
+  if (added_kv) c.added_kv_proj_dim = *added_kv;
+  if (rope_len) c.rope_max_seq_len = *rope_len;
+  if (pos_len) c.pos_embed_seq_len = *pos_len;
+
+  std::optional<std::array<int, 3>> patch, stride;
+  DN_RETURN_IF_ERROR(ReadTriple(root, "patch_size", &patch));
+  DN_RETURN_IF_ERROR(ReadTriple(root, "vae_stride", &stride));
+  if (patch) c.patch_size = *patch;
+  if (stride) c.vae_stride = *stride;
+
+  if (auto it = root.find("cross_attn_norm"); it != root.end()) {
+    if (!it->is_boolean())
+      return FieldError("cross_attn_norm", "expected true or false", *it);
+    c.cross_attn_norm = it->get<bool>();
+  }
+  if (auto it = root.find("qk_norm"); it != root.end()) {
+    if (it->is_string()) {
+      c.qk_norm = it->get<std::string>();
+    } else if (it->is_null()) {
+      c.qk_norm = "";
+    } else if (it->is_boolean()) {  // original Wan2.1: qk_norm=True
+      c.qk_norm = it->get<bool>() ? kQkNorm : "";
+    } else {
+      return FieldError("qk_norm", "expected a string, null or a boolean", *it);
+    }
+  }
+  if (auto it = root.find("eps"); it != root.end()) {
+    if (!it->is_number())
+      return FieldError("eps", "expected a number", *it);
+    c.eps = it->get<double>();
+  }
+  if (auto it = root.find("window_size"); it != root.end()) {
+    // Original Wan2.1: (-1, -1) = global attention, the only kind supported.
+    if (!it->is_array() || it->size() != 2 || !(*it)[0].is_number_integer() ||
+        !(*it)[1].is_number_integer() || (*it)[0].get<int64_t>() != -1 ||
+        (*it)[1].get<int64_t>() != -1)
+      return FieldError("window_size",
+                        "only [-1, -1] (global attention) is supported", *it);
+  }
+  if (auto it = root.find("model_type"); it != root.end()) {
+    // Original Wan2.1: "t2v", "i2v" or "flf2v"; the I2V image branch takes
+    // 1280-wide CLIP features projected to dim (spec §1).
+    if (!it->is_string() ||
+        (*it != "t2v" && *it != "i2v" && *it != "flf2v"))
+      return FieldError("model_type", "expected \"t2v\", \"i2v\" or \"flf2v\"",
+                        *it);
+    if (*it != "t2v") {
+      if (!image_dim) c.image_dim = 1280;
+      if (!added_kv) c.added_kv_proj_dim = c.inner_dim();
+      if (*it == "flf2v" && !pos_len) c.pos_embed_seq_len = 2 * 257;
+    }
+  }
+  return c;
+}
+
+std::string WanConfig::ToJson() const {
+  Json j = Json::object();  // std::map-backed: keys come out sorted
+  j["_class_name"] = kClassName;
+  j["added_kv_proj_dim"] =
+      added_kv_proj_dim > 0 ? Json(added_kv_proj_dim) : Json(nullptr);
+  j["attention_head_dim"] = attention_head_dim;
+  j["cross_attn_norm"] = cross_attn_norm;
+  j["eps"] = eps;
+  j["ffn_dim"] = ffn_dim;
+  j["freq_dim"] = freq_dim;
+  j["image_dim"] = image_dim > 0 ? Json(image_dim) : Json(nullptr);
+  j["in_channels"] = in_channels;
+  j["num_attention_heads"] = num_attention_heads;
+  j["num_layers"] = num_layers;
+  j["out_channels"] = out_channels;
+  j["patch_size"] = patch_size;
+  j["pos_embed_seq_len"] =
+      pos_embed_seq_len > 0 ? Json(pos_embed_seq_len) : Json(nullptr);
+  j["qk_norm"] = qk_norm.empty() ? Json(nullptr) : Json(qk_norm);
+  j["rope_max_seq_len"] = rope_max_seq_len;
+  j["text_dim"] = text_dim;
+  j["vae_stride"] = vae_stride;
+  return j.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
+}
+
+std::string WanConfig::Hash() const {
+  const std::string text = ToJson();
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (EVP_Digest(text.data(), text.size(), digest, &len, EVP_sha256(),
+                 nullptr) != 1)
+    return "";
+  static const char kHex[] = "0123456789abcdef";
+  std::string hex;
+  hex.reserve(2 * len);
+  for (unsigned int i = 0; i < len; ++i) {
+    hex.push_back(kHex[digest[i] >> 4]);
+    hex.push_back(kHex[digest[i] & 15]);
+  }
+  return hex;
+}
+
+absl::Status WanConfig::Validate() const {
+  for (int i = 0; i < 3; ++i) {
+    DN_RETURN_IF_ERROR(CheckMin(absl::StrCat("patch_size[", i, "]"),
+                                patch_size[i], 1));
+    DN_RETURN_IF_ERROR(CheckMin(absl::StrCat("vae_stride[", i, "]"),
+                                vae_stride[i], 1));
+  }
+  DN_RETURN_IF_ERROR(CheckMin("num_attention_heads", num_attention_heads, 1));
+  DN_RETURN_IF_ERROR(CheckMin("attention_head_dim", attention_head_dim, 6));
+  if (attention_head_dim % 2 != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config field 'attention_head_dim' must be even for 3-axis RoPE (got ",
+        attention_head_dim, ")"));
+  if (static_cast<int64_t>(num_attention_heads) * attention_head_dim > kMaxSize)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config: inner dim num_attention_heads * attention_head_dim = ",
+        static_cast<int64_t>(num_attention_heads) * attention_head_dim,
+        " exceeds ", kMaxSize));
+  DN_RETURN_IF_ERROR(CheckMin("in_channels", in_channels, 1));
+  DN_RETURN_IF_ERROR(CheckMin("out_channels", out_channels, 1));
+  DN_RETURN_IF_ERROR(CheckMin("text_dim", text_dim, 1));
+  DN_RETURN_IF_ERROR(CheckMin("freq_dim", freq_dim, 2));
+  if (freq_dim % 2 != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config field 'freq_dim' must be even (cos and sin halves; got ",
+        freq_dim, ")"));
+  DN_RETURN_IF_ERROR(CheckMin("ffn_dim", ffn_dim, 1));
+  DN_RETURN_IF_ERROR(CheckMin("num_layers", num_layers, 1));
+  if (num_layers > 1000)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config field 'num_layers' must be <= 1000 (got ", num_layers, ")"));
+  DN_RETURN_IF_ERROR(CheckMin("rope_max_seq_len", rope_max_seq_len, 1));
+  if (!(eps > 0.0) || !std::isfinite(eps) || eps > 1.0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config field 'eps' must be in (0, 1] (got ", eps, ")"));
+  if (qk_norm != kQkNorm)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config field 'qk_norm' must be \"", kQkNorm, "\" (got \"", qk_norm,
+        "\"); no other Wan2.1 variant is supported"));
+  if (!cross_attn_norm)
+    return absl::InvalidArgumentError(
+        "config field 'cross_attn_norm' must be true (every Wan2.1 model has "
+        "the affine cross-attention norm)");
+  DN_RETURN_IF_ERROR(CheckMin("image_dim", image_dim, 0));
+  DN_RETURN_IF_ERROR(CheckMin("added_kv_proj_dim", added_kv_proj_dim, 0));
+  DN_RETURN_IF_ERROR(CheckMin("pos_embed_seq_len", pos_embed_seq_len, 0));
+  if ((image_dim > 0) != (added_kv_proj_dim > 0))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config fields 'image_dim' (", image_dim, ") and 'added_kv_proj_dim' (",
+        added_kv_proj_dim, ") must both be set (I2V) or both be null (T2V)"));
+  if (pos_embed_seq_len > 0 && image_dim == 0)
+    return absl::InvalidArgumentError(
+        "config field 'pos_embed_seq_len' needs 'image_dim' (FLF2V is an I2V "
+        "model)");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<WanConfig> PresetConfig(const std::string& name) {
+  WanConfig c;
+  if (name == "tiny") {
+    c.num_attention_heads = 4;
+    c.attention_head_dim = 16;
+    c.in_channels = 16;
+    c.out_channels = 16;
+    c.text_dim = 32;
+    c.freq_dim = 256;
+    c.ffn_dim = 128;
+    c.num_layers = 2;
+  } else if (name == "wan2.1-t2v-1.3b") {
+    c.num_attention_heads = 12;
+    c.attention_head_dim = 128;
+    c.ffn_dim = 8960;
+    c.num_layers = 30;
+  } else if (name == "wan2.1-t2v-14b") {
+    c.num_attention_heads = 40;
+    c.attention_head_dim = 128;
+    c.ffn_dim = 13824;
+    c.num_layers = 40;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "unknown preset '", name,
+        "' (known: tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b)"));
+  }
+  return c;
+}
+
+}  // namespace dn::worker

@@ -1,0 +1,542 @@
+#include "worker/wan_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "comm/base/log.h"
+#include "comm/base/status_macros.h"
+
+namespace dn::worker {
+
+struct WanModel::Buffers {
+  Tensor tokens;                       // [B*S, patch_in]
+  Tensor sinus;                        // [B, freq_dim]
+  Tensor temb_h, temb, temb_silu;      // [B, D]
+  Tensor tproj;                        // [B, 6D]
+  Tensor mod;                          // f32 [B, 6, D]
+  Tensor head_mod;                     // f32 [B, 2, D]
+  Tensor x, h, tmp, q, k, v, attn;     // [B, S, D]
+  Tensor ffn;                          // [B*S, Fd]
+  Tensor rope;                         // f32 [S, d/2, 2]
+  Tensor send, recv;                   // [P, 3, B, S, H/P, d]
+  Tensor qh, kh, vh, oh;               // [B, P*S, H/P, d]
+  Tensor osend, orecv;                 // [P, B, S, H/P, d]
+  Tensor out;                          // [B, S, patch_out]
+  std::vector<float> tokens_host;      // [B*S, patch_in]
+  std::vector<float> sinus_host;       // [B, freq_dim]
+};
+
+struct WanModel::Context {
+  std::vector<int64_t> lengths;  // T_b
+  std::vector<int64_t> offsets;  // first row of batch b in the stacked text
+  Tensor in;                     // [sum T, text_dim]
+  Tensor hidden;                 // [sum T, D]
+  Tensor ctx;                    // [sum T, D] (ctx' of spec §3 step 5)
+  Tensor tmp;                    // [sum T, D]
+  std::vector<Tensor> k, v;      // per layer [sum T, D]
+};
+
+namespace {
+
+std::string BlockName(int i, const std::string& rest) {
+  return absl::StrCat("blocks.", i, ".", rest);
+}
+
+}  // namespace
+
+WanModel::WanModel(const WanConfig& config, Backend& backend, int world,
+                   int rank)
+    : config_(config),
+      backend_(backend),
+      world_(world),
+      rank_(rank),
+      act_(backend.compute_dtype()) {}
+
+WanModel::~WanModel() = default;
+
+int64_t WanModel::patch_in() const {
+  return static_cast<int64_t>(config_.in_channels) * config_.patch_size[0] *
+         config_.patch_size[1] * config_.patch_size[2];
+}
+
+int64_t WanModel::patch_out() const {
+  return static_cast<int64_t>(config_.out_channels) * config_.patch_size[0] *
+         config_.patch_size[1] * config_.patch_size[2];
+}
+
+absl::StatusOr<std::unique_ptr<WanModel>> WanModel::Load(
+    const WeightSource& source, Backend& backend, int world, int rank) {
+  const WanConfig& c = source.config();
+  DN_RETURN_IF_ERROR(c.Validate());
+  if (c.is_i2v())
+    return absl::UnimplementedError(absl::StrCat(
+        "image-to-video models are not supported yet (config image_dim=",
+        c.image_dim, ", added_kv_proj_dim=", c.added_kv_proj_dim,
+        "); only T2V Wan2.1 (image_dim and added_kv_proj_dim unset) runs"));
+  if (c.pos_embed_seq_len > 0)
+    return absl::UnimplementedError(absl::StrCat(
+        "config pos_embed_seq_len=", c.pos_embed_seq_len,
+        " (FLF2V) is not supported"));
+  if (c.qk_norm != "rms_norm_across_heads")
+    return absl::UnimplementedError(absl::StrCat(
+        "config qk_norm='", c.qk_norm,
+        "' is not supported (only rms_norm_across_heads)"));
+  if (!c.cross_attn_norm)
+    return absl::UnimplementedError(
+        "config cross_attn_norm=false is not supported (Wan2.1 uses true)");
+  if (world < 1 || rank < 0 || rank >= world)
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank ", rank, " outside a group of ", world));
+  if (c.num_attention_heads % world != 0)
+    return absl::FailedPreconditionError(absl::StrCat(
+        "num_attention_heads ", c.num_attention_heads,
+        " does not divide by the sequence-parallel group size ", world,
+        " (Ulysses shards heads; use a group size that divides the heads)"));
+  if (c.attention_head_dim % 2 != 0 || c.attention_head_dim < 6)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attention_head_dim ", c.attention_head_dim, " must be even and >= 6"));
+  if (c.freq_dim % 2 != 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("freq_dim ", c.freq_dim, " must be even"));
+  std::unique_ptr<WanModel> model(new WanModel(c, backend, world, rank));
+  DN_RETURN_IF_ERROR(model->LoadWeights(source));
+  return model;
+}
+
+absl::StatusOr<Tensor> WanModel::LoadTensor(const WeightSource& source,
+                                            const std::string& name,
+                                            const Shape& shape, bool f32) {
+  DN_ASSIGN_OR_RETURN(Tensor t,
+                      backend_.Empty(shape, f32 ? DType::kF32 : act_));
+  if (const RandomInit* init = source.random_init(name); init != nullptr) {
+    DN_RETURN_IF_ERROR(
+        backend_.FillNormal(&t, init->seed, init->stream, init->mean, init->std));
+    return t;
+  }
+  const size_t n = static_cast<size_t>(NumElements(shape));
+  if (host_scratch_.size() < n) host_scratch_.resize(n);
+  absl::Status s = source.ReadF32(name, host_scratch_.data());
+  if (!s.ok())
+    return absl::Status(s.code(), absl::StrCat("loading tensor '", name,
+                                               "': ", s.message()));
+  DN_RETURN_IF_ERROR(backend_.CopyFromHost(host_scratch_.data(), &t));
+  return t;
+}
+
+absl::Status WanModel::LoadWeights(const WeightSource& source) {
+  const WanConfig& c = config_;
+  const int64_t d = c.inner_dim();
+  const int64_t fd = c.ffn_dim;
+  const auto& p = c.patch_size;
+  auto gemm = [&](Tensor* t, const std::string& name, const Shape& shape) {
+    absl::StatusOr<Tensor> r = LoadTensor(source, name, shape, false);
+    if (r.ok()) *t = *std::move(r);
+    return r.status();
+  };
+  auto f32 = [&](Tensor* t, const std::string& name, const Shape& shape) {
+    absl::StatusOr<Tensor> r = LoadTensor(source, name, shape, true);
+    if (r.ok()) *t = *std::move(r);
+    return r.status();
+  };
+  DN_RETURN_IF_ERROR(gemm(&patch_w_, "patch_embedding.weight",
+                          {d, c.in_channels, p[0], p[1], p[2]}));
+  patch_w_ = patch_w_.View({d, patch_in()});
+  DN_RETURN_IF_ERROR(gemm(&patch_b_, "patch_embedding.bias", {d}));
+  const std::string ce = "condition_embedder.";
+  DN_RETURN_IF_ERROR(gemm(&te1_w_, ce + "time_embedder.linear_1.weight", {d, c.freq_dim}));
+  DN_RETURN_IF_ERROR(gemm(&te1_b_, ce + "time_embedder.linear_1.bias", {d}));
+  DN_RETURN_IF_ERROR(gemm(&te2_w_, ce + "time_embedder.linear_2.weight", {d, d}));
+  DN_RETURN_IF_ERROR(gemm(&te2_b_, ce + "time_embedder.linear_2.bias", {d}));
+  DN_RETURN_IF_ERROR(gemm(&tproj_w_, ce + "time_proj.weight", {6 * d, d}));
+  DN_RETURN_IF_ERROR(gemm(&tproj_b_, ce + "time_proj.bias", {6 * d}));
+  DN_RETURN_IF_ERROR(gemm(&txt1_w_, ce + "text_embedder.linear_1.weight", {d, c.text_dim}));
+  DN_RETURN_IF_ERROR(gemm(&txt1_b_, ce + "text_embedder.linear_1.bias", {d}));
+  DN_RETURN_IF_ERROR(gemm(&txt2_w_, ce + "text_embedder.linear_2.weight", {d, d}));
+  DN_RETURN_IF_ERROR(gemm(&txt2_b_, ce + "text_embedder.linear_2.bias", {d}));
+  DN_RETURN_IF_ERROR(f32(&head_sst_, "scale_shift_table", {1, 2, d}));
+  DN_RETURN_IF_ERROR(gemm(&proj_w_, "proj_out.weight", {patch_out(), d}));
+  DN_RETURN_IF_ERROR(gemm(&proj_b_, "proj_out.bias", {patch_out()}));
+
+  blocks_.resize(static_cast<size_t>(c.num_layers));
+  for (int i = 0; i < c.num_layers; ++i) {
+    Block& b = blocks_[static_cast<size_t>(i)];
+    auto n = [&](const std::string& rest) { return BlockName(i, rest); };
+    DN_RETURN_IF_ERROR(f32(&b.sst, n("scale_shift_table"), {1, 6, d}));
+    DN_RETURN_IF_ERROR(gemm(&b.q_w, n("attn1.to_q.weight"), {d, d}));
+    DN_RETURN_IF_ERROR(gemm(&b.q_b, n("attn1.to_q.bias"), {d}));
+    DN_RETURN_IF_ERROR(gemm(&b.k_w, n("attn1.to_k.weight"), {d, d}));
+    DN_RETURN_IF_ERROR(gemm(&b.k_b, n("attn1.to_k.bias"), {d}));
+    DN_RETURN_IF_ERROR(gemm(&b.v_w, n("attn1.to_v.weight"), {d, d}));
+    DN_RETURN_IF_ERROR(gemm(&b.v_b, n("attn1.to_v.bias"), {d}));
+    DN_RETURN_IF_ERROR(gemm(&b.o_w, n("attn1.to_out.0.weight"), {d, d}));
+    DN_RETURN_IF_ERROR(gemm(&b.o_b, n("attn1.to_out.0.bias"), {d}));
+    DN_RETURN_IF_ERROR(f32(&b.norm_q, n("attn1.norm_q.weight"), {d}));
+    DN_RETURN_IF_ERROR(f32(&b.norm_k, n("attn1.norm_k.weight"), {d}));
+    DN_RETURN_IF_ERROR(gemm(&b.q2_w, n("attn2.to_q.weight"), {d, d}));
+    DN_RETURN_IF_ERROR(gemm(&b.q2_b, n("attn2.to_q.bias"), {d}));
+    DN_RETURN_IF_ERROR(gemm(&b.k2_w, n("attn2.to_k.weight"), {d, d}));
+    DN_RETURN_IF_ERROR(gemm(&b.k2_b, n("attn2.to_k.bias"), {d}));
+    DN_RETURN_IF_ERROR(gemm(&b.v2_w, n("attn2.to_v.weight"), {d, d}));
+    DN_RETURN_IF_ERROR(gemm(&b.v2_b, n("attn2.to_v.bias"), {d}));
+    DN_RETURN_IF_ERROR(gemm(&b.o2_w, n("attn2.to_out.0.weight"), {d, d}));
+    DN_RETURN_IF_ERROR(gemm(&b.o2_b, n("attn2.to_out.0.bias"), {d}));
+    DN_RETURN_IF_ERROR(f32(&b.norm_q2, n("attn2.norm_q.weight"), {d}));
+    DN_RETURN_IF_ERROR(f32(&b.norm_k2, n("attn2.norm_k.weight"), {d}));
+    DN_RETURN_IF_ERROR(f32(&b.norm2_w, n("norm2.weight"), {d}));
+    DN_RETURN_IF_ERROR(f32(&b.norm2_b, n("norm2.bias"), {d}));
+    DN_RETURN_IF_ERROR(gemm(&b.ffn1_w, n("ffn.net.0.proj.weight"), {fd, d}));
+    DN_RETURN_IF_ERROR(gemm(&b.ffn1_b, n("ffn.net.0.proj.bias"), {fd}));
+    DN_RETURN_IF_ERROR(gemm(&b.ffn2_w, n("ffn.net.2.weight"), {d, fd}));
+    DN_RETURN_IF_ERROR(gemm(&b.ffn2_b, n("ffn.net.2.bias"), {d}));
+  }
+  host_scratch_.clear();
+  host_scratch_.shrink_to_fit();
+  return backend_.Synchronize();
+}
+
+absl::Status WanModel::Plan(const ModelShape& shape) {
+  if (buf_ != nullptr && shape == shape_) return absl::OkStatus();
+  if (shape.batch < 1 || shape.grid_f < 1 || shape.grid_h < 1 ||
+      shape.grid_w < 1)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model plan: batch ", shape.batch, " and token grid ", shape.grid_f,
+        "x", shape.grid_h, "x", shape.grid_w, " must be positive"));
+  const int max_pos = config_.rope_max_seq_len;
+  if (shape.grid_f > max_pos || shape.grid_h > max_pos || shape.grid_w > max_pos)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "token grid ", shape.grid_f, "x", shape.grid_h, "x", shape.grid_w,
+        " exceeds rope_max_seq_len ", max_pos, " on some axis"));
+  graph_.reset();
+  buf_.reset();  // free the old buffers before allocating new ones
+  const int64_t b = shape.batch;
+  const int64_t l = shape.tokens();
+  const int64_t p = world_;
+  const int64_t s = (l + p - 1) / p;
+  const int64_t d = config_.inner_dim();
+  const int64_t heads = config_.num_attention_heads;
+  const int64_t hd = config_.attention_head_dim;
+  auto buf = std::make_unique<Buffers>();
+  auto alloc = [&](Tensor* t, const Shape& sh, DType dt) {
+    absl::StatusOr<Tensor> r = backend_.Empty(sh, dt);
+    if (r.ok()) *t = *std::move(r);
+    return r.status();
+  };
+  DN_RETURN_IF_ERROR(alloc(&buf->tokens, {b * s, patch_in()}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->sinus, {b, config_.freq_dim}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->temb_h, {b, d}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->temb, {b, d}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->temb_silu, {b, d}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->tproj, {b, 6 * d}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->mod, {b, 6, d}, DType::kF32));
+  DN_RETURN_IF_ERROR(alloc(&buf->head_mod, {b, 2, d}, DType::kF32));
+  for (Tensor* t : {&buf->x, &buf->h, &buf->tmp, &buf->q, &buf->k, &buf->v,
+                    &buf->attn})
+    DN_RETURN_IF_ERROR(alloc(t, {b, s, d}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->ffn, {b * s, config_.ffn_dim}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->out, {b, s, patch_out()}, act_));
+  if (world_ > 1) {
+    const int64_t hp = heads / p;
+    DN_RETURN_IF_ERROR(alloc(&buf->send, {p, 3, b, s, hp, hd}, act_));
+    DN_RETURN_IF_ERROR(alloc(&buf->recv, {p, 3, b, s, hp, hd}, act_));
+    for (Tensor* t : {&buf->qh, &buf->kh, &buf->vh, &buf->oh})
+      DN_RETURN_IF_ERROR(alloc(t, {b, p * s, hp, hd}, act_));
+    DN_RETURN_IF_ERROR(alloc(&buf->osend, {p, b, s, hp, hd}, act_));
+    DN_RETURN_IF_ERROR(alloc(&buf->orecv, {p, b, s, hp, hd}, act_));
+  }
+
+  // RoPE table of this rank's rows (spec §3 step 7): global token n = rank*S+s
+  // -> (f, h, w); pairs [0, dt/2) frame, then height, then width. Padded rows
+  // get the identity rotation.
+  const int64_t pairs = hd / 2;
+  const int64_t dh = 2 * (hd / 6), dt = hd - 2 * dh;
+  std::vector<double> omega(static_cast<size_t>(pairs));
+  std::vector<int> axis(static_cast<size_t>(pairs));
+  for (int64_t k = 0; k < pairs; ++k) {
+    int64_t j;
+    int64_t dim;
+    if (k < dt / 2) {
+      axis[k] = 0, j = k, dim = dt;
+    } else if (k < dt / 2 + dh / 2) {
+      axis[k] = 1, j = k - dt / 2, dim = dh;
+    } else {
+      axis[k] = 2, j = k - dt / 2 - dh / 2, dim = dh;
+    }
+    omega[k] = std::pow(10000.0, -2.0 * static_cast<double>(j) /
+                                     static_cast<double>(dim));
+  }
+  std::vector<float> rope(static_cast<size_t>(s * pairs * 2));
+  const int64_t hw = static_cast<int64_t>(shape.grid_h) * shape.grid_w;
+  for (int64_t si = 0; si < s; ++si) {
+    const int64_t n = rank_ * s + si;
+    const int64_t pos[3] = {n / hw, (n % hw) / shape.grid_w, n % shape.grid_w};
+    for (int64_t k = 0; k < pairs; ++k) {
+      float* cs = rope.data() + (si * pairs + k) * 2;
+      if (n >= l) {
+        cs[0] = 1.0f, cs[1] = 0.0f;
+        continue;
+      }
+      const double angle = static_cast<double>(pos[axis[k]]) * omega[k];
+      cs[0] = static_cast<float>(std::cos(angle));
+      cs[1] = static_cast<float>(std::sin(angle));
+    }
+  }
+  DN_RETURN_IF_ERROR(alloc(&buf->rope, {s, pairs, 2}, DType::kF32));
+  DN_RETURN_IF_ERROR(backend_.CopyFromHost(rope.data(), &buf->rope));
+  buf->tokens_host.assign(static_cast<size_t>(b * s * patch_in()), 0.0f);
+  buf->sinus_host.assign(static_cast<size_t>(b * config_.freq_dim), 0.0f);
+  buf_ = std::move(buf);
+  shape_ = shape;
+  shard_ = s;
+  return backend_.Synchronize();
+}
+
+absl::Status WanModel::SetContext(const std::vector<const Tensor*>& embeds) {
+  if (embeds.empty())
+    return absl::InvalidArgumentError("model context: no text embeddings");
+  std::vector<int64_t> lengths;
+  for (size_t b = 0; b < embeds.size(); ++b) {
+    const Tensor* e = embeds[b];
+    if (e == nullptr || !e->defined() || e->device() != Device::kCpu ||
+        e->dtype() != DType::kF32 || e->rank() != 2 ||
+        e->dim(1) != config_.text_dim || e->dim(0) < 1)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "text embeddings of batch ", b, " must be host f32 [T, ",
+          config_.text_dim, "] with T >= 1, got ",
+          e != nullptr && e->defined() ? e->DebugString() : "none"));
+    lengths.push_back(e->dim(0));
+  }
+  const int64_t d = config_.inner_dim();
+  int64_t total = 0;
+  for (int64_t t : lengths) total += t;
+  if (ctx_ == nullptr || ctx_->lengths != lengths) {
+    graph_.reset();  // the graph reads the old context buffers
+    ctx_.reset();
+    auto ctx = std::make_unique<Context>();
+    ctx->lengths = lengths;
+    int64_t off = 0;
+    for (int64_t t : lengths) {
+      ctx->offsets.push_back(off);
+      off += t;
+    }
+    auto alloc = [&](Tensor* t, const Shape& sh) {
+      absl::StatusOr<Tensor> r = backend_.Empty(sh, act_);
+      if (r.ok()) *t = *std::move(r);
+      return r.status();
+    };
+    DN_RETURN_IF_ERROR(alloc(&ctx->in, {total, config_.text_dim}));
+    DN_RETURN_IF_ERROR(alloc(&ctx->hidden, {total, d}));
+    DN_RETURN_IF_ERROR(alloc(&ctx->ctx, {total, d}));
+    DN_RETURN_IF_ERROR(alloc(&ctx->tmp, {total, d}));
+    ctx->k.resize(blocks_.size());
+    ctx->v.resize(blocks_.size());
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      DN_RETURN_IF_ERROR(alloc(&ctx->k[i], {total, d}));
+      DN_RETURN_IF_ERROR(alloc(&ctx->v[i], {total, d}));
+    }
+    ctx_ = std::move(ctx);
+  }
+  Context& c = *ctx_;
+  for (size_t b = 0; b < embeds.size(); ++b) {
+    Tensor rows = c.in.Rows(c.offsets[b], c.offsets[b] + lengths[b]);
+    DN_RETURN_IF_ERROR(backend_.CopyFromHost(embeds[b]->data_as<float>(), &rows));
+  }
+  // ctx' = Linear_2(GELU_tanh(Linear_1(ctx)))  (spec §3 step 5)
+  DN_RETURN_IF_ERROR(backend_.Linear(c.in, txt1_w_, &txt1_b_,
+                                     Activation::kGeluTanh, &c.hidden));
+  DN_RETURN_IF_ERROR(
+      backend_.Linear(c.hidden, txt2_w_, &txt2_b_, Activation::kNone, &c.ctx));
+  const float eps = static_cast<float>(config_.eps);
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const Block& blk = blocks_[i];
+    // kc = RMS_D(ctx' Wk2^T + b) * g_k2 ; vc = ctx' Wv2^T + b
+    DN_RETURN_IF_ERROR(
+        backend_.Linear(c.ctx, blk.k2_w, &blk.k2_b, Activation::kNone, &c.tmp));
+    DN_RETURN_IF_ERROR(backend_.RmsNorm(c.tmp, blk.norm_k2, eps, &c.k[i]));
+    DN_RETURN_IF_ERROR(
+        backend_.Linear(c.ctx, blk.v2_w, &blk.v2_b, Activation::kNone, &c.v[i]));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WanModel::UploadInputs(const float* latent, double timestep) {
+  if (buf_ == nullptr)
+    return absl::FailedPreconditionError("model: UploadInputs before Plan");
+  Buffers& b = *buf_;
+  const int pt = config_.patch_size[0], ph = config_.patch_size[1],
+            pw = config_.patch_size[2];
+  const int64_t gh = shape_.grid_h, gw = shape_.grid_w;
+  const int64_t frames = static_cast<int64_t>(shape_.grid_f) * pt;
+  const int64_t height = gh * ph, width = gw * pw;
+  const int64_t l = shape_.tokens();
+  const int64_t cp = patch_in();
+  const int64_t begin = rank_ * shard_;
+  const int64_t end = std::min(l, begin + shard_);
+  // Patch vector of token n, flattened (c, pt, ph, pw) with c slowest.
+  for (int64_t n = begin; n < end; ++n) {
+    const int64_t f = n / (gh * gw), hh = (n / gw) % gh, ww = n % gw;
+    float* row = b.tokens_host.data() + (n - begin) * cp;
+    int64_t idx = 0;
+    for (int64_t c = 0; c < config_.in_channels; ++c)
+      for (int a = 0; a < pt; ++a)
+        for (int y = 0; y < ph; ++y) {
+          const float* src = latent + ((c * frames + f * pt + a) * height +
+                                       hh * ph + y) * width + ww * pw;
+          for (int x = 0; x < pw; ++x) row[idx++] = src[x];
+        }
+  }
+  const size_t batch_elems = static_cast<size_t>(shard_ * cp);
+  for (int bi = 1; bi < shape_.batch; ++bi)
+    std::memcpy(b.tokens_host.data() + bi * batch_elems, b.tokens_host.data(),
+                batch_elems * sizeof(float));
+  DN_RETURN_IF_ERROR(backend_.CopyFromHost(b.tokens_host.data(), &b.tokens));
+
+  // Sinusoid (spec §3 step 3, flip_sin_to_cos): [cos(t w_j), sin(t w_j)],
+  // w_j = exp(-ln(10000) j / half), computed in double.
+  const int half = config_.freq_dim / 2;
+  for (int j = 0; j < half; ++j) {
+    const double w = std::exp(-std::log(10000.0) * j / half);
+    b.sinus_host[static_cast<size_t>(j)] = static_cast<float>(std::cos(timestep * w));
+    b.sinus_host[static_cast<size_t>(half + j)] =
+        static_cast<float>(std::sin(timestep * w));
+  }
+  for (int bi = 1; bi < shape_.batch; ++bi)
+    std::memcpy(b.sinus_host.data() + bi * config_.freq_dim, b.sinus_host.data(),
+                static_cast<size_t>(config_.freq_dim) * sizeof(float));
+  return backend_.CopyFromHost(b.sinus_host.data(), &b.sinus);
+}
+
+const Tensor& WanModel::output() const { return buf_->out; }
+
+absl::Status WanModel::Forward(comm::ProcessGroup* data, MarkerList* markers,
+                               bool use_graph) {
+  if (buf_ == nullptr)
+    return absl::FailedPreconditionError("model: Forward before Plan");
+  if (ctx_ == nullptr ||
+      static_cast<int>(ctx_->lengths.size()) != shape_.batch)
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model: Forward needs text context for each of the ", shape_.batch,
+        " batch rows (SetContext)"));
+  if (world_ > 1 && data == nullptr)
+    return absl::InvalidArgumentError("model: Forward with world > 1 needs a group");
+  if (!use_graph || world_ > 1) return RunForward(data, markers);
+  if (graph_ == nullptr) {
+    // Capture has the effect of running the body once (CPU runs it; CUDA
+    // records it and launches the graph), so this step is done.
+    DN_ASSIGN_OR_RETURN(graph_,
+                        backend_.Capture([this] { return RunForward(nullptr, nullptr); }));
+    return absl::OkStatus();
+  }
+  return graph_->Replay();
+}
+
+absl::Status WanModel::AllToAll(comm::ProcessGroup* data, const Tensor& send,
+                                Tensor* recv, MarkerList* markers) {
+  if (markers != nullptr) {
+    DN_ASSIGN_OR_RETURN(auto m, backend_.Mark());
+    markers->push_back(std::move(m));
+  }
+  DN_RETURN_IF_ERROR(data->AllToAll(send.data(), recv->data(),
+                                    send.nbytes() / static_cast<size_t>(world_)));
+  if (markers != nullptr) {
+    DN_ASSIGN_OR_RETURN(auto m, backend_.Mark());
+    markers->push_back(std::move(m));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WanModel::SelfAttention(const Block& blk, comm::ProcessGroup* data,
+                                     MarkerList* markers) {
+  Buffers& b = *buf_;
+  const int64_t bs = shape_.batch, s = shard_;
+  const int64_t heads = config_.num_attention_heads;
+  const int64_t hd = config_.attention_head_dim;
+  const float eps = static_cast<float>(config_.eps);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  // q = RoPE(RMS_D(h Wq^T + bq) * g_q), k likewise, v = h Wv^T + bv.
+  DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.q_w, &blk.q_b, Activation::kNone, &b.tmp));
+  DN_RETURN_IF_ERROR(backend_.RmsNormRope(b.tmp, blk.norm_q, b.rope,
+                                          static_cast<int>(heads), eps, &b.q));
+  DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.k_w, &blk.k_b, Activation::kNone, &b.tmp));
+  DN_RETURN_IF_ERROR(backend_.RmsNormRope(b.tmp, blk.norm_k, b.rope,
+                                          static_cast<int>(heads), eps, &b.k));
+  DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.v_w, &blk.v_b, Activation::kNone, &b.v));
+  const Shape seq4 = {bs, s, heads, hd};
+  Tensor o4 = b.attn.View(seq4);
+  if (world_ == 1) {
+    return backend_.Attention(b.q.View(seq4), b.k.View(seq4), b.v.View(seq4),
+                              shape_.tokens(), scale, &o4);
+  }
+  DN_RETURN_IF_ERROR(backend_.PackQkv(b.q.View(seq4), b.k.View(seq4),
+                                      b.v.View(seq4), world_, &b.send));
+  DN_RETURN_IF_ERROR(AllToAll(data, b.send, &b.recv, markers));
+  DN_RETURN_IF_ERROR(backend_.UnpackQkv(b.recv, world_, &b.qh, &b.kh, &b.vh));
+  // Padded rows sit at [L, P*S) of the gathered sequence: not keys.
+  DN_RETURN_IF_ERROR(
+      backend_.Attention(b.qh, b.kh, b.vh, shape_.tokens(), scale, &b.oh));
+  DN_RETURN_IF_ERROR(backend_.PackOut(b.oh, world_, &b.osend));
+  DN_RETURN_IF_ERROR(AllToAll(data, b.osend, &b.orecv, markers));
+  return backend_.UnpackOut(b.orecv, world_, &o4);
+}
+
+absl::Status WanModel::RunForward(comm::ProcessGroup* data,
+                                  MarkerList* markers) {
+  Buffers& b = *buf_;
+  Context& c = *ctx_;
+  const int64_t bs = shape_.batch, s = shard_;
+  const int64_t heads = config_.num_attention_heads;
+  const int64_t hd = config_.attention_head_dim;
+  const float eps = static_cast<float>(config_.eps);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  constexpr Activation kNone = Activation::kNone;
+
+  // Patch embed (step 2) and time embedding (steps 3-4).
+  DN_RETURN_IF_ERROR(backend_.Linear(b.tokens, patch_w_, &patch_b_, kNone, &b.x));
+  DN_RETURN_IF_ERROR(backend_.Linear(b.sinus, te1_w_, &te1_b_, kNone, &b.temb_h));
+  DN_RETURN_IF_ERROR(backend_.Silu(b.temb_h, &b.temb_silu));
+  DN_RETURN_IF_ERROR(backend_.Linear(b.temb_silu, te2_w_, &te2_b_, kNone, &b.temb));
+  DN_RETURN_IF_ERROR(backend_.Silu(b.temb, &b.temb_silu));
+  DN_RETURN_IF_ERROR(
+      backend_.Linear(b.temb_silu, tproj_w_, &tproj_b_, kNone, &b.tproj));
+
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const Block& blk = blocks_[i];
+    // e = sst + tproj; (shift1, scale1, gate1, shift2, scale2, gate2)
+    DN_RETURN_IF_ERROR(backend_.AddModulation(blk.sst, b.tproj, &b.mod));
+    // Self-attention with gated residual.
+    DN_RETURN_IF_ERROR(backend_.LayerNormModulate(b.x, b.mod, 0, 1, eps, &b.h));
+    DN_RETURN_IF_ERROR(SelfAttention(blk, data, markers));
+    DN_RETURN_IF_ERROR(backend_.Linear(b.attn, blk.o_w, &blk.o_b, kNone, &b.tmp));
+    DN_RETURN_IF_ERROR(backend_.GatedResidual(&b.x, b.tmp, b.mod, 2));
+    // Cross-attention (local, cached text K/V, no RoPE, no gate).
+    DN_RETURN_IF_ERROR(
+        backend_.LayerNormAffine(b.x, blk.norm2_w, blk.norm2_b, eps, &b.h));
+    DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.q2_w, &blk.q2_b, kNone, &b.tmp));
+    DN_RETURN_IF_ERROR(backend_.RmsNorm(b.tmp, blk.norm_q2, eps, &b.q));
+    for (int64_t bi = 0; bi < bs; ++bi) {
+      const int64_t t = c.lengths[static_cast<size_t>(bi)];
+      const int64_t off = c.offsets[static_cast<size_t>(bi)];
+      Tensor q1 = b.q.Rows(bi, bi + 1).View({1, s, heads, hd});
+      Tensor o1 = b.attn.Rows(bi, bi + 1).View({1, s, heads, hd});
+      Tensor k1 = c.k[i].Rows(off, off + t).View({1, t, heads, hd});
+      Tensor v1 = c.v[i].Rows(off, off + t).View({1, t, heads, hd});
+      DN_RETURN_IF_ERROR(backend_.Attention(q1, k1, v1, t, scale, &o1));
+    }
+    DN_RETURN_IF_ERROR(backend_.Linear(b.attn, blk.o2_w, &blk.o2_b, kNone, &b.tmp));
+    DN_RETURN_IF_ERROR(backend_.AddInPlace(&b.x, b.tmp));
+    // FFN with gated residual.
+    DN_RETURN_IF_ERROR(backend_.LayerNormModulate(b.x, b.mod, 3, 4, eps, &b.h));
+    DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.ffn1_w, &blk.ffn1_b,
+                                       Activation::kGeluTanh, &b.ffn));
+    DN_RETURN_IF_ERROR(backend_.Linear(b.ffn, blk.ffn2_w, &blk.ffn2_b, kNone, &b.tmp));
+    DN_RETURN_IF_ERROR(backend_.GatedResidual(&b.x, b.tmp, b.mod, 5));
+  }
+
+  // Head (step 8): shift, scale = sst + temb (pre-SiLU); proj_out.
+  DN_RETURN_IF_ERROR(backend_.AddModulation(head_sst_, b.temb, &b.head_mod));
+  DN_RETURN_IF_ERROR(backend_.LayerNormModulate(b.x, b.head_mod, 0, 1, eps, &b.h));
+  return backend_.Linear(b.h, proj_w_, &proj_b_, kNone, &b.out);
+}
+
+}  // namespace dn::worker

@@ -1,0 +1,146 @@
+// File: worker/wan_model.h
+//
+// The Wan2.1 DiT (WanTransformer3DModel, T2V) of ../shared/docs/wan-spec.md
+// §3 on a Backend, for one rank of a Ulysses group of `world` ranks. Written
+// only against worker/backend.h, so the CPU reference and the CUDA backend
+// run the same model code.
+//
+// A rank owns tokens [rank*S, min((rank+1)*S, L)) of the L = F'·H'·W'
+// patch tokens (S = ceil(L / world); rows past L are zero padding, see
+// comm/ulysses.h). Everything but self-attention is token-local; q/k
+// RMSNorm + RoPE (at global token positions) run before the all-to-all.
+//
+// Usage per request: Plan(shape) (buffers, once per shape) -> SetContext(
+// text embeds; computes the cross-attention K/V of every layer once) -> per
+// step UploadInputs(latent, t) -> Forward() -> output() [B, S, C_out·pt·ph·pw].
+// Batch b of the plan uses text context b (CFG: 0 = cond, 1 = uncond).
+#ifndef DN_WORKER_WAN_MODEL_H_
+#define DN_WORKER_WAN_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "comm/process_group.h"
+#include "worker/backend.h"
+#include "worker/checkpoint.h"
+#include "worker/tensor.h"
+#include "worker/wan_config.h"
+
+namespace dn::worker {
+
+// The patched token grid and batch a forward plan is built for.
+struct ModelShape {
+  int batch = 1;
+  int grid_f = 0;  // F' = F / pt
+  int grid_h = 0;  // H' = H / ph
+  int grid_w = 0;  // W' = W / pw
+  int64_t tokens() const {
+    return static_cast<int64_t>(grid_f) * grid_h * grid_w;
+  }
+  bool operator==(const ModelShape& o) const {
+    return batch == o.batch && grid_f == o.grid_f && grid_h == o.grid_h &&
+           grid_w == o.grid_w;
+  }
+};
+
+// Markers recorded around every all-to-all of a forward (pairs: before,
+// after), read after the step so nothing synchronises mid-step.
+using MarkerList = std::vector<std::unique_ptr<Marker>>;
+
+class WanModel {
+ public:
+  // Uploads every tensor of `source` (one at a time). Fails with
+  // FAILED_PRECONDITION when the heads do not divide by `world`, and
+  // UNIMPLEMENTED for configurations outside T2V Wan2.1 (I2V, other norms).
+  static absl::StatusOr<std::unique_ptr<WanModel>> Load(
+      const WeightSource& source, Backend& backend, int world, int rank);
+  ~WanModel();
+  WanModel(const WanModel&) = delete;
+  WanModel& operator=(const WanModel&) = delete;
+
+  const WanConfig& config() const { return config_; }
+  int world() const { return world_; }
+  int rank() const { return rank_; }
+  // Per-token patch size, C_in·pt·ph·pw and C_out·pt·ph·pw.
+  int64_t patch_in() const;
+  int64_t patch_out() const;
+
+  // Allocates (or keeps) the activation buffers and the RoPE table for
+  // `shape`. Called outside the step; a new shape frees the old buffers.
+  absl::Status Plan(const ModelShape& shape);
+  const ModelShape& shape() const { return shape_; }
+  int64_t shard() const { return shard_; }  // S
+
+  // Per-request text: embeds[b] is host f32 [T_b, text_dim] for batch b of
+  // the plan (embeds.size() == batch). Runs the text embedder and caches the
+  // cross-attention K/V of every layer on the backend.
+  absl::Status SetContext(const std::vector<const Tensor*>& embeds);
+
+  // Copies this rank's patch tokens of `latent` (host f32 [C_in, F, H, W],
+  // the full replicated latent; every batch row gets the same tokens) and the
+  // timestep sinusoid to the backend.
+  absl::Status UploadInputs(const float* latent, double timestep);
+
+  // The forward of this rank's shard, on the backend's stream. `data` carries
+  // the Ulysses all-to-alls when world > 1; markers (may be null) get a
+  // (before, after) pair around each. With use_graph (world == 1 only) the
+  // forward is captured once per plan/context and replayed.
+  absl::Status Forward(comm::ProcessGroup* data, MarkerList* markers,
+                       bool use_graph);
+
+  // Head output of this rank's shard: [B, S, patch_out()] in compute dtype.
+  const Tensor& output() const;
+
+ private:
+  struct Block {
+    Tensor sst;  // f32 [1, 6, D]
+    Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;
+    Tensor norm_q, norm_k;  // f32 [D]
+    Tensor q2_w, q2_b, k2_w, k2_b, v2_w, v2_b, o2_w, o2_b;
+    Tensor norm_q2, norm_k2;      // f32 [D]
+    Tensor norm2_w, norm2_b;      // f32 [D]
+    Tensor ffn1_w, ffn1_b, ffn2_w, ffn2_b;
+  };
+  struct Buffers;
+  struct Context;
+
+  WanModel(const WanConfig& config, Backend& backend, int world, int rank);
+  absl::Status LoadWeights(const WeightSource& source);
+  absl::StatusOr<Tensor> LoadTensor(const WeightSource& source,
+                                    const std::string& name, const Shape& shape,
+                                    bool f32);
+  absl::Status RunForward(comm::ProcessGroup* data, MarkerList* markers);
+  absl::Status SelfAttention(const Block& blk, comm::ProcessGroup* data,
+                             MarkerList* markers);
+  absl::Status AllToAll(comm::ProcessGroup* data, const Tensor& send,
+                        Tensor* recv, MarkerList* markers);
+
+  WanConfig config_;
+  Backend& backend_;
+  int world_;
+  int rank_;
+  DType act_;  // compute dtype
+
+  // Weights.
+  Tensor patch_w_, patch_b_;
+  Tensor te1_w_, te1_b_, te2_w_, te2_b_, tproj_w_, tproj_b_;
+  Tensor txt1_w_, txt1_b_, txt2_w_, txt2_b_;
+  Tensor head_sst_;  // f32 [1, 2, D]
+  Tensor proj_w_, proj_b_;
+  std::vector<Block> blocks_;
+  std::vector<float> host_scratch_;  // weight upload staging
+
+  ModelShape shape_;
+  int64_t shard_ = 0;
+  std::unique_ptr<Buffers> buf_;
+  std::unique_ptr<Context> ctx_;
+  std::unique_ptr<Graph> graph_;
+};
+
+}  // namespace dn::worker
+
+#endif  // DN_WORKER_WAN_MODEL_H_
