@@ -34,14 +34,15 @@ ARG CUDA_ARCHITECTURES=90
 ARG BUILD_JOBS=
 ENV DEBIAN_FRONTEND=noninteractive
 
-# The same -dev packages as scripts/install-deps.sh; these names exist in both
-# Debian 12 (main) and Ubuntu 24.04 (universe).
+# The build dependencies of scripts/install-deps.sh (deploy/validate.sh checks
+# they agree); these names exist in Debian 12 (main) and Ubuntu 24.04
+# (universe). python3: the test tree's CMake looks it up.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       build-essential cmake ninja-build pkg-config ca-certificates \
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
       libabsl-dev prometheus-cpp-dev libgloo-dev libgtest-dev libgmock-dev \
-      libopenblas-dev nlohmann-json3-dev libpng-dev \
+      libopenblas-dev nlohmann-json3-dev libpng-dev libssl-dev python3 \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src

@@ -429,6 +429,16 @@ function dockerfile(file, root) {
   for (const m of cmake.matchAll(/add_subdirectory\(\s*([^\s)]+)/g))
     if (!copied.has(m[1])) fail(file, `CMakeLists.txt adds ${m[1]}/ but the Dockerfile does not COPY it`);
   for (const c of copied) if (!existsSync(`${root}/${c}`)) fail(file, `COPY ${c}: no such path in the repository`);
+  // The build stage installs every build dependency scripts/install-deps.sh
+  // installs (-dev packages, compilers and generators).
+  const deps = readFileSync(`${root}/scripts/install-deps.sh`, "utf8").match(/PKGS=\(([^)]*)\)/);
+  if (!deps) fail(`${root}/scripts/install-deps.sh`, "no PKGS=( ... ) list");
+  const aptWords = new Set(lines.filter((l) => /apt-get install/.test(l)).flatMap((l) => l.split(/\s+/)));
+  const buildDeps = (deps?.[1] ?? "").split(/\s+/).filter(
+    (p) => /-dev$/.test(p) || ["build-essential", "cmake", "ninja-build", "pkg-config", "protobuf-compiler", "protobuf-compiler-grpc"].includes(p),
+  );
+  for (const p of buildDeps)
+    if (!aptWords.has(p)) fail(file, `scripts/install-deps.sh installs ${p}, the build stage does not`);
   finish(`dockerfile ${file}`);
   console.log(`dockerfile ${file}: ${stages.length} stages, runtime user ${runtime.user}, ports ${[...runtime.expose].join(" ")}`);
 }
