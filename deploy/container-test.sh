@@ -64,7 +64,7 @@ podman build --pull=never --format docker -f "$root/Dockerfile" -t "$image" \
 # 3. What the image is: non-root, only the runtime libraries, no compiler.
 user=$(podman image inspect --format '{{.Config.User}}' "$image")
 [[ $user == 10001:10001 ]] || die "image user is '$user', want 10001:10001"
-podman run --rm --network=none --entrypoint sh "$image" -c \
+podman run --rm --network=none --no-healthcheck --entrypoint sh "$image" -c \
   '! command -v c++ && ! command -v cmake && ! ls /usr/include/grpcpp >/dev/null 2>&1' \
   >/dev/null || die "the runtime image carries build tools or headers"
 log "image $(podman image inspect --format '{{.Size}}' "$image") bytes, user $user"
@@ -93,7 +93,7 @@ done
 [[ $up == 1 ]] || { podman logs "$name" 2>&1 | tail -20; die "coordinator without workers: HEALTHCHECK said '$out', want NOT_SERVING"; }
 log "HEALTHCHECK without a worker group: NOT_SERVING (unhealthy), as it should be"
 podman exec -d "$name" denoised worker --coordinator 127.0.0.1:50052 --preset tiny \
-  --ranks 2 --backend cpu --name container-test
+  --ranks 2 --backend cpu --name container-test >/dev/null
 ok=0
 for _ in $(seq 1 120); do
   if podman exec "$name" "${check[@]}" >/dev/null 2>&1; then ok=1; break; fi
