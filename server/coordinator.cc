@@ -19,6 +19,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "comm/base/flags.h"
 #include "comm/base/log.h"
@@ -240,6 +241,12 @@ class RequestSink {
   virtual void Finish(grpc::Status status) = 0;
   // Set by the core when the request is admitted (loop thread only).
   std::string request_id;
+  // The call's context, for trailing metadata; set before the request is
+  // posted and valid until Finish.
+  grpc::CallbackServerContext* ctx = nullptr;
+  void Trailer(const std::string& key, const std::string& value) {
+    if (ctx != nullptr) ctx->AddTrailingMetadata(key, value);
+  }
 };
 
 class GenerateReactor;
@@ -340,6 +347,9 @@ struct Group {
   std::shared_ptr<Request> running;
   int results_pending = 0;
   double seconds_per_token_step = 0;
+  // From the ranks' warm-up (Ready); kept when later requests update the
+  // measured rate above.
+  double warmup_seconds_per_token_step = 0;
   double mean_step_seconds = 0;
   Clock::time_point last_dispatch;
   std::string failure;
@@ -435,6 +445,10 @@ class Coordinator::Impl {
   void Tick();
   std::string NewRequestId();
   double EstimateSeconds(const Request& req) const;
+  double BestSecondsPerTokenStep(const std::string& model) const;
+  double OptimisticSeconds(const Request& req) const;
+  double EstimateWaitSeconds(const std::string& model, int priority) const;
+  int64_t RetryAfterMillis(const std::string& model) const;
 
   CoordinatorOptions options_;
   EventLoop loop_;
@@ -472,6 +486,7 @@ class GenerateReactor final
   GenerateReactor(Coordinator::Impl* core, grpc::CallbackServerContext* ctx,
                   const v1::GenerateRequest* request)
       : core_(core), ctx_(ctx), sink_(std::make_shared<StreamSink>(this)) {
+    sink_->ctx = ctx;
     core_->PostSubmit(*request, sink_, DeadlineUnixMillis(ctx));
   }
   void OnWriteDone(bool ok) override { sink_->writer.OnWriteDone(ok); }
@@ -509,6 +524,7 @@ class UnaryGenerateReactor final : public grpc::ServerUnaryReactor {
       : core_(core),
         ctx_(ctx),
         sink_(std::make_shared<UnarySink>(this, response)) {
+    sink_->ctx = ctx;
     core_->PostSubmit(*request, sink_,
                       GenerateReactor::DeadlineUnixMillis(ctx));
   }
@@ -851,13 +867,16 @@ void Coordinator::Impl::Submit(v1::GenerateRequest request,
   }
   if (IdleGroupFor(request.model()) == nullptr &&
       static_cast<int>(model.queue.size()) >= options_.max_queue) {
+    const int64_t retry_ms = RetryAfterMillis(request.model());
+    sink->Trailer(kRetryAfterMetadata, absl::StrCat(retry_ms));
     RejectRequest(
         *sink, request.model(),
         grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                      absl::StrCat("the queue for model '", request.model(),
                                   "' is full (", model.queue.size(),
                                   " waiting, --max-queue ", options_.max_queue,
-                                  "); retry later")));
+                                  "); retry after ", retry_ms, " ms (",
+                                  kRetryAfterMetadata, " trailer)")));
     return;
   }
 
@@ -867,6 +886,28 @@ void Coordinator::Impl::Submit(v1::GenerateRequest request,
   req->model = request.model();
   req->resolved = *std::move(resolved);
   req->priority = req->resolved.request.priority();
+  if (options_.admission_by_cost && deadline_ms > 0) {
+    const double run = OptimisticSeconds(*req);
+    if (run > 0) {
+      const double wait = EstimateWaitSeconds(req->model, req->priority);
+      const double left = static_cast<double>(deadline_ms - UnixMillisNow()) / 1e3;
+      if (wait + run > left) {
+        RejectRequest(
+            *sink, request.model(),
+            grpc::Status(
+                grpc::StatusCode::DEADLINE_EXCEEDED,
+                absl::StrFormat(
+                    "deadline: rejected at admission: estimated %.3f s (%.3f s "
+                    "to run: %d tokens x %d steps x %.3g s per token-step, "
+                    "plus %.3f s for the work ahead) exceeds the %.3f s left "
+                    "before the deadline",
+                    wait + run, run, static_cast<int>(req->resolved.tokens),
+                    req->resolved.request.steps(), BestSecondsPerTokenStep(req->model),
+                    wait, left)));
+        return;
+      }
+    }
+  }
   req->seq = next_seq_++;
   req->accepted = Clock::now();
   req->deadline_unix_ms = deadline_ms;
@@ -901,6 +942,72 @@ double Coordinator::Impl::EstimateSeconds(const Request& req) const {
   }
   return best * static_cast<double>(req.resolved.tokens) *
          req.resolved.request.steps();
+}
+
+double Coordinator::Impl::BestSecondsPerTokenStep(const std::string& model) const {
+  // The lowest rate known of any ready group: the warm-up's or the last
+  // request's (a small request's per-token rate is inflated by the fixed
+  // cost of a step, so the minimum keeps the estimate optimistic).
+  double best = 0;
+  for (const auto& [name, g] : groups_) {
+    if (g->model != model) continue;
+    if (g->state != v1::GROUP_STATE_READY && g->state != v1::GROUP_STATE_BUSY) {
+      continue;
+    }
+    for (double rate : {g->seconds_per_token_step, g->warmup_seconds_per_token_step}) {
+      if (rate > 0 && (best == 0 || rate < best)) best = rate;
+    }
+  }
+  return best;
+}
+
+double Coordinator::Impl::OptimisticSeconds(const Request& req) const {
+  return BestSecondsPerTokenStep(req.model) *
+         static_cast<double>(req.resolved.tokens) * req.resolved.request.steps();
+}
+
+double Coordinator::Impl::EstimateWaitSeconds(const std::string& model,
+                                              int priority) const {
+  // Optimistic: the work ahead (what is left of the running requests, and
+  // the queued ones of the same or higher priority) spread evenly over the
+  // model's ready groups, each at the fastest group's rate. An idle group
+  // means no wait.
+  int groups = 0;
+  double ahead = 0;
+  for (const auto& [name, g] : groups_) {
+    if (g->model != model) continue;
+    if (g->state == v1::GROUP_STATE_READY) return 0;
+    if (g->state != v1::GROUP_STATE_BUSY) continue;
+    ++groups;
+    if (g->running) {
+      ahead += std::max(0.0, OptimisticSeconds(*g->running) -
+                                 SecondsSince(g->running->started));
+    }
+  }
+  if (groups == 0) return 0;
+  auto mit = models_.find(model);
+  if (mit != models_.end()) {
+    for (const auto& [key, q] : mit->second.queue) {
+      if (q->priority >= priority) ahead += OptimisticSeconds(*q);
+    }
+  }
+  return ahead / groups;
+}
+
+int64_t Coordinator::Impl::RetryAfterMillis(const std::string& model) const {
+  // When the first running request of the model should end; 1 s if unknown.
+  double soonest = -1;
+  for (const auto& [name, g] : groups_) {
+    if (g->model != model || g->state != v1::GROUP_STATE_BUSY || !g->running) {
+      continue;
+    }
+    const double est = OptimisticSeconds(*g->running);
+    if (est <= 0) continue;
+    const double left = std::max(0.0, est - SecondsSince(g->running->started));
+    if (soonest < 0 || left < soonest) soonest = left;
+  }
+  if (soonest < 0) return 1000;
+  return std::clamp<int64_t>(static_cast<int64_t>(soonest * 1e3), 100, 30000);
 }
 
 Group* Coordinator::Impl::IdleGroupFor(const std::string& model) {
@@ -1101,6 +1208,9 @@ void Coordinator::Impl::OnRankMessage(const std::shared_ptr<RankLink>& link,
       group->ready[static_cast<size_t>(link->rank)] = true;
       if (link->rank == 0) {
         group->seconds_per_token_step = msg.ready().seconds_per_token_step();
+        group->warmup_seconds_per_token_step =
+            std::max(group->warmup_seconds_per_token_step,
+                     msg.ready().seconds_per_token_step());
       }
       if (std::all_of(group->ready.begin(), group->ready.end(),
                       [](bool b) { return b; })) {
@@ -1679,6 +1789,9 @@ int CoordinatorMain(int argc, char** argv) {
                "shared secret ranks must present (default: $DENOISED_SECRET)");
   flags.Int("heartbeat-timeout", &heartbeat_timeout_s,
             "seconds of rank silence before its group is failed");
+  flags.Bool("admission-by-cost", &o.admission_by_cost,
+             "reject at admission (DEADLINE_EXCEEDED) a request whose "
+             "estimated queue + run time exceeds its deadline");
   flags.String("ready-file", &ready_file,
                "write the bound addresses here once serving (for scripts)");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;

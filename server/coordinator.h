@@ -38,6 +38,11 @@ struct CoordinatorOptions {
   // When set, ranks must present it in Hello and store calls.
   std::string secret;
   int heartbeat_timeout_ms = 15000;
+  // Reject at admission (DEADLINE_EXCEEDED) a request whose deadline cannot
+  // be met by the estimate: tokens x steps x the fastest ready group's
+  // measured seconds per token-step, plus the work queued and running ahead
+  // of it shared over the model's groups.
+  bool admission_by_cost = true;
 };
 
 class Coordinator {

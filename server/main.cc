@@ -4,6 +4,7 @@
 #include <string>
 
 #include "bench/comm_bench.h"
+#include "bench/load_bench.h"
 #include "bench/step_bench.h"
 #include "server/client.h"
 #include "server/coordinator.h"
@@ -54,6 +55,8 @@ const Command kCommands[] = {
     {"bench step", "time one denoising step (ms, all-to-all, TFLOP/s, memory)",
      dn::bench::BenchStepCommand, false},
     {"bench step-rank", "", dn::bench::BenchStepRankCommand, true},
+    {"bench load", "N concurrent streaming clients against a coordinator (throughput, latency, outcomes)",
+     dn::bench::BenchLoadCommand, false},
 };
 
 void PrintUsage() {

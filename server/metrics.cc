@@ -1,12 +1,21 @@
 #include "server/metrics.h"
 
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "prometheus/exposer.h"
+#include "prometheus/text_serializer.h"
 
 namespace dn::server {
 
@@ -237,23 +246,118 @@ absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
     return absl::InvalidArgumentError(absl::StrCat(
         "--metrics-listen: expected HOST:PORT, got '", listen, "'"));
   }
+  std::string host = listen.substr(0, colon);
+  const std::string port = listen.substr(colon + 1);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  if (int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(),
+                           &hints, &found);
+      rc != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--metrics-listen: cannot resolve '", listen, "': ", gai_strerror(rc)));
+  }
+  std::unique_ptr<addrinfo, void (*)(addrinfo*)> addrs(found, freeaddrinfo);
   std::unique_ptr<MetricsEndpoint> endpoint(new MetricsEndpoint());
-  try {
-    endpoint->exposer_ = std::make_unique<prometheus::Exposer>(listen, 2);
-    endpoint->exposer_->RegisterCollectable(registry);
-  } catch (const std::exception& e) {
+  std::string last_error = "no address";
+  for (addrinfo* a = addrs.get(); a != nullptr; a = a->ai_next) {
+    const int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC,
+                          a->ai_protocol);
+    if (fd < 0) {
+      last_error = std::strerror(errno);
+      continue;
+    }
+    const int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || ::listen(fd, 64) != 0) {
+      last_error = std::strerror(errno);
+      close(fd);
+      continue;
+    }
+    endpoint->listen_fd_ = fd;
+    break;
+  }
+  if (endpoint->listen_fd_ < 0) {
     return absl::UnavailableError(absl::StrCat(
-        "--metrics-listen: cannot serve /metrics on ", listen, ": ", e.what()));
+        "--metrics-listen: cannot serve /metrics on ", listen, ": ",
+        last_error));
   }
-  const std::vector<int> ports = endpoint->exposer_->GetListeningPorts();
-  if (ports.empty()) {
-    return absl::UnavailableError(
-        absl::StrCat("--metrics-listen: no port bound for ", listen));
-  }
-  endpoint->address_ = absl::StrCat(listen.substr(0, colon), ":", ports[0]);
+  sockaddr_storage bound{};
+  socklen_t len = sizeof(bound);
+  getsockname(endpoint->listen_fd_, reinterpret_cast<sockaddr*>(&bound), &len);
+  const int bound_port =
+      bound.ss_family == AF_INET6
+          ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
+          : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  endpoint->address_ = absl::StrCat(listen.substr(0, colon), ":", bound_port);
+  endpoint->registry_ = registry;
+  endpoint->thread_ = std::thread([e = endpoint.get()] { e->Serve(); });
   return endpoint;
 }
 
-MetricsEndpoint::~MetricsEndpoint() = default;
+std::string MetricsEndpoint::Respond(const std::string& request) const {
+  const bool get = request.rfind("GET ", 0) == 0;
+  const bool head = request.rfind("HEAD ", 0) == 0;
+  const size_t path_begin = request.find(' ') + 1;
+  const size_t path_end = request.find_first_of(" ?\r\n", path_begin);
+  const std::string path = request.substr(path_begin, path_end - path_begin);
+  std::string status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8";
+  std::string body;
+  if (!get && !head) {
+    status = "405 Method Not Allowed";
+    body = "only GET /metrics\n";
+  } else if (path != "/metrics") {
+    status = "404 Not Found";
+    body = "metrics are at /metrics\n";
+  } else {
+    body = prometheus::TextSerializer().Serialize(registry_->Collect());
+  }
+  std::string response = absl::StrCat(
+      "HTTP/1.1 ", status, "\r\nContent-Type: ", type,
+      "\r\nContent-Length: ", body.size(), "\r\nConnection: close\r\n\r\n");
+  if (!head) response += body;
+  return response;
+}
+
+void MetricsEndpoint::Serve() {
+  while (!stop_.load()) {
+    pollfd p{listen_fd_, POLLIN, 0};
+    if (poll(&p, 1, 200) <= 0) continue;
+    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    timeval timeout{2, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+    std::string request;
+    char buf[4096];
+    while (request.find("\r\n\r\n") == std::string::npos &&
+           request.size() < 16384) {
+      const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+      if (n <= 0) break;
+      request.append(buf, static_cast<size_t>(n));
+    }
+    if (!request.empty()) {
+      const std::string response = Respond(request);
+      size_t sent = 0;
+      while (sent < response.size()) {
+        const ssize_t n = send(fd, response.data() + sent,
+                               response.size() - sent, MSG_NOSIGNAL);
+        if (n <= 0) break;
+        sent += static_cast<size_t>(n);
+      }
+    }
+    close(fd);
+  }
+}
+
+MetricsEndpoint::~MetricsEndpoint() {
+  stop_.store(true);
+  if (thread_.joinable()) thread_.join();
+  if (listen_fd_ >= 0) close(listen_fd_);
+}
 
 }  // namespace dn::server

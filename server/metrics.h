@@ -18,16 +18,15 @@
 #include <string>
 #include <vector>
 
+#include <atomic>
+#include <thread>
+
 #include "absl/status/statusor.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
-
-namespace prometheus {
-class Exposer;
-}  // namespace prometheus
 
 namespace dn::server {
 
@@ -117,8 +116,15 @@ struct RankMetrics {
   void SetInfo(const std::string& backend, const std::string& device);
 };
 
-// Serves a registry over HTTP at /metrics (prometheus-cpp's civetweb
-// exposer). Port 0 picks a free port; address() tells the bound one.
+// Serves a registry over HTTP at /metrics (text exposition format 0.0.4,
+// serialized by prometheus-cpp). Port 0 picks a free port; address() tells
+// the bound one. One server thread with an ordinary stack answers scrapes one
+// at a time (each bounded by a 2 s socket timeout).
+//
+// Not prometheus-cpp's civetweb Exposer: civetweb creates its threads with a
+// fixed 100 KB stack, and the static TLS of the CUDA libraries a CUDA build
+// links (cuDNN, NCCL, cudart) takes nearly all of it, so scrapes of a CUDA
+// build crashed with "stack smashing detected" on the GPU machine.
 class MetricsEndpoint {
  public:
   static absl::StatusOr<std::unique_ptr<MetricsEndpoint>> Start(
@@ -133,7 +139,13 @@ class MetricsEndpoint {
 
  private:
   MetricsEndpoint() = default;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  void Serve();
+  std::string Respond(const std::string& request) const;
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  int listen_fd_ = -1;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
   std::string address_;
 };
 

@@ -28,6 +28,10 @@ inline constexpr int kHeartbeatTimeoutMs = 15000;
 // 720p video are tens of MB).
 inline constexpr int64_t kDefaultMaxMessageBytes = int64_t{256} << 20;
 
+// Trailing metadata of a RESOURCE_EXHAUSTED Generate call (full queue): the
+// coordinator's estimate, in milliseconds, of when a queue slot frees.
+inline constexpr char kRetryAfterMetadata[] = "retry-after-ms";
+
 // A job error with one of these codes concerns the request only: every rank
 // left Generate at the same step boundary and the group's process groups are
 // intact, so the group takes the next job. Any other code (INTERNAL,

@@ -11,6 +11,8 @@
 #include <optional>
 #include <thread>
 
+#include <grpcpp/grpcpp.h>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "comm/base/flags.h"
@@ -48,6 +50,43 @@ bool WaitForStopSignal(std::chrono::milliseconds timeout) {
   return WaitStopSignal(timeout) != 0;
 }
 
+// Waits until a TCP/HTTP2 connection to the coordinator succeeds, retrying
+// with backoff (each attempt waits up to 2 s, then 0.5 s doubling to 5 s)
+// and logging each failure. False if a
+// stop signal came first.
+bool WaitForCoordinator(const std::string& target) {
+  auto backoff = std::chrono::milliseconds(500);
+  const auto since = Clock::now();
+  for (int attempt = 1;; ++attempt) {
+    grpc::ChannelArguments args;
+    // A fresh subchannel each time, with short reconnect backoffs of its own.
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 200);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+    std::shared_ptr<grpc::Channel> channel = grpc::CreateCustomChannel(
+        target, grpc::InsecureChannelCredentials(), args);
+    if (channel->WaitForConnected(std::chrono::system_clock::now() +
+                                  std::chrono::seconds(2))) {
+      if (attempt > 1) {
+        DN_LOG(INFO) << "coordinator " << target << " reachable again after "
+                     << std::chrono::duration<double>(Clock::now() - since).count()
+                     << " s";
+      }
+      return true;
+    }
+    DN_LOG(WARNING) << "coordinator " << target
+                    << " unreachable (no connection within 2 s, channel "
+                    << (channel->GetState(false) == GRPC_CHANNEL_TRANSIENT_FAILURE
+                            ? "failing to connect"
+                            : "still connecting")
+                    << ", attempt " << attempt << "); retrying in "
+                    << backoff.count() << " ms";
+    if (WaitForStopSignal(backoff)) return false;
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(5000));
+  }
+}
+
 }  // namespace
 
 int RunLauncher(const LauncherOptions& o) {
@@ -80,6 +119,13 @@ int RunLauncher(const LauncherOptions& o) {
   int64_t generation = 1;
   auto backoff = std::chrono::seconds(1);
   for (;;) {
+    // Ranks attach to the coordinator at once and exit if it is not there:
+    // wait for it first (a group started before its coordinator, or one
+    // whose coordinator restarted).
+    if (!WaitForCoordinator(o.coordinator)) {
+      DN_LOG(INFO) << "group " << name << " stopped";
+      return 0;
+    }
     std::vector<pid_t> pids(static_cast<size_t>(o.ranks), -1);
     bool spawn_failed = false;
     for (int r = 0; r < o.ranks && !spawn_failed; ++r) {

@@ -5,6 +5,11 @@
 // GPU r) and supervises them. When any rank exits, the launcher stops the
 // others and restarts the whole group with generation + 1, after a backoff
 // (1 s doubling to 30 s; reset once a generation has run for a minute).
+// Before each generation it waits for the coordinator to accept connections
+// (each attempt waits up to 2 s for a connection, then backs off 0.5 s
+// doubling to 5 s, logging why), so a group started
+// before its coordinator, or one whose coordinator restarted (its ranks exit
+// when the Attach stream ends), registers again on its own.
 // SIGTERM/SIGINT stop the group cleanly (each rank leaves the coordinator)
 // and the launcher exits 0.
 #ifndef DN_SERVER_WORKER_LAUNCHER_H_

@@ -4,23 +4,24 @@
 #                ../shared/gpu/bundle.sh .gpu build-cuda/bin/*
 #                mkdir -p .anchor && cp ../shared/anchors/usp_anchor.py .anchor/
 # Run there:     . .gpu/env.sh && scripts/gpu/check_all.sh STAGE...   (carry .gpu and .anchor)
-# Stages: info ops nccl tiny sp commbench perf step step4k
-# Logs go to $OUT/<stage>.log; a summary table is printed last.
+# Stages: info ops nccl tiny sp commbench perf step step4k service
+# Logs go to $OUT/all.log; a summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 NGPU=$(nvidia-smi -L | wc -l)
 summary=()
+W=/tmp/dn; mkdir -p $W
 stage() {  # stage NAME TIMEOUT CMD...
   local name=$1 t=$2; shift 2
-  echo "=== $name: $*" | tee -a "$OUT/$name.log"
+  echo "=== $name: $*" | tee -a "$OUT/all.log" > "$W/$name.log"
   local s=$SECONDS
-  timeout --kill-after=10 "$t" "$@" >>"$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$t" "$@" >>"$W/$name.log" 2>&1
   local rc=$?
   summary+=("$(printf '%-28s rc=%-3d %4ds' "$name" "$rc" $((SECONDS - s)))")
-  tail -n 25 "$OUT/$name.log"
+  cat "$W/$name.log" >> "$OUT/all.log"; tail -n 25 "$W/$name.log"
   return $rc
 }
-W=/tmp/dn; mkdir -p $W
+
 for st in "$@"; do
   case $st in
     info) stage info 60 bash -c 'nvidia-smi; nvidia-smi topo -m; python3 -c "import torch;print(torch.__version__, torch.cuda.nccl.version())"' ;;
@@ -30,14 +31,25 @@ for st in "$@"; do
       stage nccl2 120 nccl_comm_test --world 2
       [[ $NGPU -ge 4 ]] && stage nccl4 120 nccl_comm_test --world 4 ;;
     tiny)
-      stage tiny_cpu 120 denoised run --preset tiny --ranks 1 --backend cpu --frames 9 --height 64 --width 96 --steps 6 --guidance 5 --seed 7 --text-len 64 --out $W/tiny_cpu.safetensors
-      stage tiny_cuda 120 denoised run --preset tiny --ranks 1 --backend cuda --frames 9 --height 64 --width 96 --steps 6 --guidance 5 --seed 7 --text-len 64 --out $W/tiny_cuda.safetensors
-      stage tiny_cmp 60 python3 scripts/gpu/compare_latents.py $W/tiny_cpu.safetensors $W/tiny_cuda.safetensors --label "tiny cuda vs cpu" --max-rel-l2 1e-2
-      # A 1.3B-shaped checkpoint cut to 2 layers, one step of the forward.
+      # (1) The forward alone: one Euler step from given noise with guidance 1,
+      #     compared as sigma_0 * v = start - x1 (CUDA bf16 vs CPU fp32).
+      # (2) Whole runs (6 UniPC steps, CFG 5) for information.
+      python3 scripts/gpu/compare_latents.py --make-noise 16,3,8,12 --seed 1 --out $W/tiny_start.safetensors
+      for b in cpu cuda; do
+        stage tiny_fwd_$b 120 denoised run --preset tiny --ranks 1 --backend $b --frames 9 --height 64 --width 96 --steps 1 --scheduler euler --guidance 1 --seed 7 --text-len 64 --latents $W/tiny_start.safetensors --out $W/tiny_fwd_$b.safetensors
+        stage tiny_$b 120 denoised run --preset tiny --ranks 1 --backend $b --frames 9 --height 64 --width 96 --steps 6 --guidance 5 --seed 7 --text-len 64 --out $W/tiny_$b.safetensors
+      done
+      stage tiny_fwd_cmp 60 python3 scripts/gpu/compare_latents.py $W/tiny_fwd_cpu.safetensors $W/tiny_fwd_cuda.safetensors --base $W/tiny_start.safetensors --label "tiny forward cuda vs cpu" --max-rel-l2 1e-2
+      stage tiny_cmp 60 python3 scripts/gpu/compare_latents.py $W/tiny_cpu.safetensors $W/tiny_cuda.safetensors --label "tiny 6 UniPC steps CFG 5 cuda vs cpu (info)" --max-rel-l2 3e-2
+      # A 1.3B-shaped checkpoint cut to 2 layers.
       stage mid_ckpt 300 denoised make-checkpoint --preset wan2.1-t2v-1.3b --layers 2 --seed 3 --out $W/mid
-      stage mid_cpu 300 denoised run --model $W/mid --ranks 1 --backend cpu --threads 16 --frames 1 --height 256 --width 256 --steps 2 --guidance 5 --seed 3 --text-len 512 --out $W/mid_cpu.safetensors
-      stage mid_cuda 300 denoised run --model $W/mid --ranks 1 --backend cuda --frames 1 --height 256 --width 256 --steps 2 --guidance 5 --seed 3 --text-len 512 --out $W/mid_cuda.safetensors
-      stage mid_cmp 60 python3 scripts/gpu/compare_latents.py $W/mid_cpu.safetensors $W/mid_cuda.safetensors --label "1.3B-shape 2 layers cuda vs cpu" --max-rel-l2 1e-2 ;;
+      python3 scripts/gpu/compare_latents.py --make-noise 16,1,32,32 --seed 2 --out $W/mid_start.safetensors
+      for b in cpu cuda; do
+        stage mid_fwd_$b 300 denoised run --model $W/mid --ranks 1 --backend $b --threads 16 --frames 1 --height 256 --width 256 --steps 1 --scheduler euler --guidance 1 --seed 3 --text-len 512 --latents $W/mid_start.safetensors --out $W/mid_fwd_$b.safetensors
+        stage mid_$b 300 denoised run --model $W/mid --ranks 1 --backend $b --threads 16 --frames 1 --height 256 --width 256 --steps 2 --guidance 5 --seed 3 --text-len 512 --out $W/mid_$b.safetensors
+      done
+      stage mid_fwd_cmp 60 python3 scripts/gpu/compare_latents.py $W/mid_fwd_cpu.safetensors $W/mid_fwd_cuda.safetensors --base $W/mid_start.safetensors --label "1.3B-shape 2 layers forward cuda vs cpu" --max-rel-l2 1e-2
+      stage mid_cmp 60 python3 scripts/gpu/compare_latents.py $W/mid_cpu.safetensors $W/mid_cuda.safetensors --label "1.3B-shape 2 steps CFG 5 cuda vs cpu (info)" --max-rel-l2 3e-2 ;;
     sp)
       for p in 2 4; do
         [[ $NGPU -ge $p ]] || continue
@@ -64,6 +76,7 @@ for st in "$@"; do
         stage step4k_ours_p$p 300 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks $p --backend cuda --cfg --iters 10
         stage step4k_anchor_p$p 300 torchrun --nproc_per_node $p .anchor/usp_anchor.py --backend cudnn --modes direct,packed --seq 4096 --iters 10
       done ;;
+    service) stage service 300 scripts/gpu/service_check.sh $NGPU 6 ;;
     *) echo "unknown stage $st" ;;
   esac
 done
