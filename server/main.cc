@@ -9,6 +9,7 @@
 #include "server/client.h"
 #include "server/coordinator.h"
 #include "server/demo.h"
+#include "server/health_check_command.h"
 #include "server/rank_runner.h"
 #include "server/worker_launcher.h"
 #include "server/version.h"
@@ -41,6 +42,8 @@ const Command kCommands[] = {
      dn::server::WorkerMain, false},
     {"generate", "call a coordinator's Generate and write the latents",
      dn::server::GenerateMain, false},
+    {"health", "check a server's grpc.health.v1 status (exit 0 iff SERVING)",
+     dn::server::HealthCommand, false},
     {"worker-rank", "one rank of a worker group (started by `worker`)",
      dn::server::WorkerRankMain, true},
     {"bench comm", "all-to-all latency and bus bandwidth (Gloo CPU ranks or NCCL GPUs)", dn::bench::BenchCommCommand, false},
