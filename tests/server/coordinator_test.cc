@@ -66,7 +66,8 @@ grpc::ChannelArguments LargeMessages() {
 class ScriptedRank {
  public:
   ScriptedRank(const std::string& target, const std::string& group, int rank,
-               int world, int64_t generation, const std::string& secret = "")
+               int world, int64_t generation, const std::string& secret = "",
+               const std::string& config_hash = "c0ffee")
       : stub_(vi::WorkerControl::NewStub(grpc::CreateCustomChannel(
             target, grpc::InsecureChannelCredentials(), LargeMessages()))) {
     ctx_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
@@ -78,7 +79,7 @@ class ScriptedRank {
     h->set_world_size(world);
     h->set_generation(generation);
     h->mutable_model()->set_name("tiny");
-    h->mutable_model()->set_config_hash("c0ffee");
+    h->mutable_model()->set_config_hash(config_hash);
     *h->mutable_model()->mutable_info() = TinyInfo();
     h->set_backend("cpu");
     h->set_host("test");
@@ -656,6 +657,23 @@ TEST_F(ReadyGroupTest, BrokenRankFailsTheGroupUntilANewGeneration) {
   ScriptedRank stale(coord_->target, "g", 0, 1, 1);
   EXPECT_FALSE(stale.welcomed());
   EXPECT_EQ(stale.Finish().error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+TEST_F(ReadyGroupTest, MismatchingModelConfigIsRefused) {
+  SetUpGroup();
+  // Another group registering the same model name with another architecture.
+  ScriptedRank other_group(coord_->target, "g2", 0, 1, 1, "", "deadbeef");
+  EXPECT_FALSE(other_group.welcomed());
+  grpc::Status st = other_group.Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(st.error_message(), HasSubstr("config hash c0ffee"));
+  EXPECT_THAT(st.error_message(), HasSubstr("deadbeef"));
+  // The serving group is untouched and still takes work.
+  WaitState("g", v1::GROUP_STATE_READY);
+  EXPECT_EQ(client_->Health().value_or("?"), "SERVING");
+  absl::StatusOr<v1::ServerInfo> info = client_->GetServerInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->groups_size(), 1);
 }
 
 TEST_F(ReadyGroupTest, RankReportingAFailureFailsTheGroup) {
