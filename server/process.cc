@@ -95,6 +95,7 @@ std::optional<int> WaitPid(pid_t pid, std::chrono::milliseconds timeout) {
 
 int Terminate(pid_t pid, std::chrono::milliseconds grace) {
   kill(pid, SIGTERM);
+  kill(pid, SIGCONT);  // a stopped (SIGSTOP) process handles SIGTERM only once resumed
   if (std::optional<int> s = WaitPid(pid, grace)) return *s;
   kill(pid, SIGKILL);
   if (std::optional<int> s = WaitPid(pid, std::chrono::seconds(10))) return *s;

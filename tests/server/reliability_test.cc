@@ -487,5 +487,55 @@ TEST(FaultTest, GroupsRegisterBeforeAndAfterACoordinatorRestart) {
   EXPECT_EQ(group.Stop(), 0);
 }
 
+// A rank that hangs instead of dying (SIGSTOP: its process and its
+// connections stay up, its peers sit in a collective waiting for it). The
+// coordinator notices the missing heartbeats and fails the request with
+// UNAVAILABLE naming the rank, within the heartbeat timeout; the launcher
+// kills the stopped rank (SIGTERM+SIGCONT) and re-forms the group.
+TEST(FaultTest, HungRankFailsItsRequestAndTheGroupRecovers) {
+  TempDir dir;
+  absl::StatusOr<std::unique_ptr<CoordinatorProc>> c =
+      StartCoordinator(dir.path(), {"--heartbeat-timeout", "2"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  DenoiserClient client((*c)->target);
+  Proc group = StartTinyGroup((*c)->target, "hang", 2, dir.path() + "/hang.log");
+  ASSERT_TRUE(WaitGroups(client, {"hang"}, v1::GROUP_STATE_READY,
+                         std::chrono::seconds(120)).ok())
+      << ReadFile(dir.path() + "/hang.log");
+  const std::vector<pid_t> ranks = ::dn::server::testing::Children(group.pid());
+  ASSERT_EQ(ranks.size(), 2u);
+  StreamCall call((*c)->target, LongRequest(300));
+  ASSERT_TRUE(call.WaitSteps(2));
+  const auto t0 = Clock::now();
+  ASSERT_EQ(kill(ranks[1], SIGSTOP), 0);
+  std::future<absl::StatusOr<v1::GenerateResult>> done =
+      std::async(std::launch::async, [&call] { return call.Wait(); });
+  if (done.wait_for(std::chrono::seconds(60)) != std::future_status::ready) {
+    kill(ranks[1], SIGCONT);
+    FAIL() << "the request hung after a rank stopped";
+  }
+  const double failed_s = Seconds(t0);
+  const absl::Status st = done.get().status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("rank 1"));
+  EXPECT_THAT(std::string(st.message()), HasSubstr("heartbeat"));
+  bool restarted = false;
+  for (int i = 0; i < 1200 && !restarted; ++i) {
+    absl::StatusOr<v1::ServerInfo> info = client.GetServerInfo();
+    restarted = info.ok() && info->groups_size() == 1 &&
+                info->groups(0).generation() == 2 &&
+                info->groups(0).state() == v1::GROUP_STATE_READY;
+    if (!restarted) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(restarted) << ReadFile(dir.path() + "/hang.log");
+  std::printf("rank SIGSTOP: request failed after %.2f s (heartbeat timeout 2 s), "
+              "group READY again (generation 2) %.2f s after the stop\n",
+              failed_s, Seconds(t0));
+  absl::StatusOr<v1::GenerateResult> r = client.Generate(
+      TinyRequest(5, 64, 64, 2, 3, kTextLen), std::chrono::seconds(60), {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(group.Stop(), 0);
+}
+
 }  // namespace
 }  // namespace dn::server

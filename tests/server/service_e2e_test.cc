@@ -398,14 +398,6 @@ TEST_F(ServiceTest, FullQueueIsResourceExhausted) {
                   .ok());
 }
 
-// The child processes of `pid` (the launcher's ranks).
-std::vector<pid_t> Children(pid_t pid) {
-  std::vector<pid_t> out;
-  std::ifstream in(absl::StrCat("/proc/", pid, "/task/", pid, "/children"));
-  for (pid_t c; in >> c;) out.push_back(c);
-  return out;
-}
-
 // Kept last: it restarts g2. A rank dies mid-request: the request fails with
 // UNAVAILABLE, the launcher restarts the whole group as generation 2, the
 // coordinator counts the restart and the group serves again.
@@ -421,7 +413,7 @@ TEST_F(ServiceTest, RankCrashRestartsTheGroup) {
     if (e.has_started()) on_g2 = e.started().worker_group();
   }
   const size_t g2_call = on_g2 == "g2" ? 1 : 0;
-  const std::vector<pid_t> ranks = Children(g2_->pid());
+  const std::vector<pid_t> ranks = testing::Children(g2_->pid());
   ASSERT_EQ(ranks.size(), 2u);
   const auto killed = std::chrono::steady_clock::now();
   ASSERT_EQ(kill(ranks[1], SIGKILL), 0);

@@ -102,6 +102,15 @@ inline std::string ReadFile(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
+// The child processes of `pid` (a launcher's ranks).
+inline std::vector<pid_t> Children(pid_t pid) {
+  std::vector<pid_t> out;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(pid) +
+                   "/children");
+  for (pid_t c; in >> c;) out.push_back(c);
+  return out;
+}
+
 // A coordinator on free loopback ports.
 struct CoordinatorProc {
   Proc proc;
