@@ -26,7 +26,7 @@ int At(const google::protobuf::RepeatedField<int32_t>& v, int i, int dflt) {
 // Checks an embeddings tensor: [T, text_dim] or [1, T, text_dim]. Returns T.
 absl::StatusOr<int> CheckEmbeds(const v1::Tensor& t, const std::string& field,
                                 int text_dim) {
-  DN_RETURN_IF_ERROR(CheckTensor(t, field));
+  DN_RETURN_IF_ERROR(CheckFinite(t, field));
   const auto& s = t.shape();
   const bool rank2 = s.size() == 2;
   const bool rank3 = s.size() == 3 && s.Get(0) == 1;
@@ -155,7 +155,7 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
   }
 
   // --- sampling ----------------------------------------------------------
-  if (r.steps() == 0) r.set_steps(kDefaultSteps);
+  if (!in.has_steps()) r.set_steps(kDefaultSteps);  // unset: the default; 0 is refused
   if (r.steps() < 1 || r.steps() > kMaxSteps) {
     return Invalid("steps", absl::StrCat("must be in [1, ", kMaxSteps,
                                          "], got ", in.steps()));
@@ -181,7 +181,7 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
 
   // --- initial latents ---------------------------------------------------
   if (in.has_initial_latents()) {
-    DN_RETURN_IF_ERROR(CheckTensor(in.initial_latents(), "initial_latents"));
+    DN_RETURN_IF_ERROR(CheckFinite(in.initial_latents(), "initial_latents"));
     const auto& s = in.initial_latents().shape();
     if (s.size() != 4 || s.Get(0) != latent.channels() ||
         s.Get(1) != latent.frames() || s.Get(2) != latent.height() ||

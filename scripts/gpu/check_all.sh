@@ -4,7 +4,7 @@
 #                ../shared/gpu/bundle.sh .gpu build-cuda/bin/*
 #                mkdir -p .anchor && cp ../shared/anchors/usp_anchor.py .anchor/
 # Run there:     . .gpu/env.sh && scripts/gpu/check_all.sh STAGE...   (carry .gpu and .anchor)
-# Stages: info ops nccl tiny sp commbench perf step step4k service step14b
+# Stages: info ops nccl tiny sp commbench perf step step4k service fault step14b
 # Logs go to $OUT/all.log; a summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -77,6 +77,7 @@ for st in "$@"; do
         stage step4k_anchor_p$p 300 torchrun --nproc_per_node $p .anchor/usp_anchor.py --backend cudnn --modes direct,packed --seq 4096 --iters 10
       done ;;
     service) stage service 300 scripts/gpu/service_check.sh $NGPU 6 ;;
+    fault) stage fault 420 scripts/gpu/fault_check.sh $NGPU ;;
     step14b)
       # Wan2.1-14B shape (40 layers, dim 5120, 40 heads, FFN 13824) at 480p, then 720p on all GPUs.
       for p in 1 2 4; do

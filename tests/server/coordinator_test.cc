@@ -5,6 +5,7 @@
 // service with real rank processes is tested in service_e2e_test.cc.
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -240,6 +241,21 @@ TEST_F(CoordinatorTest, NoGroupsMeansNotServingAndNotFound) {
   EXPECT_THAT(std::string(r.status().message()), HasSubstr("tiny"));
 }
 
+// A message over --max-message-mb is refused by gRPC with RESOURCE_EXHAUSTED
+// before it reaches validation; the server stays up for the next call.
+TEST_F(CoordinatorTest, OversizedMessageIsRefused) {
+  Start({"--max-message-mb", "1"});
+  v1::GenerateRequest big = TinyRequest(5, 64, 64, 4, 1, /*text_len=*/12000);  // 1.5 MB
+  absl::StatusOr<v1::GenerateResult> r =
+      client_->Generate(big, std::chrono::seconds(10), {});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
+  EXPECT_TRUE(client_->ListModels().ok());
+  EXPECT_EQ(client_->Generate(TinyRequest(5, 64, 64, 4, 1), std::chrono::seconds(10), {})
+                .status()
+                .code(),
+            absl::StatusCode::kNotFound);  // small enough: reaches the (empty) model table
+}
+
 TEST_F(CoordinatorTest, GroupFormsThenServes) {
   Start();
   ScriptedRank r0(coord_->target, "g", 0, 2, 1);
@@ -414,6 +430,35 @@ TEST_F(ReadyGroupTest, InvalidRequestsNameTheField) {
   const std::vector<Case> cases = {
       {"steps", [](v1::GenerateRequest& r) { r.set_steps(1001); }},
       {"steps", [](v1::GenerateRequest& r) { r.set_steps(-1); }},
+      {"steps", [](v1::GenerateRequest& r) { r.set_steps(0); }},
+      {"scheduler",
+       [](v1::GenerateRequest& r) { r.set_scheduler(static_cast<v1::Scheduler>(42)); }},
+      {"prompt_embeds.data",  // NaN (f32)
+       [](v1::GenerateRequest& r) {
+         const float nan = std::nanf("");
+         std::memcpy(r.mutable_prompt_embeds()->mutable_data()->data() + 8, &nan, 4);
+       }},
+      {"negative_prompt_embeds.data",  // +Inf (bf16)
+       [](v1::GenerateRequest& r) {
+         v1::Tensor* t = r.mutable_negative_prompt_embeds();
+         t->set_dtype(v1::DTYPE_BF16);
+         t->add_shape(2);
+         t->add_shape(32);
+         std::string bytes(2 * 32 * 2, '\0');
+         bytes[2 * 5 + 1] = static_cast<char>(0x7f);  // 0x7f80 little-endian
+         bytes[2 * 5] = static_cast<char>(0x80);
+         t->set_data(bytes);
+       }},
+      {"initial_latents.data",  // -Inf (f32) in an otherwise valid latent
+       [](v1::GenerateRequest& r) {
+         v1::Tensor* t = r.mutable_initial_latents();
+         t->set_dtype(v1::DTYPE_F32);
+         for (int d : {16, 2, 8, 8}) t->add_shape(d);
+         std::string bytes(16 * 2 * 8 * 8 * 4, '\0');
+         const float inf = -INFINITY;
+         std::memcpy(bytes.data() + 4 * 100, &inf, 4);
+         t->set_data(bytes);
+       }},
       {"guidance_scale",
        [](v1::GenerateRequest& r) { r.set_guidance_scale(std::nanf("")); }},
       {"shift", [](v1::GenerateRequest& r) { r.set_shift(INFINITY); }},
