@@ -475,7 +475,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   const EngineOptions effective = WithEnvironment(options);
   DN_LOG(INFO) << "engine: graphs " << (effective.use_graphs ? "on" : "off")
                << (effective.use_graphs && data.size() > 1
-                       ? absl::StrCat(", all-to-all timed on step 0 and every ",
+                       ? absl::StrCat(", all-to-all timed on steps 0, 1 and every ",
                                       effective.timing_every, "th step")
                        : std::string())
                << ", fused q/k norm+RoPE+pack "
