@@ -84,8 +84,8 @@ for st in "$@"; do
       for p in 1 2 4; do
         [[ $NGPU -ge $p ]] || continue
         for g in graphs no-graphs; do
-          stage gstep32k_${g}_p$p 240 denoised bench step --preset wan2.1-t2v-1.3b --tokens 32760 --ranks $p --backend cuda --cfg --warmup 3 --iters 3 --$g
-          stage gstep4k_${g}_p$p 180 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks $p --backend cuda --cfg --warmup 3 --iters 10 --$g
+          stage gstep32k_${g}_p$p 240 denoised bench step --preset wan2.1-t2v-1.3b --tokens 32760 --ranks $p --backend cuda --cfg --warmup 3 --iters 2 --$g
+          stage gstep4k_${g}_p$p 180 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks $p --backend cuda --cfg --warmup 3 --iters 5 --$g
         done
       done ;;
     commbench)
