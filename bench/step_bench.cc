@@ -116,6 +116,9 @@ absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
   DN_RETURN_IF_ERROR(session->control->AllGather(&peak, peaks.data(), sizeof(peak)));
   if (ro.rank != 0) return absl::OkStatus();
 
+  worker::EngineOptions eo;
+  eo.use_graphs = ro.graphs;
+  eo = worker::WithEnvironment(eo);
   const int64_t tokens = worker::TokenCount(c, p.latent);
   const int batch = f.cfg ? 2 : 1;
   const double med = Median(step_s);
@@ -132,7 +135,8 @@ absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
       "  step: median %.3f ms (min %.3f, max %.3f over %d iters), all-to-all "
       "%.3f ms/step, skew %.3f ms\n"
       "  compute: %.4f TFLOP per step, %.4f TFLOP/s achieved (%.4f per rank)\n"
-      "  peak memory per rank: %.1f MiB max [%s] MiB\n",
+      "  peak memory per rank: %.1f MiB max [%s] MiB\n"
+      "  graphs: %s\n",
       session->weights->description().c_str(),
       session->backend->device_description().c_str(), ro.ranks, p.latent.channels,
       p.latent.frames, p.latent.height, p.latent.width,
@@ -140,13 +144,20 @@ absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
       c.num_layers, med * 1e3, *std::min_element(step_s.begin(), step_s.end()) * 1e3,
       *std::max_element(step_s.begin(), step_s.end()) * 1e3, f.iters,
       Median(a2a_s) * 1e3, Median(skew_s) * 1e3, flops / 1e12, tflops,
-      tflops / ro.ranks, static_cast<double>(peak_max) / (1 << 20), peak_list.c_str());
+      tflops / ro.ranks, static_cast<double>(peak_max) / (1 << 20), peak_list.c_str(),
+      !eo.use_graphs ? "off (every step eager)"
+      : ro.ranks == 1
+          ? "on (step 0 eager, step 1 captures, later steps replay)"
+          : absl::StrCat("on (steps 0, 1 and every ", eo.timing_every,
+                         "th eager with all-to-all markers; step 2 captures, "
+                         "the others replay and report the latest sampled "
+                         "all-to-all)").c_str());
   // One machine-readable line for scripts.
   std::printf(
-      "RESULT ranks=%d backend=%s tokens=%lld cfg=%d layers=%d step_ms=%.4f "
-      "alltoall_ms=%.4f tflops=%.5f peak_mib=%.1f\n",
+      "RESULT ranks=%d backend=%s tokens=%lld cfg=%d layers=%d graphs=%d "
+      "step_ms=%.4f alltoall_ms=%.4f tflops=%.5f peak_mib=%.1f\n",
       ro.ranks, ro.backend.c_str(), static_cast<long long>(tokens), f.cfg ? 1 : 0,
-      c.num_layers, med * 1e3, Median(a2a_s) * 1e3, tflops,
+      c.num_layers, eo.use_graphs ? 1 : 0, med * 1e3, Median(a2a_s) * 1e3, tflops,
       static_cast<double>(peak_max) / (1 << 20));
   std::fflush(stdout);
   return absl::OkStatus();

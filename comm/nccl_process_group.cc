@@ -8,6 +8,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -192,6 +193,16 @@ class NcclProcessGroup final : public ProcessGroup {
     }
   }
 
+  // The lock is held across `launch`, so the communicator cannot be
+  // aborted (and freed) between the check and the launch of work that uses it.
+  absl::Status LaunchWatched(
+      const std::function<absl::Status()>& launch) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!comm_) return BrokenLocked("LaunchWatched");
+    DN_RETURN_IF_ERROR(launch());
+    return WatchLocked();
+  }
+
   void Abort() override {
     std::lock_guard<std::mutex> lock(mu_);
     if (comm_) (void)AbortLocked(absl::AbortedError("Abort() was called"));
@@ -258,6 +269,18 @@ class NcclProcessGroup final : public ProcessGroup {
     absl::Status st = ::dn::internal::NcclStatus(r, op, __FILE__, __LINE__);
     if (!st.ok())
       return AbortLocked(absl::Status(st.code(), absl::StrCat(Where(op), st.message())));
+    return WatchLocked();
+  }
+
+  // mu_ held. Records the watchdog's event after the work enqueued so far and
+  // arms the timeout. Not while the stream is being captured into a CUDA
+  // graph: an event recorded there is a graph node, not something the
+  // watchdog can query; the graph's replays are watched (LaunchWatched).
+  absl::Status WatchLocked() {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    absl::Status st = DN_CUDA_STATUS(cudaStreamIsCapturing(stream_, &capture));
+    if (!st.ok()) return AbortLocked(st);
+    if (capture != cudaStreamCaptureStatusNone) return absl::OkStatus();
     st = DN_CUDA_STATUS(cudaEventRecord(event_.get(), stream_));
     if (!st.ok()) return AbortLocked(st);
     issued_at_ = Clock::now();

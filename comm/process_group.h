@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -55,6 +56,17 @@ class ProcessGroup {
   virtual absl::Status AllReduce(void* buf, size_t count, ReduceType type,
                                  ReduceOp op) = 0;
   virtual absl::Status Barrier() = 0;
+  // For collectives this group did not issue itself: a replayed CUDA graph
+  // that captured them (issued on the group's stream during the capture,
+  // where nothing is watched). Runs `launch` (which enqueues that work on the
+  // group's stream) and then watches the stream up to that point like a
+  // collective: not complete within the timeout -> the group aborts, so a
+  // dead peer gives an error, never a hang. Fails with ABORTED without
+  // running `launch` when the group is already unusable. Default (Gloo, host
+  // collectives, nothing enqueued): just runs `launch`.
+  virtual absl::Status LaunchWatched(const std::function<absl::Status()>& launch) {
+    return launch();
+  }
   // Makes every pending and later call fail promptly. Safe to call from
   // another thread (e.g. a watchdog).
   virtual void Abort() = 0;

@@ -107,6 +107,20 @@ class Backend {
   virtual absl::Status RmsNormRope(const Tensor& x, const Tensor& weight,
                                    const Tensor& rope, int heads, float eps,
                                    Tensor* y) = 0;
+  // Fused q/k RMSNorm + RoPE + Ulysses pack: the result of
+  //   RmsNormRope(q, q_weight, rope, heads, eps, &q')
+  //   RmsNormRope(k, k_weight, rope, heads, eps, &k')
+  //   PackQkv(q' [B,S,H,d], k' [B,S,H,d], v [B,S,H,d], world, send)
+  // without writing q' and k'. q, k, v: [B, S, D] in compute dtype (D =
+  // heads * d); send: [P, 3, B, S, H/P, d] (with world == 1: q', k', v
+  // stacked as [1, 3, B, S, H, d]).
+  virtual absl::Status RmsNormRopePackQkv(const Tensor& q, const Tensor& k,
+                                          const Tensor& v,
+                                          const Tensor& q_weight,
+                                          const Tensor& k_weight,
+                                          const Tensor& rope, int heads,
+                                          float eps, int world,
+                                          Tensor* send) = 0;
   // o[B,Sq,H,d] = softmax(q k^T * scale) v per batch and head, non-causal,
   // over the first kv_len rows of k, v [B,Skv,H,d] (kv_len <= Skv; rows past
   // kv_len are padding and ignored). Compute dtype.

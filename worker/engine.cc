@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -95,8 +97,11 @@ class EngineImpl : public Engine {
  private:
   // Everything before the first step that may fail on one rank only.
   absl::Status Setup(const GenerateParams& params, bool cfg);
+  // sampled: eager forward with all-to-all markers; else the graph (when
+  // use_graphs) and the latest sampled all-to-all time.
   absl::Status RunStep(int i, Sampler& sampler, bool cfg, float guidance,
-                       double* step_seconds, double* alltoall_seconds);
+                       bool sampled, double* step_seconds,
+                       double* alltoall_seconds);
   void Unpatchify(const float* gathered, int batch_index, float* v) const;
 
   std::unique_ptr<WanModel> model_;
@@ -113,6 +118,7 @@ class EngineImpl : public Engine {
   std::vector<float> v_cond_, v_uncond_, v_;
   Tensor zero_negative_;
   MarkerList markers_;
+  double last_alltoall_seconds_ = 0;  // of the latest sampled step
 };
 
 absl::Status EngineImpl::Validate(const GenerateParams& p) const {
@@ -259,14 +265,16 @@ void EngineImpl::Unpatchify(const float* gathered, int batch_index,
 }
 
 absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
-                                 float guidance, double* step_seconds,
+                                 float guidance, bool sampled,
+                                 double* step_seconds,
                                  double* alltoall_seconds) {
   const int world = data_.size();
   markers_.clear();
   DN_ASSIGN_OR_RETURN(std::unique_ptr<Marker> start, backend_.Mark());
   DN_RETURN_IF_ERROR(model_->UploadInputs(x_.data(), sampler.timesteps()[i]));
-  DN_RETURN_IF_ERROR(model_->Forward(world > 1 ? &data_ : nullptr, &markers_,
-                                     options_.use_graphs));
+  const bool graph = options_.use_graphs && !sampled;
+  DN_RETURN_IF_ERROR(model_->Forward(world > 1 ? &data_ : nullptr,
+                                     graph ? nullptr : &markers_, graph));
   if (world > 1) {
     const Tensor& out = model_->output();
     DN_RETURN_IF_ERROR(data_.AllGather(out.data(), gathered_.data(), out.nbytes()));
@@ -292,6 +300,11 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
                         backend_.ElapsedSeconds(*markers_[m], *markers_[m + 1]));
     a2a += sec;
   }
+  if (graph) {
+    a2a = last_alltoall_seconds_;
+  } else {
+    last_alltoall_seconds_ = a2a;
+  }
   *alltoall_seconds = a2a;
   return absl::OkStatus();
 }
@@ -308,11 +321,18 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
   const int steps = sampler->steps();
 
   absl::Status local = Setup(params, cfg);
+  last_alltoall_seconds_ = 0;
+  const int every = data_.size() > 1 ? options_.timing_every : 0;
   for (int i = 0; i < steps; ++i) {
     double step_seconds = 0, a2a_seconds = 0;
+    // Step 0 of every request runs eagerly (plans, NCCL connections); with
+    // P > 1 step 1 too (the first all-to-all of a size may set up
+    // connections, so step 1 gives the timing), then every `every`-th step.
+    const bool sampled =
+        i == 0 || (data_.size() > 1 && i == 1) || (every > 0 && i % every == 0);
     if (local.ok())
       local = RunStep(i, *sampler, cfg, static_cast<float>(params.guidance),
-                      &step_seconds, &a2a_seconds);
+                      sampled, &step_seconds, &a2a_seconds);
     if (!local.ok()) {
       // Peers blocked in a data collective with us fail promptly.
       data_.Abort();
@@ -377,17 +397,41 @@ absl::StatusOr<double> EngineImpl::Warmup(const LatentShape& shape,
         absl::StrCat("warmup text_len ", text_len, " must be >= 1"));
   GenerateParams p;
   p.latent = shape;
-  p.steps = 2;
+  // With graphs the capture happens at the first non-sampled step (1 on one
+  // rank, 2 on several): warm up through it, so requests only replay.
+  p.steps = options_.use_graphs && data_.size() > 1 ? 3 : 2;
   p.guidance = 2.0;  // both CFG branches, as served requests run them
   p.prompt_embeds = Tensor::Host({text_len, config().text_dim});
   double seconds = 0;
   DN_RETURN_IF_ERROR(
-      Generate(p, [&](const StepStats& s) { seconds = s.seconds; }, nullptr)
+      Generate(p,
+               [&](const StepStats& s) {
+                 // Step 0 builds plans; later steps are representative.
+                 if (s.index == 1 || (s.index > 1 && s.seconds < seconds))
+                   seconds = s.seconds;
+               },
+               nullptr)
           .status());
   return seconds;
 }
 
 }  // namespace
+
+EngineOptions WithEnvironment(EngineOptions options) {
+  if (const char* g = std::getenv("DN_CUDA_GRAPHS");
+      g != nullptr && std::string(g) == "0")
+    options.use_graphs = false;
+  if (const char* n = std::getenv("DN_A2A_SAMPLE_EVERY"); n != nullptr) {
+    char* end = nullptr;
+    const long v = std::strtol(n, &end, 10);
+    if (end != n && *end == '\0' && v >= 0 && v <= 1000000)
+      options.timing_every = static_cast<int>(v);
+    else
+      DN_LOG(WARNING) << "ignoring DN_A2A_SAMPLE_EVERY='" << n
+                      << "' (want an integer >= 0)";
+  }
+  return options;
+}
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     const WeightSource& weights, Backend& backend, comm::ProcessGroup& data,
@@ -423,10 +467,21 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   if (options.max_tokens < 1)
     return absl::InvalidArgumentError(
         absl::StrCat("max_tokens ", options.max_tokens, " must be >= 1"));
+  if (options.timing_every < 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "timing_every ", options.timing_every, " must be >= 0"));
   DN_ASSIGN_OR_RETURN(std::unique_ptr<WanModel> model,
                       WanModel::Load(weights, backend, data.size(), data.rank()));
+  const EngineOptions effective = WithEnvironment(options);
+  DN_LOG(INFO) << "engine: graphs " << (effective.use_graphs ? "on" : "off")
+               << (effective.use_graphs && data.size() > 1
+                       ? absl::StrCat(", all-to-all timed on steps 0, 1 and every ",
+                                      effective.timing_every, "th step")
+                       : std::string())
+               << ", fused q/k norm+RoPE+pack "
+               << (model->fused_qkv_pack() ? "on" : "off");
   return std::unique_ptr<Engine>(std::make_unique<EngineImpl>(
-      std::move(model), backend, data, control, options));
+      std::move(model), backend, data, control, effective));
 }
 
 }  // namespace dn::worker

@@ -87,8 +87,19 @@ class StopFlag {
 
 struct EngineOptions {
   int64_t max_tokens = 80000;  // admission limit on TokenCount
-  bool use_graphs = true;      // capture the step as a graph where supported
+  // Capture the forward (both CFG branches, all-to-alls included) as a graph
+  // once per shape and replay it. The first step of every request runs
+  // eagerly (it builds plans and connections, and times the all-to-alls).
+  bool use_graphs = true;
+  // With graphs and P > 1: every timing_every-th step also runs eagerly with
+  // all-to-all markers; the other steps report the latest sampled all-to-all
+  // time. 0 = only the first step of each request.
+  int timing_every = 10;
 };
+// `options` after the environment, as Engine::Create applies it:
+// DN_CUDA_GRAPHS=0 turns use_graphs off, DN_A2A_SAMPLE_EVERY=N sets
+// timing_every.
+EngineOptions WithEnvironment(EngineOptions options);
 
 class Engine {
  public:

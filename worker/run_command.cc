@@ -286,6 +286,9 @@ void AddRankFlags(FlagSet& flags, RankOptions* o) {
   flags.Int("timeout-s", &o->timeout_s,
             "rendezvous and collective timeout in seconds");
   flags.Int64("max-tokens", &o->max_tokens, "admission limit on tokens");
+  flags.Bool("graphs", &o->graphs,
+             "capture each step as a CUDA graph (all-to-alls inside) and "
+             "replay it; DN_CUDA_GRAPHS=0 also turns it off");
 }
 
 absl::Status CheckRankOptions(const RankOptions& o) {
@@ -355,6 +358,7 @@ absl::StatusOr<std::unique_ptr<RankSession>> OpenRankSession(
     s->weights = std::make_unique<LayerLimitedWeights>(std::move(s->weights), o.layers);
   EngineOptions eo;
   eo.max_tokens = o.max_tokens;
+  eo.use_graphs = o.graphs;
   DN_ASSIGN_OR_RETURN(s->engine, Engine::Create(*s->weights, *s->backend,
                                                 *s->data, *s->control, eo));
   return s;

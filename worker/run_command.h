@@ -34,7 +34,7 @@ int RunRankCommand(int argc, char** argv);
 
 // Where a rank's model, backend and group come from. Registered as flags by
 // AddRankFlags (--model, --preset, --preset-seed, --backend, --threads,
-// --timeout-s, --max-tokens, and the hidden --rank/--store-dir set by
+// --timeout-s, --max-tokens, --graphs, and the hidden --rank/--store-dir set by
 // SpawnRanks).
 struct RankOptions {
   std::string model;                 // checkpoint folder
@@ -46,6 +46,7 @@ struct RankOptions {
   int timeout_s = 120;               // rendezvous and collective timeout
   int64_t max_tokens = 80000;
   int layers = 0;                    // > 0: keep only the first `layers` blocks
+  bool graphs = true;                // EngineOptions::use_graphs (--graphs)
   // Set by SpawnRanks for each child.
   int rank = -1;
   std::string store_dir;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -52,7 +53,10 @@ WanModel::WanModel(const WanConfig& config, Backend& backend, int world,
       backend_(backend),
       world_(world),
       rank_(rank),
-      act_(backend.compute_dtype()) {}
+      act_(backend.compute_dtype()) {
+  const char* fused = std::getenv("DN_FUSED_QKV_PACK");
+  fused_qkv_pack_ = fused == nullptr || std::string(fused) != "0";
+}
 
 WanModel::~WanModel() = default;
 
@@ -420,14 +424,31 @@ absl::Status WanModel::Forward(comm::ProcessGroup* data, MarkerList* markers,
         " batch rows (SetContext)"));
   if (world_ > 1 && data == nullptr)
     return absl::InvalidArgumentError("model: Forward with world > 1 needs a group");
-  if (!use_graph || world_ > 1) return RunForward(data, markers);
+  if (!use_graph) return RunForward(data, markers);
+  if (markers != nullptr)
+    return absl::InvalidArgumentError(
+        "model: Forward with a graph takes no markers (run eagerly to time the "
+        "all-to-alls)");
+  comm::ProcessGroup* group = world_ > 1 ? data : nullptr;
+  if (graph_ != nullptr && graph_group_ != group) graph_.reset();
   if (graph_ == nullptr) {
+    // Nothing of the group may be pending while the stream is captured
+    // (earlier collectives done, so the watchdog has nothing to query).
+    DN_RETURN_IF_ERROR(backend_.Synchronize());
     // Capture has the effect of running the body once (CPU runs it; CUDA
-    // records it and launches the graph), so this step is done.
-    DN_ASSIGN_OR_RETURN(graph_,
-                        backend_.Capture([this] { return RunForward(nullptr, nullptr); }));
+    // records it and launches the graph), so this step is done; that launch
+    // is watched like a replay.
+    absl::StatusOr<std::unique_ptr<Graph>> graph =
+        backend_.Capture([this, group] { return RunForward(group, nullptr); });
+    DN_RETURN_IF_ERROR(graph.status());
+    graph_ = *std::move(graph);
+    graph_group_ = group;
+    if (group != nullptr)
+      return group->LaunchWatched([] { return absl::OkStatus(); });
     return absl::OkStatus();
   }
+  if (group != nullptr)
+    return group->LaunchWatched([this] { return graph_->Replay(); });
   return graph_->Replay();
 }
 
@@ -455,6 +476,18 @@ absl::Status WanModel::SelfAttention(const Block& blk, comm::ProcessGroup* data,
   const float eps = static_cast<float>(config_.eps);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   // q = RoPE(RMS_D(h Wq^T + bq) * g_q), k likewise, v = h Wv^T + bv.
+  const Shape seq4 = {bs, s, heads, hd};
+  Tensor o4 = b.attn.View(seq4);
+  if (world_ > 1 && fused_qkv_pack_) {
+    // Projections, then norm + RoPE + destination-major pack in one pass.
+    DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.q_w, &blk.q_b, Activation::kNone, &b.q));
+    DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.k_w, &blk.k_b, Activation::kNone, &b.k));
+    DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.v_w, &blk.v_b, Activation::kNone, &b.v));
+    DN_RETURN_IF_ERROR(backend_.RmsNormRopePackQkv(
+        b.q, b.k, b.v, blk.norm_q, blk.norm_k, b.rope, static_cast<int>(heads),
+        eps, world_, &b.send));
+    return AttendPacked(data, markers, &o4);
+  }
   DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.q_w, &blk.q_b, Activation::kNone, &b.tmp));
   DN_RETURN_IF_ERROR(backend_.RmsNormRope(b.tmp, blk.norm_q, b.rope,
                                           static_cast<int>(heads), eps, &b.q));
@@ -462,14 +495,20 @@ absl::Status WanModel::SelfAttention(const Block& blk, comm::ProcessGroup* data,
   DN_RETURN_IF_ERROR(backend_.RmsNormRope(b.tmp, blk.norm_k, b.rope,
                                           static_cast<int>(heads), eps, &b.k));
   DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.v_w, &blk.v_b, Activation::kNone, &b.v));
-  const Shape seq4 = {bs, s, heads, hd};
-  Tensor o4 = b.attn.View(seq4);
   if (world_ == 1) {
     return backend_.Attention(b.q.View(seq4), b.k.View(seq4), b.v.View(seq4),
                               shape_.tokens(), scale, &o4);
   }
   DN_RETURN_IF_ERROR(backend_.PackQkv(b.q.View(seq4), b.k.View(seq4),
                                       b.v.View(seq4), world_, &b.send));
+  return AttendPacked(data, markers, &o4);
+}
+
+absl::Status WanModel::AttendPacked(comm::ProcessGroup* data,
+                                    MarkerList* markers, Tensor* o4) {
+  Buffers& b = *buf_;
+  const int64_t hd = config_.attention_head_dim;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   DN_RETURN_IF_ERROR(AllToAll(data, b.send, &b.recv, markers));
   DN_RETURN_IF_ERROR(backend_.UnpackQkv(b.recv, world_, &b.qh, &b.kh, &b.vh));
   // Padded rows sit at [L, P*S) of the gathered sequence: not keys.
@@ -477,7 +516,7 @@ absl::Status WanModel::SelfAttention(const Block& blk, comm::ProcessGroup* data,
       backend_.Attention(b.qh, b.kh, b.vh, shape_.tokens(), scale, &b.oh));
   DN_RETURN_IF_ERROR(backend_.PackOut(b.oh, world_, &b.osend));
   DN_RETURN_IF_ERROR(AllToAll(data, b.osend, &b.orecv, markers));
-  return backend_.UnpackOut(b.orecv, world_, &o4);
+  return backend_.UnpackOut(b.orecv, world_, o4);
 }
 
 absl::Status WanModel::RunForward(comm::ProcessGroup* data,

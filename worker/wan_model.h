@@ -86,11 +86,20 @@ class WanModel {
   absl::Status UploadInputs(const float* latent, double timestep);
 
   // The forward of this rank's shard, on the backend's stream. `data` carries
-  // the Ulysses all-to-alls when world > 1; markers (may be null) get a
-  // (before, after) pair around each. With use_graph (world == 1 only) the
-  // forward is captured once per plan/context and replayed.
+  // the Ulysses all-to-alls when world > 1.
+  // - use_graph false: runs eagerly; markers (may be null) get a (before,
+  //   after) pair around each all-to-all.
+  // - use_graph true: the forward, all-to-alls included, is captured once per
+  //   plan/context as a graph (the capturing call runs it once) and replayed
+  //   by later calls; markers must be null (nothing can be marked inside a
+  //   graph). Launches of a graph holding collectives go through
+  //   data->LaunchWatched, so the group's watchdog covers them. Run one eager
+  //   forward of the shape first (plans, NCCL connections); the engine does.
   absl::Status Forward(comm::ProcessGroup* data, MarkerList* markers,
                        bool use_graph);
+  // Whether self-attention uses the fused RmsNormRopePackQkv op (world > 1).
+  // On by default; DN_FUSED_QKV_PACK=0 in the environment turns it off.
+  bool fused_qkv_pack() const { return fused_qkv_pack_; }
 
   // Head output of this rank's shard: [B, S, patch_out()] in compute dtype.
   const Tensor& output() const;
@@ -116,6 +125,9 @@ class WanModel {
   absl::Status RunForward(comm::ProcessGroup* data, MarkerList* markers);
   absl::Status SelfAttention(const Block& blk, comm::ProcessGroup* data,
                              MarkerList* markers);
+  // send (packed q/k/v) -> all-to-all -> attention -> all-to-all -> o4.
+  absl::Status AttendPacked(comm::ProcessGroup* data, MarkerList* markers,
+                            Tensor* o4);
   absl::Status AllToAll(comm::ProcessGroup* data, const Tensor& send,
                         Tensor* recv, MarkerList* markers);
 
@@ -139,6 +151,8 @@ class WanModel {
   std::unique_ptr<Buffers> buf_;
   std::unique_ptr<Context> ctx_;
   std::unique_ptr<Graph> graph_;
+  comm::ProcessGroup* graph_group_ = nullptr;  // the group graph_ captured
+  bool fused_qkv_pack_ = true;
 };
 
 }  // namespace dn::worker

@@ -4,7 +4,10 @@
 #                ../shared/gpu/bundle.sh .gpu build-cuda/bin/*
 #                mkdir -p .anchor && cp ../shared/anchors/usp_anchor.py .anchor/
 # Run there:     . .gpu/env.sh && scripts/gpu/check_all.sh STAGE...   (carry .gpu and .anchor)
-# Stages: info ops nccl tiny sp commbench perf step step4k service fault step14b
+# Stages: info ops nccl tiny sp graphs commbench perf step step4k graphstep service fault step14b
+# (sp needs tiny first: it compares against tiny's 1-rank runs.)
+# Graphs are on by default everywhere (--no-graphs or DN_CUDA_GRAPHS=0 turns them off;
+# DN_FUSED_QKV_PACK=0 turns the fused q/k norm+RoPE+pack kernel off).
 # Logs go to $OUT/all.log; a summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -57,6 +60,33 @@ for st in "$@"; do
         stage sp${p}_cmp 60 python3 scripts/gpu/compare_latents.py $W/tiny_cuda.safetensors $W/tiny_cuda_p$p.safetensors --label "tiny cuda P=$p vs P=1" --max-rel-l2 1e-2
         stage sp${p}_mid 300 denoised run --model $W/mid --ranks $p --backend cuda --frames 1 --height 256 --width 256 --steps 2 --guidance 5 --seed 3 --text-len 512 --out $W/mid_cuda_p$p.safetensors
         stage sp${p}_midcmp 60 python3 scripts/gpu/compare_latents.py $W/mid_cuda.safetensors $W/mid_cuda_p$p.safetensors --label "1.3B-shape cuda P=$p vs P=1" --max-rel-l2 1e-2
+      done ;;
+    graphs)
+      # Graph replay vs eager on the same ranks: same kernels, same buffers, so the latents should be
+      # bit-identical (bound 1e-6 relative L2 = "exact up to printing"); tiny, 8 steps (P>1: steps 0-1
+      # eager, 2 captures, 3-7 replay), CFG 5. Also P=2/4 with the unfused q/k path (DN_FUSED_QKV_PACK=0)
+      # against the fused one: same maths, bound 1e-6 too.
+      for p in 1 2 4; do
+        [[ $NGPU -ge $p ]] || continue
+        targs="--preset tiny --ranks $p --backend cuda --frames 9 --height 64 --width 96 --steps 8 --guidance 5 --seed 7 --text-len 64"
+        stage graphs_on_p$p 180 denoised run $targs --out $W/g_on_p$p.safetensors
+        stage graphs_off_p$p 180 denoised run $targs --no-graphs --out $W/g_off_p$p.safetensors
+        stage graphs_cmp_p$p 60 python3 scripts/gpu/compare_latents.py $W/g_off_p$p.safetensors $W/g_on_p$p.safetensors --label "tiny P=$p graphs on vs off" --max-rel-l2 1e-6
+        if [[ $p -gt 1 ]]; then
+          stage graphs_unfused_p$p 180 env DN_FUSED_QKV_PACK=0 denoised run $targs --out $W/g_unf_p$p.safetensors
+          stage graphs_fusedcmp_p$p 60 python3 scripts/gpu/compare_latents.py $W/g_unf_p$p.safetensors $W/g_on_p$p.safetensors --label "tiny P=$p fused vs unfused q/k pack" --max-rel-l2 1e-6
+          stage graphs_sp_p$p 60 python3 scripts/gpu/compare_latents.py $W/g_on_p1.safetensors $W/g_on_p$p.safetensors --label "tiny graphs on P=$p vs P=1" --max-rel-l2 1e-2
+        fi
+      done ;;
+    graphstep)
+      # 1.3B step time, graphs on vs off, 32760 and 4096 tokens, 1/2/4 GPUs (look for the "graphs:" and
+      # RESULT lines). --warmup 3 keeps the eager and capturing steps out of the timing.
+      for p in 1 2 4; do
+        [[ $NGPU -ge $p ]] || continue
+        for g in graphs no-graphs; do
+          stage gstep32k_${g}_p$p 240 denoised bench step --preset wan2.1-t2v-1.3b --tokens 32760 --ranks $p --backend cuda --cfg --warmup 3 --iters 2 --$g
+          stage gstep4k_${g}_p$p 180 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks $p --backend cuda --cfg --warmup 3 --iters 5 --$g
+        done
       done ;;
     commbench)
       for p in 2 4; do

@@ -10,8 +10,10 @@
 // the Ulysses exchange on device buffers: head-sharded result = the global
 // tensor, packed QKV = three separate exchanges, round trip = identity),
 // then for the failure checks (a rank SIGKILLed mid-run: every survivor gets
-// an error within the timeout, never a hang; Abort() ends a stuck
-// collective). It prints one summary line "nccl_comm_test: PASS ..." or
+// an error within the timeout, never a hang; the same with the survivors
+// replaying a CUDA graph that captured the all-to-all; Abort() ends a stuck
+// collective). The healthy phase also replays a captured all-to-all through
+// LaunchWatched and checks every byte. It prints one summary line "nccl_comm_test: PASS ..." or
 // "nccl_comm_test: FAIL ..." and exits non-zero on failure.
 #include <cuda_runtime_api.h>
 #include <unistd.h>
@@ -96,6 +98,72 @@ struct Staging {
 void WriteResult(const Args& a, const absl::Status& st, int64_t ms) {
   std::ofstream out(absl::StrCat(a.dir, "/result.", a.rank));
   out << absl::StatusCodeToString(st.code()) << "\n" << ms << "\n" << st.message() << "\n";
+}
+
+// Byte j of the block rank `from` sends to rank `to` in round `round`.
+uint8_t GraphByte(int from, int to, size_t j, int round) {
+  return static_cast<uint8_t>(from * 31 + to * 7 + j * 3 + round * 13 + 1);
+}
+
+// An all-to-all captured into a CUDA graph on the group's stream (issued
+// during the capture: recorded, not watched), then replayed through
+// LaunchWatched with new send contents each round, every byte checked; and
+// an eager collective between replays still works.
+int RunGraphAllToAll(const Args& a, ProcessGroup& pg, cudaStream_t stream) {
+  const int P = a.world, r = a.rank;
+  const size_t bytes = (1u << 20) + 40;  // per peer
+  DeviceBuf dsend, drecv;
+  CUDA_OR_FAIL(cudaMalloc(&dsend.p, bytes * P));
+  CUDA_OR_FAIL(cudaMalloc(&drecv.p, bytes * P));
+  std::vector<uint8_t> hsend(bytes * P), hrecv(bytes * P);
+  // One eager call of the size first (connections), as the engine does.
+  OK_OR_FAIL(pg.AllToAll(dsend.p, drecv.p, bytes));
+  CUDA_OR_FAIL(cudaStreamSynchronize(stream));
+  CUDA_OR_FAIL(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+  const absl::Status issued = pg.AllToAll(dsend.p, drecv.p, bytes);
+  cudaGraph_t graph = nullptr;
+  CUDA_OR_FAIL(cudaStreamEndCapture(stream, &graph));
+  OK_OR_FAIL(issued);
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  CUDA_OR_FAIL(inst);
+  int rc = 0;
+  for (int round = 0; round < 3 && rc == 0; ++round) {
+    for (int p = 0; p < P; ++p)
+      for (size_t j = 0; j < bytes; ++j) hsend[p * bytes + j] = GraphByte(r, p, j, round);
+    if (cudaMemcpyAsync(dsend.p, hsend.data(), hsend.size(), cudaMemcpyHostToDevice,
+                        stream) != cudaSuccess ||
+        cudaMemsetAsync(drecv.p, 0, bytes * P, stream) != cudaSuccess) {
+      rc = Fail("graph round staging");
+      break;
+    }
+    absl::Status st = pg.LaunchWatched([&]() -> absl::Status {
+      const cudaError_t e = cudaGraphLaunch(exec, stream);
+      return e == cudaSuccess ? absl::OkStatus()
+                              : absl::InternalError(cudaGetErrorString(e));
+    });
+    if (!st.ok()) {
+      rc = Fail(absl::StrCat("LaunchWatched: ", st.ToString()));
+      break;
+    }
+    if (cudaMemcpyAsync(hrecv.data(), drecv.p, hrecv.size(), cudaMemcpyDeviceToHost,
+                        stream) != cudaSuccess ||
+        cudaStreamSynchronize(stream) != cudaSuccess) {
+      rc = Fail("graph round copy back");
+      break;
+    }
+    for (int q = 0; q < P && rc == 0; ++q)
+      for (size_t j = 0; j < bytes; ++j)
+        if (hrecv[q * bytes + j] != GraphByte(q, r, j, round)) {
+          rc = Fail(absl::StrCat("graph replay ", round, ": byte ", j, " from rank ", q));
+          break;
+        }
+    // An eager collective between replays (mixing captured and not).
+    if (rc == 0 && !pg.Barrier().ok()) rc = Fail("Barrier between replays");
+  }
+  cudaGraphExecDestroy(exec);
+  return rc;
 }
 
 int RunHealthy(const Args& a, ProcessGroup& pg, cudaStream_t stream) {
@@ -263,6 +331,7 @@ int RunHealthy(const Args& a, ProcessGroup& pg, cudaStream_t stream) {
     if (UlyssesExchange::Create(pg, ok).ok())
       return Fail("UlyssesExchange accepted a device-memory group");
   }
+  if (int rc = RunGraphAllToAll(a, pg, stream); rc != 0) return rc;
   OK_OR_FAIL(pg.Barrier());
   return 0;
 }
@@ -271,12 +340,35 @@ int RunHealthy(const Args& a, ProcessGroup& pg, cudaStream_t stream) {
 // launcher SIGKILLs it. Survivors loop AllToAll + stream sync until an error
 // shows (a call returns one, or the watchdog aborts and the next call is
 // ABORTED).
-int RunKilled(const Args& a, ProcessGroup& pg, cudaStream_t stream) {
+// With `graph` (mode killed-graph) every iteration replays a captured
+// all-to-all through LaunchWatched instead of calling AllToAll.
+int RunKilled(const Args& a, ProcessGroup& pg, cudaStream_t stream, bool graph) {
   const size_t bytes = 1 << 20;
   DeviceBuf s, rcv;
   CUDA_OR_FAIL(cudaMalloc(&s.p, bytes * a.world));
   CUDA_OR_FAIL(cudaMalloc(&rcv.p, bytes * a.world));
   const bool victim = a.rank == a.world - 1;
+  cudaGraphExec_t exec = nullptr;
+  if (graph) {
+    OK_OR_FAIL(pg.AllToAll(s.p, rcv.p, bytes));
+    CUDA_OR_FAIL(cudaStreamSynchronize(stream));
+    CUDA_OR_FAIL(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+    const absl::Status issued = pg.AllToAll(s.p, rcv.p, bytes);
+    cudaGraph_t g = nullptr;
+    CUDA_OR_FAIL(cudaStreamEndCapture(stream, &g));
+    OK_OR_FAIL(issued);
+    const cudaError_t inst = cudaGraphInstantiate(&exec, g, 0);
+    cudaGraphDestroy(g);
+    CUDA_OR_FAIL(inst);
+  }
+  auto collective = [&]() -> absl::Status {
+    if (!graph) return pg.AllToAll(s.p, rcv.p, bytes);
+    return pg.LaunchWatched([&]() -> absl::Status {
+      const cudaError_t e = cudaGraphLaunch(exec, stream);
+      return e == cudaSuccess ? absl::OkStatus()
+                              : absl::InternalError(cudaGetErrorString(e));
+    });
+  };
   auto prev_start = Clock::now();
   for (int iter = 0; iter < 100000; ++iter) {
     if (victim && iter == 3) {
@@ -285,7 +377,7 @@ int RunKilled(const Args& a, ProcessGroup& pg, cudaStream_t stream) {
       return 0;
     }
     const auto start = Clock::now();
-    absl::Status st = pg.AllToAll(s.p, rcv.p, bytes);
+    absl::Status st = collective();
     // A refused call means the previous iteration's collective was the one
     // that hung (its stream sync returned after the watchdog's abort).
     auto since = st.ok() ? start : prev_start;
@@ -361,7 +453,8 @@ int RankMain(const Args& a) {
     return Fail("group reports wrong rank/size/memory/backend");
   int rc = 1;
   if (a.mode == "healthy") rc = RunHealthy(a, **pg, stream);
-  else if (a.mode == "killed") rc = RunKilled(a, **pg, stream);
+  else if (a.mode == "killed") rc = RunKilled(a, **pg, stream, false);
+  else if (a.mode == "killed-graph") rc = RunKilled(a, **pg, stream, true);
   else if (a.mode == "abort") rc = RunAbort(a, **pg, stream);
   else rc = Fail("unknown --mode " + a.mode);
   pg->reset();
@@ -382,7 +475,7 @@ std::string RunPhase(const Args& a, const std::string& mode) {
   for (int r = 0; r < a.world; ++r)
     if (!ranks.Start(a.self, RankArgs(a, mode, r, dir.path()))) return "spawn failed";
   const auto limit = std::chrono::milliseconds(6 * a.timeout_ms + 60000);
-  if (mode == "killed") {
+  if (mode == "killed" || mode == "killed-graph") {
     if (!WaitForFile(dir.path() + "/victim_ready", Clock::now() + limit, &ranks))
       return "a rank exited (or hung) before the victim got ready";
     ranks.Kill(a.world - 1, SIGKILL);
@@ -396,7 +489,8 @@ std::string RunPhase(const Args& a, const std::string& mode) {
       if (ranks.status(r) != 0) return absl::StrCat("survivor ", r, " exit ", ranks.status(r));
       RankResult res = ReadResult(dir.path(), r);
       if (!res.present) return absl::StrCat("survivor ", r, " recorded no error");
-      std::printf("  killed-peer: survivor %d got %s after %lld ms: %s\n", r, res.code.c_str(),
+      std::printf("  %s: survivor %d got %s after %lld ms: %s\n", mode.c_str(), r,
+                  res.code.c_str(),
                   res.elapsed_ms, res.message.c_str());
       if (res.elapsed_ms > a.timeout_ms + 10000)
         return absl::StrCat("survivor ", r, " took ", res.elapsed_ms, " ms");
@@ -428,7 +522,7 @@ int LauncherMain(Args a) {
   }
   int failed = 0;
   std::string summary;
-  for (const char* mode : {"healthy", "abort", "killed"}) {
+  for (const char* mode : {"healthy", "abort", "killed", "killed-graph"}) {
     const auto start = Clock::now();
     const std::string bad = RunPhase(a, mode);
     const double s = std::chrono::duration<double>(Clock::now() - start).count();
@@ -447,7 +541,7 @@ int Main(int argc, char** argv) {
   Args a;
   a.self = argv[0];
   FlagSet flags("nccl_comm_test", "NCCL process-group checks, one GPU per rank");
-  flags.String("mode", &a.mode, "(rank) healthy | killed | abort");
+  flags.String("mode", &a.mode, "(rank) healthy | killed | killed-graph | abort");
   flags.Int("rank", &a.rank, "(rank) this rank; absent: launch all ranks");
   flags.Int("world", &a.world, "number of ranks/GPUs (0: all GPUs)");
   flags.String("dir", &a.dir, "(rank) FileStore folder");

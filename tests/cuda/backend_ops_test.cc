@@ -404,6 +404,34 @@ std::vector<Case> MakeCases() {
   rms_rope({1, 7, 30}, 3);        // head dim 10
   rms_rope({1, 33, 1536}, 12, true);
 
+  // RmsNormRopePackQkv: q/k norm + RoPE + PackQkv fused (world 1 = stacked).
+  auto rms_rope_pack = [&](int64_t b, int64_t s, int64_t d, int heads, int world,
+                           bool misalign = false) {
+    const int64_t hd = d / heads;
+    Case c;
+    c.op = "RmsNormRopePackQkv";
+    auto mis = [misalign](Arg a) { return Misaligned(std::move(a), misalign); };
+    c.args = {mis(In("q", {b, s, d}, Kind::kAct, Normal(2.0f))),
+              mis(In("k", {b, s, d}, Kind::kAct, Normal(2.0f))),
+              mis(In("v", {b, s, d})),
+              In("q_weight", {d}, kF32, NearOne(0.2f)),
+              In("k_weight", {d}, kF32, NearOne(0.2f)),
+              In("rope", {s, hd / 2, 2}, kF32, RopeTable()),
+              mis(Out("send", {world, 3, b, s, heads / world, hd}))};
+    c.extra = absl::StrCat("heads=", heads, " world=", world);
+    c.run = [heads, world](Backend& be, std::vector<Tensor>& t) {
+      return be.RmsNormRopePackQkv(t[0], t[1], t[2], t[3], t[4], t[5], heads,
+                                   1e-6f, world, &t[6]);
+    };
+    cases.push_back(std::move(c));
+  };
+  rms_rope_pack(1, 4096, 1536, 12, 4);   // 1.3B, P=4
+  rms_rope_pack(2, 100, 1536, 12, 2);    // CFG batch, P=2
+  rms_rope_pack(1, 128, 5120, 40, 4);    // 14B
+  rms_rope_pack(1, 64, 1536, 12, 1);     // world 1: stacked q', k', v
+  rms_rope_pack(1, 7, 30, 3, 3);         // head dim 10: chunk of 10, pair path
+  rms_rope_pack(1, 33, 1536, 12, 2, true);
+
   // Attention: o = softmax(q k^T / sqrt(d)) v over the first kv_len rows.
   auto attention = [&](int64_t b, int64_t sq, int64_t skv, int64_t kv_len,
                        int64_t h, int64_t d) {
@@ -640,6 +668,45 @@ std::vector<Check> MakeChecks() {
       return absl::InternalError(absl::StrCat("Silu on f32 gave: ", s.ToString()));
     return absl::OkStatus();
   }});
+  checks.push_back({"RmsNormRopePackQkv == RmsNormRope then PackQkv (bitwise)",
+                    [](Backend& be) -> absl::Status {
+    const DType act = be.compute_dtype();
+    const int64_t b = 2, s = 300, heads = 12, hd = 128, d = heads * hd;
+    const int world = 4;
+    DN_ASSIGN_OR_RETURN(Tensor q, be.Empty({b, s, d}, act));
+    DN_ASSIGN_OR_RETURN(Tensor k, be.Empty({b, s, d}, act));
+    DN_ASSIGN_OR_RETURN(Tensor v, be.Empty({b, s, d}, act));
+    DN_ASSIGN_OR_RETURN(Tensor gq, be.Empty({d}, DType::kF32));
+    DN_ASSIGN_OR_RETURN(Tensor gk, be.Empty({d}, DType::kF32));
+    DN_ASSIGN_OR_RETURN(Tensor rope, be.Empty({s, hd / 2, 2}, DType::kF32));
+    DN_RETURN_IF_ERROR(be.FillNormal(&q, 1, 1, 0.0f, 2.0f));
+    DN_RETURN_IF_ERROR(be.FillNormal(&k, 1, 2, 0.0f, 2.0f));
+    DN_RETURN_IF_ERROR(be.FillNormal(&v, 1, 3, 0.0f, 1.0f));
+    DN_RETURN_IF_ERROR(be.FillNormal(&gq, 1, 4, 1.0f, 0.2f));
+    DN_RETURN_IF_ERROR(be.FillNormal(&gk, 1, 5, 1.0f, 0.2f));
+    DN_RETURN_IF_ERROR(be.FillNormal(&rope, 1, 6, 0.0f, 0.7f));
+    DN_ASSIGN_OR_RETURN(Tensor qr, be.Empty({b, s, d}, act));
+    DN_ASSIGN_OR_RETURN(Tensor kr, be.Empty({b, s, d}, act));
+    DN_RETURN_IF_ERROR(be.RmsNormRope(q, gq, rope, heads, 1e-6f, &qr));
+    DN_RETURN_IF_ERROR(be.RmsNormRope(k, gk, rope, heads, 1e-6f, &kr));
+    const Shape seq4 = {b, s, heads, hd};
+    const Shape packed = {world, 3, b, s, heads / world, hd};
+    DN_ASSIGN_OR_RETURN(Tensor want, be.Empty(packed, act));
+    DN_ASSIGN_OR_RETURN(Tensor got, be.Empty(packed, act));
+    DN_RETURN_IF_ERROR(be.PackQkv(qr.View(seq4), kr.View(seq4), v.View(seq4),
+                                  world, &want));
+    DN_RETURN_IF_ERROR(be.RmsNormRopePackQkv(q, k, v, gq, gk, rope, heads,
+                                             1e-6f, world, &got));
+    std::vector<float> w(static_cast<size_t>(want.numel())),
+        g(static_cast<size_t>(got.numel()));
+    DN_RETURN_IF_ERROR(be.CopyToHost(want, w.data()));
+    DN_RETURN_IF_ERROR(be.CopyToHost(got, g.data()));
+    for (size_t i = 0; i < w.size(); ++i)
+      if (!(g[i] == w[i]))
+        return absl::InternalError(absl::StrCat("element ", i, ": fused ", g[i],
+                                                ", unfused ", w[i]));
+    return absl::OkStatus();
+  }});
   checks.push_back({"host syncs are refused inside Capture", [](Backend& be) -> absl::Status {
     DN_ASSIGN_OR_RETURN(Tensor x, be.Empty({1024}, DType::kF32));
     absl::Status inner;
@@ -778,6 +845,25 @@ absl::Status RunPerf(Backend& be, int iters) {
       return be.UnpackQkv(send, 4, &qh, &kh, &vh);
     }, iters));
     row("UnpackQkv (P=4)", "-> 3 x [1, 131040, 3, 128]", t_unpack, 6 * act_bytes, "GB/s");
+    // The fused q/k norm + RoPE + pack against its unfused sequence (two
+    // RmsNormRope then PackQkv) on the same inputs.
+    DN_ASSIGN_OR_RETURN(Tensor qr, be.Empty({1, s, dm}, act));
+    DN_ASSIGN_OR_RETURN(Tensor kr, be.Empty({1, s, dm}, act));
+    DN_ASSIGN_OR_RETURN(double t_fused, MedianSeconds(be, [&] {
+      return be.RmsNormRopePackQkv(x, y, out, weight, weight, rope, 12, 1e-6f, 4,
+                                   &send);
+    }, iters));
+    const double rope_bytes = s * 64 * 2 * 4 * 1e-9;
+    row("RmsNormRopePackQkv P=4", "3 x [1, 32760, 1536] -> send", t_fused,
+        6 * act_bytes + rope_bytes, "GB/s");
+    DN_ASSIGN_OR_RETURN(double t_unfused, MedianSeconds(be, [&] {
+      DN_RETURN_IF_ERROR(be.RmsNormRope(x, weight, rope, 12, 1e-6f, &qr));
+      DN_RETURN_IF_ERROR(be.RmsNormRope(y, weight, rope, 12, 1e-6f, &kr));
+      return be.PackQkv(qr.View({1, s, 12, 128}), kr.View({1, s, 12, 128}), v4, 4,
+                        &send);
+    }, iters));
+    row("  unfused (2 RNR+Pack)", "same", t_unfused, 6 * act_bytes + rope_bytes,
+        "GB/s");
   }
   return absl::OkStatus();
 }

@@ -368,6 +368,56 @@ TEST_F(CpuBackendTest, UlyssesPackUnpackRoundTrip) {
   EXPECT_FALSE(backend_.PackQkv(q, q, q, 2, &send).ok());  // 3 heads on 2 ranks
 }
 
+// The fused op is defined as RmsNormRope on q and k followed by PackQkv:
+// bit-identical results, for 1, 2 and 4 destinations (world 1 = the stacked
+// q', k', v that attention reads), and the shape errors name the op.
+TEST_F(CpuBackendTest, RmsNormRopePackQkvEqualsRmsNormRopeThenPackQkv) {
+  const int b = 2, s = 5, heads = 4, hd = 6, d = heads * hd, pairs = hd / 2;
+  const auto q = Random(b * s * d, 40, 2.0f), k = Random(b * s * d, 41, 2.0f),
+             v = Random(b * s * d, 42);
+  const auto gq = Random(d, 43), gk = Random(d, 44);
+  std::vector<float> rope(static_cast<size_t>(s * pairs * 2));
+  const auto angles = Random(s * pairs, 45, 3.0f);
+  for (size_t i = 0; i < angles.size(); ++i) {
+    rope[2 * i] = std::cos(angles[i]);
+    rope[2 * i + 1] = std::sin(angles[i]);
+  }
+  const Tensor tq = Make({b, s, d}, q), tk = Make({b, s, d}, k),
+               tv = Make({b, s, d}, v), tgq = Make({d}, gq), tgk = Make({d}, gk),
+               tr = Make({s, pairs, 2}, rope);
+  const float eps = 1e-6f;
+  for (int p : {1, 2, 4}) {
+    Tensor qr = Zeros({b, s, d}), kr = Zeros({b, s, d});
+    ASSERT_TRUE(backend_.RmsNormRope(tq, tgq, tr, heads, eps, &qr).ok());
+    ASSERT_TRUE(backend_.RmsNormRope(tk, tgk, tr, heads, eps, &kr).ok());
+    const Shape seq4 = {b, s, heads, hd};
+    Tensor want = Zeros({p, 3, b, s, heads / p, hd});
+    ASSERT_TRUE(backend_.PackQkv(qr.View(seq4), kr.View(seq4), tv.View(seq4), p,
+                                 &want).ok());
+    Tensor got = Zeros({p, 3, b, s, heads / p, hd});
+    ASSERT_TRUE(backend_.RmsNormRopePackQkv(tq, tk, tv, tgq, tgk, tr, heads, eps,
+                                            p, &got).ok());
+    const auto w = Host(want), g = Host(got);
+    ASSERT_EQ(w.size(), g.size());
+    for (size_t i = 0; i < w.size(); ++i)
+      ASSERT_EQ(g[i], w[i]) << "world " << p << " element " << i;
+    if (p == 1) {  // q' and k' really are normalized and rotated
+      const auto h = Host(qr);
+      bool differs = false;
+      for (size_t i = 0; i < h.size(); ++i) differs |= h[i] != q[i];
+      EXPECT_TRUE(differs);
+    }
+  }
+  Tensor send = Zeros({3, 3, b, s, 1, hd});
+  absl::Status st =
+      backend_.RmsNormRopePackQkv(tq, tk, tv, tgq, tgk, tr, heads, eps, 3, &send);
+  EXPECT_FALSE(st.ok());  // 4 heads on 3 ranks
+  Tensor small = Zeros({2, 3, b, s, 2, hd - 2});
+  st = backend_.RmsNormRopePackQkv(tq, tk, tv, tgq, tgk, tr, heads, eps, 2, &small);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("send"), std::string::npos) << st;
+}
+
 TEST_F(CpuBackendTest, MemoryFillAndConversions) {
   const int64_t before = backend_.peak_memory_bytes();
   Tensor t = backend_.Empty({1000}, DType::kF32).value();

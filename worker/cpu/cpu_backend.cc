@@ -564,6 +564,34 @@ absl::Status CpuBackend::RmsNormRope(const Tensor& x, const Tensor& weight,
   return absl::OkStatus();
 }
 
+// The reference semantics, literally: the two RmsNormRope calls into host
+// temporaries, then PackQkv.
+absl::Status CpuBackend::RmsNormRopePackQkv(const Tensor& q, const Tensor& k,
+                                            const Tensor& v,
+                                            const Tensor& q_weight,
+                                            const Tensor& k_weight,
+                                            const Tensor& rope, int heads,
+                                            float eps, int world,
+                                            Tensor* send) {
+  DN_RETURN_IF_ERROR(CheckF32(q, "RmsNormRopePackQkv", "q"));
+  DN_RETURN_IF_ERROR(CheckF32(k, "RmsNormRopePackQkv", "k"));
+  DN_RETURN_IF_ERROR(CheckF32(v, "RmsNormRopePackQkv", "v"));
+  DN_RETURN_IF_ERROR(CheckF32(*send, "RmsNormRopePackQkv", "send"));
+  if (q.rank() != 3) return ShapeError("RmsNormRopePackQkv", "q", q, "[B, S, D]");
+  DN_RETURN_IF_ERROR(CheckShape(k, q.shape(), "RmsNormRopePackQkv", "k"));
+  DN_RETURN_IF_ERROR(CheckShape(v, q.shape(), "RmsNormRopePackQkv", "v"));
+  const int64_t d_model = q.dim(2);
+  if (heads <= 0 || d_model % heads != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cpu RmsNormRopePackQkv: heads ", heads, " must divide D ", d_model));
+  Tensor qr = Tensor::Host(q.shape());
+  Tensor kr = Tensor::Host(q.shape());
+  DN_RETURN_IF_ERROR(RmsNormRope(q, q_weight, rope, heads, eps, &qr));
+  DN_RETURN_IF_ERROR(RmsNormRope(k, k_weight, rope, heads, eps, &kr));
+  const Shape seq4 = {q.dim(0), q.dim(1), heads, d_model / heads};
+  return PackQkv(qr.View(seq4), kr.View(seq4), v.View(seq4), world, send);
+}
+
 absl::Status CpuBackend::Attention(const Tensor& q, const Tensor& k,
                                    const Tensor& v, int64_t kv_len,
                                    float scale, Tensor* o) {

@@ -64,6 +64,11 @@ class CpuBackend : public Backend {
   absl::Status RmsNormRope(const Tensor& x, const Tensor& weight,
                            const Tensor& rope, int heads, float eps,
                            Tensor* y) override;
+  absl::Status RmsNormRopePackQkv(const Tensor& q, const Tensor& k,
+                                  const Tensor& v, const Tensor& q_weight,
+                                  const Tensor& k_weight, const Tensor& rope,
+                                  int heads, float eps, int world,
+                                  Tensor* send) override;
   absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                          int64_t kv_len, float scale, Tensor* o) override;
   absl::Status GatedResidual(Tensor* x, const Tensor& y, const Tensor& mod,

@@ -239,6 +239,11 @@ class CudaBackend final : public Backend {
   absl::Status RmsNormRope(const Tensor& x, const Tensor& weight,
                            const Tensor& rope, int heads, float eps,
                            Tensor* y) override;
+  absl::Status RmsNormRopePackQkv(const Tensor& q, const Tensor& k,
+                                  const Tensor& v, const Tensor& q_weight,
+                                  const Tensor& k_weight, const Tensor& rope,
+                                  int heads, float eps, int world,
+                                  Tensor* send) override;
   absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                          int64_t kv_len, float scale, Tensor* o) override;
   absl::Status GatedResidual(Tensor* x, const Tensor& y, const Tensor& mod,
@@ -566,6 +571,42 @@ absl::Status CudaBackend::RmsNormRope(const Tensor& x, const Tensor& weight,
   return InvokeRmsNormRope(x.data_as<bf16>(), weight.data_as<float>(),
                            rope.data_as<float>(), y->data_as<bf16>(), b, seq, d,
                            heads, eps, s());
+}
+
+absl::Status CudaBackend::RmsNormRopePackQkv(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_weight,
+    const Tensor& k_weight, const Tensor& rope, int heads, float eps, int world,
+    Tensor* send) {
+  constexpr const char* kOp = "RmsNormRopePackQkv";
+  DN_RETURN_IF_ERROR(CheckAct(q, kOp, "q"));
+  DN_RETURN_IF_ERROR(CheckAct(k, kOp, "k"));
+  DN_RETURN_IF_ERROR(CheckAct(v, kOp, "v"));
+  DN_RETURN_IF_ERROR(CheckF32(q_weight, kOp, "q_weight"));
+  DN_RETURN_IF_ERROR(CheckF32(k_weight, kOp, "k_weight"));
+  DN_RETURN_IF_ERROR(CheckF32(rope, kOp, "rope"));
+  DN_RETURN_IF_ERROR(CheckAct(*send, kOp, "send"));
+  if (q.rank() != 3) return ShapeError(kOp, "q", q, "[B, S, D]");
+  DN_RETURN_IF_ERROR(CheckShape(k, q.shape(), kOp, "k"));
+  DN_RETURN_IF_ERROR(CheckShape(v, q.shape(), kOp, "v"));
+  const int64_t b = q.dim(0), seq = q.dim(1), d = q.dim(2);
+  if (heads <= 0 || d % heads != 0 || (d / heads) % 2 != 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda RmsNormRopePackQkv: heads ", heads, " must divide D ",
+                     d, " into even head dims"));
+  if (world <= 0 || heads % world != 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda RmsNormRopePackQkv: heads ", heads,
+                     " are not divisible by world ", world));
+  DN_RETURN_IF_ERROR(CheckNumel(q_weight, d, kOp, "q_weight"));
+  DN_RETURN_IF_ERROR(CheckNumel(k_weight, d, kOp, "k_weight"));
+  DN_RETURN_IF_ERROR(CheckShape(rope, {seq, d / heads / 2, 2}, kOp, "rope"));
+  DN_RETURN_IF_ERROR(CheckNumel(*send, 3 * q.numel(), kOp, "send"));
+  DN_RETURN_IF_ERROR(Activate());
+  return InvokeRmsNormRopePackQkv(
+      q.data_as<bf16>(), k.data_as<bf16>(), v.data_as<bf16>(),
+      q_weight.data_as<float>(), k_weight.data_as<float>(),
+      rope.data_as<float>(), send->data_as<bf16>(), b, seq, d, heads, world,
+      eps, s());
 }
 
 absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k,

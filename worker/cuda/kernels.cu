@@ -286,6 +286,58 @@ __global__ void RmsNormRopeKernel(const bf16* __restrict__ x,
   }
 }
 
+// RmsNormRopeKernel's maths for q (blockIdx.y 0) and k (1), a plain copy for
+// v (2), each stored straight into the destination-major send buffer
+// [P, 3, rows, chunk] (chunk = dim / P channels per destination). kVec
+// divides chunk, so a vector never straddles two destinations.
+template <int kVec>
+__global__ void RmsNormRopePackQkvKernel(
+    const bf16* __restrict__ q, const bf16* __restrict__ k,
+    const bf16* __restrict__ v, const float* __restrict__ q_weight,
+    const float* __restrict__ k_weight, const float* __restrict__ rope,
+    bf16* __restrict__ send, int64_t rows, int64_t seq, int dim, int head_dim,
+    int chunk, float eps) {
+  static_assert(kVec % 2 == 0, "RoPE vectors hold whole pairs");
+  extern __shared__ float row[];
+  const int64_t r = blockIdx.x;
+  const int t = static_cast<int>(blockIdx.y);
+  auto dst = [&](int i) {
+    const int p = i / chunk;
+    return send + ((static_cast<int64_t>(p) * 3 + t) * rows + r) * chunk +
+           (i - p * chunk);
+  };
+  if (t == 2) {  // uniform per block: no barrier is skipped by part of it
+    const bf16* vr = v + r * dim;
+    for (int i = threadIdx.x * kVec; i < dim; i += blockDim.x * kVec) {
+      float val[kVec];
+      LoadF<kVec>(vr + i, val);
+      StoreF<kVec>(dst(i), val);
+    }
+    return;
+  }
+  const bf16* x = (t == 0 ? q : k) + r * dim;
+  const float* weight = t == 0 ? q_weight : k_weight;
+  const int64_t s = r % seq;
+  const int half = head_dim / 2;
+  const float inv = LoadRowRmsInv<kVec>(x, row, dim, eps);
+  const float* angles = rope + s * half * 2;
+  for (int i = threadIdx.x * kVec; i < dim; i += blockDim.x * kVec) {
+    float w[kVec], out[kVec];
+    LoadF<kVec>(weight + i, w);
+#pragma unroll
+    for (int j = 0; j < kVec; j += 2) {
+      const float x0 = row[i + j] * inv * w[j];
+      const float x1 = row[i + j + 1] * inv * w[j + 1];
+      const int pair = ((i + j) % head_dim) / 2;
+      const float c = angles[2 * pair];
+      const float sn = angles[2 * pair + 1];
+      out[j] = x0 * c - x1 * sn;
+      out[j + 1] = x0 * sn + x1 * c;
+    }
+    StoreF<kVec>(dst(i), out);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Elementwise kernels (grid-stride over vectors of kVec elements).
 // ---------------------------------------------------------------------------
@@ -582,6 +634,43 @@ absl::Status InvokeRmsNormRope(const bf16* x, const float* weight,
   } else {
     RmsNormRopeKernel<2><<<static_cast<unsigned>(rows), RowThreads(dim, 2), smem, stream>>>(
         x, weight, rope, y, seq, d, head_dim, eps);
+  }
+  DN_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+absl::Status InvokeRmsNormRopePackQkv(const bf16* q, const bf16* k,
+                                      const bf16* v, const float* q_weight,
+                                      const float* k_weight, const float* rope,
+                                      bf16* send, int64_t batch, int64_t seq,
+                                      int64_t dim, int64_t heads, int64_t world,
+                                      float eps, cudaStream_t stream) {
+  DN_RETURN_IF_ERROR(CheckRows("RmsNormRopePackQkv", batch * seq, dim));
+  if (heads <= 0 || dim % heads != 0 || (dim / heads) % 2 != 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda RmsNormRopePackQkv: heads ", heads,
+                     " must divide D ", dim, " into even head dims"));
+  if (world <= 0 || heads % world != 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda RmsNormRopePackQkv: heads ", heads,
+                     " are not divisible by world ", world));
+  const int64_t rows = batch * seq;
+  if (rows == 0) return absl::OkStatus();
+  const size_t smem = static_cast<size_t>(dim) * sizeof(float);
+  const int d = static_cast<int>(dim);
+  const int head_dim = static_cast<int>(dim / heads);
+  const int chunk = static_cast<int>(dim / world);
+  const dim3 grid(static_cast<unsigned>(rows), 3);
+  if (dim % 8 == 0 && chunk % 8 == 0 && Aligned16(q) && Aligned16(k) &&
+      Aligned16(v) && Aligned16(send) && Aligned16(q_weight) &&
+      Aligned16(k_weight)) {
+    RmsNormRopePackQkvKernel<8><<<grid, RowThreads(dim, 8), smem, stream>>>(
+        q, k, v, q_weight, k_weight, rope, send, rows, seq, d, head_dim, chunk,
+        eps);
+  } else {
+    RmsNormRopePackQkvKernel<2><<<grid, RowThreads(dim, 2), smem, stream>>>(
+        q, k, v, q_weight, k_weight, rope, send, rows, seq, d, head_dim, chunk,
+        eps);
   }
   DN_LAUNCH_CHECK();
   return absl::OkStatus();

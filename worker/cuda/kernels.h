@@ -62,6 +62,18 @@ absl::Status InvokeRmsNormRope(const bf16* x, const float* weight,
                                int64_t seq, int64_t dim, int64_t heads,
                                float eps, cudaStream_t stream);
 
+// Fused q/k RMSNorm + RoPE + Ulysses PackQkv: q, k, v [batch, seq, dim]
+// (dim = heads * head_dim) -> send [world, 3, batch, seq, heads/world,
+// head_dim]; q and k get InvokeRmsNormRope's maths (the same numbers), v is
+// copied. One block per (token row, tensor); the row's channel slice p of
+// dim/world goes to destination block p.
+absl::Status InvokeRmsNormRopePackQkv(const bf16* q, const bf16* k,
+                                      const bf16* v, const float* q_weight,
+                                      const float* k_weight, const float* rope,
+                                      bf16* send, int64_t batch, int64_t seq,
+                                      int64_t dim, int64_t heads, int64_t world,
+                                      float eps, cudaStream_t stream);
+
 // y = x * sigmoid(x) over n elements.
 absl::Status InvokeSilu(const bf16* x, bf16* y, int64_t n, cudaStream_t stream);
 
