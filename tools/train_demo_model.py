@@ -170,7 +170,8 @@ def make_clips(n, gen, device, frames=FRAMES, size=SIZE):
         return torch.randint(lo, hi, (n,), generator=gen, device=device)
 
     col, shp, drn = ri(0, len(COLOURS)), ri(0, len(SHAPES)), ri(0, len(DIRECTIONS))
-    side = ri(SIDE_MIN, SIDE_MAX + 1)
+    # 8..14 px at 32 x 32 (the shipped size); scaled for --debug-size runs.
+    side = ri(SIDE_MIN * size // SIZE, SIDE_MAX * size // SIZE + 1)
     speed = torch.tensor(SPEEDS, device=device)[ri(0, len(SPEEDS))]
     dirs = torch.tensor(list(DIRECTIONS.values()), device=device)
     dx, dy = dirs[drn, 0], dirs[drn, 1]
@@ -634,14 +635,14 @@ def eval_prompts(n):
     return [(i % len(COLOURS), i % len(SHAPES), i % len(DIRECTIONS)) for i in range(n)]
 
 
-def run_eval(model, table, device, n_prompts, seeds, steps, guidance, shift, dtype, fh):
+def run_eval(model, table, device, n_prompts, seeds, steps, guidance, shift, dtype, fh, frames=FRAMES, size=SIZE):
     prompts = eval_prompts(n_prompts)
     results = []
     cond = torch.stack([tokenize(prompt_of(*p), table) for p in prompts]).to(device)
     uncond = torch.zeros_like(cond)
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn((len(prompts), 3, FRAMES, SIZE, SIZE), generator=g).to(device)
+        x = torch.randn((len(prompts), 3, frames, size, size), generator=g).to(device)
         with bf16_autocast(dtype == "bf16"):
             out = sample(model, x, cond, uncond, steps, guidance, shift, "unipc")
         out = out.clamp(-1, 1).cpu().numpy()
@@ -708,6 +709,8 @@ def main():
     ap.add_argument("--eval-steps", type=int, default=SAMPLE_STEPS)
     ap.add_argument("--layers", type=int, default=CONFIG["num_layers"])
     ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--debug-size", default="", help="FRAMES,SIZE: train/eval on smaller clips (CPU "
+                    "experiments only; the shipped model is trained at 8,32)")
     args = ap.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
@@ -737,6 +740,14 @@ def main():
     log(f"model: {cfg['num_layers']} layers, dim {model.dim}, {model.heads} heads, ffn {cfg['ffn_dim']}, "
         f"text_dim {cfg['text_dim']}: {nparams} parameters, {len(names)} tensors", fh)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    ema_names = list(ema)
+    ema_list = [ema[k] for k in ema_names]
+    live = dict(model.named_parameters())
+    live_list = [live[k] for k in ema_names]  # every state-dict entry is a parameter (no buffers)
+    frames, size = FRAMES, SIZE
+    if args.debug_size:
+        frames, size = (int(v) for v in args.debug_size.split(","))
+        log(f"DEBUG: clips {frames} x {size} x {size} (not the shipped size)", fh)
     decay_params = [p for n, p in model.named_parameters() if p.dim() >= 2 and "scale_shift_table" not in n]
     other_params = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "scale_shift_table" not in n)]
     opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": 0.01},
@@ -763,7 +774,7 @@ def main():
             lr = args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
         for grp in opt.param_groups:
             grp["lr"] = lr
-        x0, col, shp, drn = make_clips(args.batch, gen, dev)
+        x0, col, shp, drn = make_clips(args.batch, gen, dev, frames, size)
         ids = torch.stack([colour_ids[col], shape_ids[shp], torch.full_like(col, verb_id), dir_ids[drn]], 1)
         ctx = table_t[ids]  # [B, 4, text_dim]
         drop = torch.rand(args.batch, generator=gen, device=dev) < 0.1
@@ -783,9 +794,9 @@ def main():
         opt.step()
         d = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for k, v in model.state_dict().items():
-                ema[k].mul_(d).add_(v.float(), alpha=1 - d)
-        losses.append(loss.item())
+            torch._foreach_mul_(ema_list, d)
+            torch._foreach_add_(ema_list, [p.detach() for p in live_list], alpha=1 - d)
+        losses.append(loss.detach())
         step += 1
         if step == 10:
             if cuda:
@@ -803,6 +814,7 @@ def main():
             else:
                 log(f"calibration: {per * 1e3:.1f} ms/step, {total} steps fit in {args.time_budget_s:g} s", fh)
         if step % args.log_every == 0 or step == total:
+            losses = [float(v) for v in losses]  # syncs only here
             recent = float(np.mean(losses[-args.log_every:]))
             log(f"step {step}/{total} loss {recent:.4f} (last {args.log_every}) lr {lr:.2e} grad {float(gnorm):.2f} "
                 f"{time.time() - t_start:.0f}s", fh)
@@ -828,7 +840,7 @@ def main():
     t0 = time.time()
     seeds = [int(s) for s in args.eval_seeds.split(",") if s.strip()]
     summ, results = run_eval(model, table, dev, args.eval_prompts, seeds, args.eval_steps, SAMPLE_GUIDANCE,
-                             SAMPLE_SHIFT, "f32", fh)
+                             SAMPLE_SHIFT, "f32", fh, frames, size)
     eval_s = time.time() - t0
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump({"summary": summ, "results": results}, f, indent=1)
