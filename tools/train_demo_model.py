@@ -692,7 +692,7 @@ def make_parity(model_cpu, table, seed):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model"))
-    ap.add_argument("--steps", type=int, default=6000, help="optimiser steps (upper bound, see --time-budget-s)")
+    ap.add_argument("--steps", type=int, default=20000, help="optimiser steps (upper bound: --time-budget-s usually lowers it)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=200)
