@@ -32,13 +32,18 @@ ClipAnalysis AnalyseClip(const Rgb8Clip& clip) {
   double sum[3] = {0, 0, 0};
   int64_t fg_total = 0;
   std::vector<double> fills, ts, cxs, cys;
+  double corner_sum = 0;
+  auto lit = [&](int f, int y, int x) {
+    const uint8_t* p = clip.At(f, y, x);
+    return std::max({p[0], p[1], p[2]}) >= 128;
+  };
   for (int f = 0; f < clip.frames; ++f) {
     int n = 0, x0 = clip.width, x1 = -1, y0 = clip.height, y1 = -1;
     double sx = 0, sy = 0;
     for (int y = 0; y < clip.height; ++y) {
       for (int x = 0; x < clip.width; ++x) {
+        if (!lit(f, y, x)) continue;
         const uint8_t* p = clip.At(f, y, x);
-        if (std::max({p[0], p[1], p[2]}) < 128) continue;
         ++n;
         sx += x;
         sy += y;
@@ -54,6 +59,8 @@ ClipAnalysis AnalyseClip(const Rgb8Clip& clip) {
       continue;
     }
     fg_total += n;
+    corner_sum += (lit(f, y0, x0) + lit(f, y0, x1) + lit(f, y1, x0) +
+                   lit(f, y1, x1)) / 4.0;
     fills.push_back(static_cast<double>(n) / ((x1 - x0 + 1) * (y1 - y0 + 1)));
     ts.push_back(f);
     cxs.push_back(sx / n);
@@ -79,9 +86,11 @@ ClipAnalysis AnalyseClip(const Rgb8Clip& clip) {
   std::sort(fills.begin(), fills.end());
   const size_t m = fills.size();
   a.fill = m % 2 ? fills[m / 2] : 0.5 * (fills[m / 2 - 1] + fills[m / 2]);
-  a.shape = a.fill >= kSquareMinFill   ? "square"
-            : a.fill >= kCircleMinFill ? "circle"
-                                       : "triangle";
+  a.corners = corner_sum / static_cast<double>(m);
+  a.shape = a.fill < kCircleMinFill ? "triangle"
+            : (a.fill >= kSquareMinFill && a.corners >= kSquareMinCorners)
+                ? "square"
+                : "circle";
 
   if (ts.size() < 2) return a;
   // Least-squares slopes of the centroid over the frame index.
@@ -116,9 +125,10 @@ ClipAnalysis AnalyseClip(const Rgb8Clip& clip) {
 std::string ClipAnalysis::Describe() const {
   return absl::StrFormat(
       "colour %s (foreground mean RGB %.0f,%.0f,%.0f), shape %s (bounding-box "
-      "fill %.2f), direction %s (centroid travel dx %+.1f dy %+.1f px), "
+      "fill %.2f, corners lit %.2f), direction %s (centroid travel dx %+.1f dy %+.1f px), "
       "foreground %.1f%% of pixels, %d empty frames",
-      colour, mean_rgb[0], mean_rgb[1], mean_rgb[2], shape, fill, direction,
+      colour, mean_rgb[0], mean_rgb[1], mean_rgb[2], shape, fill, corners,
+      direction,
       dx, dy, foreground * 100, empty_frames);
 }
 
