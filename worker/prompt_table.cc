@@ -1,5 +1,6 @@
 #include "worker/prompt_table.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cstring>
 #include <map>
@@ -108,6 +109,27 @@ absl::StatusOr<PromptTable> PromptTable::Load(const std::string& path) {
     DN_RETURN_IF_ERROR(file.ReadF32(e, v.data()));
     words.emplace_back(e.name, std::move(v));
   }
+  // Optional "vocabulary": the words in a meaningful order (safetensors
+  // writers often store tensors sorted by name); it must name every tensor.
+  if (auto voc = md.find("vocabulary"); voc != md.end()) {
+    const std::vector<std::string> order = Tokenize(voc->second);
+    std::vector<std::pair<std::string, std::vector<float>>> sorted;
+    for (const std::string& w : order) {
+      auto it = std::find_if(words.begin(), words.end(),
+                             [&](const auto& e) { return e.first == w; });
+      if (it == words.end() || it->second.empty()) {
+        return err(absl::StrCat("__metadata__ \"vocabulary\" names '", w,
+                                "', which has no tensor (or is named twice)"));
+      }
+      sorted.emplace_back(w, std::move(it->second));
+    }
+    if (sorted.size() != words.size()) {
+      return err(absl::StrCat("__metadata__ \"vocabulary\" lists ",
+                              sorted.size(), " words, the file has ",
+                              words.size(), " tensors"));
+    }
+    words = std::move(sorted);
+  }
   absl::StatusOr<PromptTable> t = FromWords(
       std::move(words), tokens, gr == md.end() ? std::string() : gr->second);
   if (!t.ok()) return err(std::string(t.status().message()));
@@ -136,7 +158,8 @@ absl::Status PromptTable::Save(const std::string& path) const {
   for (size_t i = 0; i < words_.size(); ++i) {
     refs.push_back({words_[i], DType::kF32, {text_dim_}, vectors_[i].data()});
   }
-  std::map<std::string, std::string> md = {{"tokens", std::to_string(tokens_)}};
+  std::map<std::string, std::string> md = {{"tokens", std::to_string(tokens_)},
+                                           {"vocabulary", VocabularyString()}};
   if (!grammar_.empty()) md["grammar"] = grammar_;
   return WriteSafetensors(path, refs, md);
 }

@@ -3,8 +3,9 @@
 // The prompt table of a small model that has no text encoder (the demo
 // model, tools/demo_model/prompts.safetensors): one f32 embedding vector
 // [text_dim] per vocabulary word, named by the word, plus `__metadata__`
-// "tokens" (T, the rows of an embedding) and "grammar" (a hint such as
-// "<colour> <shape> moving <direction>"). Tokenisation (DEMO_CONTRACT.md):
+// "tokens" (T, the rows of an embedding), optionally "grammar" (a hint such
+// as "<colour> <shape> moving <direction>") and "vocabulary" (the words in
+// the order messages list them; else the file's tensor order). Tokenisation (DEMO_CONTRACT.md):
 // lower-case the prompt, split on whitespace; every word must be in the
 // table; the embedding is the words' vectors in prompt order padded with zero
 // rows to [T, text_dim]. The empty prompt is T zero rows: the unconditional

@@ -155,10 +155,39 @@ TEST(PromptTableTest, LoadRejectsBadFilesNamingTheProblem) {
     EXPECT_THAT(std::string(t.status().message()), HasSubstr(c.want));
     EXPECT_THAT(std::string(t.status().message()), HasSubstr(f.path()));
   }
+  // "vocabulary" must name exactly the tensors.
+  for (const char* voc : {"red blue", "red", "red red"}) {
+    TempFile f;
+    ASSERT_TRUE(WriteSafetensors(f.path(), {{"red", DType::kF32, s3, v3.data()},
+                                            {"green", DType::kF32, s3, v3.data()}},
+                                 {{"tokens", "4"}, {"vocabulary", voc}})
+                    .ok());
+    absl::StatusOr<PromptTable> t = PromptTable::Load(f.path());
+    ASSERT_FALSE(t.ok()) << voc;
+    EXPECT_THAT(std::string(t.status().message()), HasSubstr("\"vocabulary\""));
+  }
   absl::StatusOr<PromptTable> missing = PromptTable::Load("/nonexistent/prompts.safetensors");
   ASSERT_FALSE(missing.ok());
   EXPECT_THAT(std::string(missing.status().message()),
               HasSubstr("/nonexistent/prompts.safetensors"));
+}
+
+TEST(PromptTableTest, VocabularyMetadataOrdersTheWords) {
+  // Tensors stored sorted by name (as Python's safetensors writes them); the
+  // metadata gives the order messages use.
+  const std::vector<float> a = {1, 1}, b = {2, 2}, c = {3, 3};
+  TempFile f;
+  ASSERT_TRUE(WriteSafetensors(f.path(),
+                               {{"blue", DType::kF32, {2}, a.data()},
+                                {"red", DType::kF32, {2}, b.data()},
+                                {"square", DType::kF32, {2}, c.data()}},
+                               {{"tokens", "2"}, {"vocabulary", "red blue square"}})
+                  .ok());
+  absl::StatusOr<PromptTable> t = PromptTable::Load(f.path());
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_THAT(t->vocabulary(), ElementsAre("red", "blue", "square"));
+  EXPECT_THAT(Row(*t->Embed("red square"), 0), ElementsAre(2, 2));
+  EXPECT_THAT(Row(*t->Embed("red square"), 1), ElementsAre(3, 3));
 }
 
 TEST(PromptTableTest, RandomStandInIsSeededAndHasTheDemoVocabulary) {
