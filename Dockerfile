@@ -18,9 +18,11 @@
 #
 # The runtime stage carries only what the binary needs: the shared libraries
 # that `ldd` reports for it (gRPC, protobuf, absl, prometheus-cpp, Gloo,
-# OpenBLAS, libpng, ...), copied from the build stage, less those the runtime
-# base already provides (glibc, libstdc++, and on CUDA the CUDA, cuBLAS,
-# cuDNN and NCCL libraries). No compilers, headers or package lists.
+# OpenBLAS, libpng16 and giflib's libgif7 for the demo's PNG and GIF, ...),
+# copied from the build stage, less those the runtime base already provides
+# (glibc, libstdc++, and on CUDA the CUDA, cuBLAS, cuDNN and NCCL libraries),
+# and the demo model (tools/demo_model) where `denoised demo` looks for it.
+# No compilers, headers or package lists.
 
 ARG BUILD_IMAGE=nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04
 ARG RUNTIME_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
@@ -42,7 +44,7 @@ RUN apt-get update \
       build-essential cmake ninja-build pkg-config ca-certificates \
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
       libabsl-dev prometheus-cpp-dev libgloo-dev libgtest-dev libgmock-dev \
-      libopenblas-dev nlohmann-json3-dev libpng-dev libssl-dev python3 \
+      libopenblas-dev nlohmann-json3-dev libpng-dev libgif-dev libssl-dev python3 \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
@@ -80,8 +82,12 @@ LABEL org.opencontainers.image.title="denoised" \
 
 COPY --from=build /out/lib/ /opt/denoised/lib/
 COPY --from=build /out/bin/denoised /opt/denoised/bin/denoised
+# The demo model: `denoised demo` finds it at ../share/denoised/demo_model
+# next to its binary (server/demo_model.h).
+COPY tools/demo_model/ /opt/denoised/share/denoised/demo_model/
 # Register the libraries, fail the build if anything is still unresolved
-# (libcuda.so.1 comes from the host's driver at run time), and add the
+# (libcuda.so.1 comes from the host's driver at run time; libgif.so.7 and
+# libpng16.so.16 come from the build stage like the rest), and add the
 # unprivileged user the image runs as.
 RUN set -eu; \
     echo /opt/denoised/lib > /etc/ld.so.conf.d/denoised.conf; ldconfig; \

@@ -73,8 +73,12 @@ log "image $(podman image inspect --format '{{.Size}}' "$image") bytes, user $us
 # (--no-healthcheck: podman schedules HEALTHCHECKs through systemd timers,
 # which a build sandbox lacks; step 5 runs the declared check itself.)
 log "podman run $image demo"
-timeout 300 podman run --rm --network=none --no-healthcheck "$image" demo \
+demo_out=$(timeout 300 podman run --rm --network=none --no-healthcheck "$image" demo) \
   || die "denoised demo in the container"
+# It must have found the trained model the image carries, and drawn the clip.
+grep -q "random-weight stand-in" <<<"$demo_out" \
+  && die "the demo in the image found no model at /opt/denoised/share/denoised/demo_model"
+grep -q "clip.gif" <<<"$demo_out" || die "the demo in the image wrote no GIF"
 
 # 5. The default command (the coordinator), probed with the image's own
 # HEALTHCHECK command: NOT_SERVING while no worker group is attached, SERVING

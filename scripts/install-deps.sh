@@ -10,7 +10,7 @@ PKGS=(
   build-essential cmake ninja-build pkg-config git ca-certificates curl
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev prometheus-cpp-dev libgloo-dev libgtest-dev libgmock-dev
-  libopenblas-dev nlohmann-json3-dev libpng-dev libssl-dev
+  libopenblas-dev nlohmann-json3-dev libpng-dev libgif-dev libssl-dev
 )
 # Test-only tools: the NumPy reference, promtool/Prometheus, clang with
 # libFuzzer (tests/fuzz), openssl (certificates in the TLS tests).

@@ -19,9 +19,12 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "server/auth.h"
+#include "server/clip_image.h"
 #include "server/credentials.h"
+#include "server/demo_model.h"
 #include "server/proto_convert.h"
 #include "worker/noise.h"
+#include "worker/prompt_table.h"
 #include "worker/safetensors.h"
 #include "worker/tensor.h"
 
@@ -243,6 +246,38 @@ absl::Status WriteResult(const std::string& path,
       ResultMetadata(result, extra));
 }
 
+bool IsPixelSpaceRgb(const v1::ModelInfo& model) {
+  if (model.out_channels() != 3 || model.vae_stride_size() != 3) return false;
+  for (int v : model.vae_stride()) {
+    if (v != 1) return false;
+  }
+  return true;
+}
+
+absl::Status WriteResultImages(const v1::GenerateResult& result,
+                               const std::string& gif_path,
+                               const std::string& png_path, int scale) {
+  if (gif_path.empty() && png_path.empty()) return absl::OkStatus();
+  DN_ASSIGN_OR_RETURN(worker::Tensor latents,
+                      TensorFromProto(result.latents(), "result.latents"));
+  DN_ASSIGN_OR_RETURN(Rgb8Clip clip, ClipToRgb8(latents));
+  ClipImageOptions o;
+  o.scale = scale;
+  if (!gif_path.empty()) DN_RETURN_IF_ERROR(WriteClipGif(gif_path, clip, o));
+  if (!png_path.empty()) {
+    DN_RETURN_IF_ERROR(WriteClipContactSheet(png_path, clip, o));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::Tensor> EmbedPrompt(const worker::PromptTable& table,
+                                       const std::string& prompt) {
+  DN_ASSIGN_OR_RETURN(worker::Tensor t, table.Embed(prompt));
+  v1::Tensor out;
+  TensorToProto(t, &out);
+  return out;
+}
+
 // ---------------------------------------------------------------------------
 
 ProgressPrinter::ProgressPrinter(std::string indent)
@@ -302,6 +337,8 @@ bool ProgressPrinter::operator()(const v1::GenerateEvent& event) {
 int GenerateMain(int argc, char** argv) {
   std::string target = "127.0.0.1:50051", model, scheduler = "unipc";
   std::string embeds, negative_embeds, latents_file, request_id, out;
+  std::string prompt, prompt_table, gif, png;
+  int image_scale = 4;
   int frames = 0, height = 0, width = 0;
   int latent_frames = 0, latent_height = 0, latent_width = 0;
   int steps = 50, priority = 0, text_len = 512, step_interval = 1;
@@ -337,7 +374,20 @@ int GenerateMain(int argc, char** argv) {
   flags.String("request-id", &request_id, "client_request_id (idempotency key)");
   flags.Int("step-interval", &step_interval, "a Step event every n steps");
   flags.Bool("progress", &progress, "draw the progress bar on stderr");
+  flags.String("prompt", &prompt,
+               "a prompt of a model with a prompt table (e.g. the demo model: "
+               "\"red square moving left\"), embedded through --prompt-table");
+  flags.String("prompt-table", &prompt_table,
+               "prompt table safetensors (default with --prompt: the demo "
+               "model's prompts.safetensors, found as `denoised demo` does)");
   flags.String("out", &out, "output .safetensors file");
+  flags.String("gif", &gif,
+               "also write the clip as an animated GIF (pixel-space RGB models "
+               "only, e.g. the demo model)");
+  flags.String("png", &png,
+               "also write the frames side by side as a PNG (pixel-space RGB "
+               "models only)");
+  flags.Int("image-scale", &image_scale, "upscaling of --gif/--png (nearest), 1..64");
   int max_message_mb = static_cast<int>(kDefaultMaxMessageBytes >> 20);
   flags.Int("max-message-mb", &max_message_mb, "largest gRPC message, MiB");
   std::string auth_token_file;
@@ -351,7 +401,18 @@ int GenerateMain(int argc, char** argv) {
     return 2;
   };
   if (model.empty()) return usage_error("--model is required");
-  if (out.empty()) return usage_error("--out is required");
+  if (out.empty() && gif.empty() && png.empty()) {
+    return usage_error("give --out (latents) and/or --gif/--png (images)");
+  }
+  if (!prompt.empty() && !embeds.empty()) {
+    return usage_error("give --prompt or --embeds, not both");
+  }
+  if (!prompt_table.empty() && prompt.empty()) {
+    return usage_error("--prompt-table needs --prompt");
+  }
+  if (image_scale < 1 || image_scale > 64) {
+    return usage_error("--image-scale must be in [1, 64]");
+  }
   const bool pixels = frames > 0 || height > 0 || width > 0;
   const bool latent = latent_frames > 0 || latent_height > 0 || latent_width > 0;
   if (pixels == latent) {
@@ -405,24 +466,63 @@ int GenerateMain(int argc, char** argv) {
                  std::string(s.message()).c_str());
     return 1;
   };
+  // Random embeddings, prompts and images need the model's description.
+  std::optional<v1::ModelInfo> info;
+  if (embeds.empty() || !gif.empty() || !png.empty()) {
+    absl::StatusOr<v1::ListModelsResponse> models = client.ListModels();
+    if (!models.ok()) return fail(models.status());
+    for (const auto& m : models->models()) {
+      if (m.name() == model) info = m;
+    }
+    if (!info) {
+      return fail(absl::NotFoundError(absl::StrCat(
+          "model '", model, "' is not served by ", target)));
+    }
+    if ((!gif.empty() || !png.empty()) && !IsPixelSpaceRgb(*info)) {
+      return fail(absl::InvalidArgumentError(absl::StrCat(
+          "--gif/--png: model '", model, "' is not a pixel-space RGB model ",
+          "(vae_stride [", absl::StrJoin(info->vae_stride(), ", "), "], ",
+          info->out_channels(),
+          " channels): its latents need a VAE decoder, which is not part of "
+          "denoised")));
+    }
+  }
   if (!embeds.empty()) {
     absl::StatusOr<v1::Tensor> t =
         ReadTensorFile(embeds, {"prompt_embeds"}, "--embeds");
     if (!t.ok()) return fail(t.status());
     *req.mutable_prompt_embeds() = *std::move(t);
     extra["embeds"] = embeds;
+  } else if (!prompt.empty()) {
+    if (prompt_table.empty()) {
+      absl::StatusOr<DemoModelSearch> found = FindDemoModel("");
+      if (!found.ok()) return fail(found.status());
+      if (found->dir.empty()) {
+        return usage_error(absl::StrCat(
+            "--prompt: no --prompt-table given and no demo model found (",
+            absl::StrJoin(found->looked, "; "), ")"));
+      }
+      prompt_table = absl::StrCat(found->dir, "/", kDemoPromptTableFile);
+    }
+    absl::StatusOr<worker::PromptTable> table =
+        worker::PromptTable::Load(prompt_table);
+    if (!table.ok()) return fail(table.status());
+    if (table->text_dim() != info->text_dim()) {
+      return fail(absl::InvalidArgumentError(absl::StrCat(
+          "--prompt-table ", prompt_table, " has text_dim ", table->text_dim(),
+          ", model '", model, "' takes ", info->text_dim())));
+    }
+    absl::StatusOr<v1::Tensor> pos = EmbedPrompt(*table, prompt);
+    if (!pos.ok()) return usage_error(std::string(pos.status().message()));
+    *req.mutable_prompt_embeds() = *std::move(pos);
+    extra["prompt"] = prompt;
+    extra["prompt_table"] = prompt_table;
+    if (negative_embeds.empty()) {
+      // The empty prompt: the unconditional embedding of CFG.
+      *req.mutable_negative_prompt_embeds() = *EmbedPrompt(*table, "");
+    }
   } else {
-    // Random embeddings need the model's text_dim.
-    absl::StatusOr<v1::ListModelsResponse> models = client.ListModels();
-    if (!models.ok()) return fail(models.status());
-    int text_dim = 0;
-    for (const auto& m : models->models()) {
-      if (m.name() == model) text_dim = m.text_dim();
-    }
-    if (text_dim == 0) {
-      return fail(absl::NotFoundError(absl::StrCat(
-          "model '", model, "' is not served by ", target)));
-    }
+    const int text_dim = info->text_dim();
     if (text_len < 1 || text_len > 4096) {
       return usage_error("--text-len must be in [1, 4096]");
     }
@@ -451,7 +551,17 @@ int GenerateMain(int argc, char** argv) {
       req, std::chrono::milliseconds(static_cast<int64_t>(deadline_s * 1000)),
       [&](const v1::GenerateEvent& e) { return progress ? printer(e) : true; });
   if (!result.ok()) return fail(result.status());
-  if (absl::Status s = WriteResult(out, *result, extra); !s.ok()) return fail(s);
+  if (!out.empty()) {
+    if (absl::Status s = WriteResult(out, *result, extra); !s.ok()) return fail(s);
+  }
+  if (absl::Status s = WriteResultImages(*result, gif, png, image_scale);
+      !s.ok()) {
+    return fail(s);
+  }
+  std::string written = out;
+  for (const std::string* p : {&gif, &png}) {
+    if (!p->empty()) written += (written.empty() ? "" : ", ") + *p;
+  }
   const double wall =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const v1::GenerationMetadata& md = result->metadata();
@@ -463,7 +573,7 @@ int GenerateMain(int argc, char** argv) {
       md.guidance_scale(), static_cast<unsigned long long>(md.seed()),
       md.worker_group().c_str(), md.ranks(), md.backend().c_str(),
       md.ranks() == 1 ? "" : "s", wall, result->queue_seconds(),
-      result->run_seconds(), out.c_str());
+      result->run_seconds(), written.c_str());
   return 0;
 }
 

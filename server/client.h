@@ -3,8 +3,11 @@
 // The C++ client of the Denoiser service, and `denoised generate`: streams a
 // Generate call, draws a progress bar from the Step events (stderr), writes
 // the latents as a safetensors file (tensor `latents`, f32 [C, F, H, W]) with
-// the reproduction metadata in `__metadata__`, and prints a one-line
-// summary. The demo and the service tests use the same client.
+// the reproduction metadata in `__metadata__`, for pixel-space RGB models
+// also as an animated GIF and a PNG contact sheet (server/clip_image.h), and
+// prints a one-line summary. Prompts of a model without a text encoder are
+// embedded through its prompt table (worker/prompt_table.h). The demo and the
+// service tests use the same client.
 #ifndef DN_SERVER_CLIENT_H_
 #define DN_SERVER_CLIENT_H_
 
@@ -25,6 +28,10 @@ namespace grpc {
 class Channel;
 class ChannelCredentials;
 }  // namespace grpc
+
+namespace dn::worker {
+class PromptTable;
+}  // namespace dn::worker
 
 namespace dn::server {
 
@@ -97,6 +104,21 @@ std::map<std::string, std::string> ResultMetadata(
 absl::Status WriteResult(const std::string& path,
                          const denoised::v1::GenerateResult& result,
                          const std::map<std::string, std::string>& extra);
+
+// Whether `model` works in pixel space on RGB (vae_stride 1,1,1 and 3
+// output channels, like the demo model): its latents are the picture.
+bool IsPixelSpaceRgb(const denoised::v1::ModelInfo& model);
+
+// Writes a pixel-space RGB result (latents [3, F, H, W] in [-1, 1]) as an
+// animated GIF and/or a PNG contact sheet, upscaled `scale` times (nearest);
+// an empty path is skipped. Errors name the file.
+absl::Status WriteResultImages(const denoised::v1::GenerateResult& result,
+                               const std::string& gif_path,
+                               const std::string& png_path, int scale);
+
+// The request tensor [T, text_dim] of `prompt` through a prompt table.
+absl::StatusOr<denoised::v1::Tensor> EmbedPrompt(const worker::PromptTable& table,
+                                                 const std::string& prompt);
 
 // Progress on stderr from Step events: a redrawn bar on a terminal, one line
 // per event otherwise.

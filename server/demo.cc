@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -19,12 +20,16 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "comm/base/flags.h"
 #include "server/client.h"
+#include "server/demo_model.h"
 #include "server/metrics_scrape.h"
 #include "server/process.h"
 #include "server/proto_convert.h"
 #include "server/request_validation.h"
+#include "worker/prompt_table.h"
+#include "worker/wan_config.h"
 
 namespace dn::server {
 
@@ -145,31 +150,92 @@ std::string Ms(double seconds) {
 }  // namespace
 
 int DemoMain(int argc, char** argv) {
-  int ranks = 2, steps = 20, frames = 9, height = 64, width = 64;
-  int text_len = 128;
+  int ranks = 2, steps = 20, frames = 8, height = 32, width = 32;
+  int scale = 4;
   double guidance = 5.0;
   uint64_t seed = 42;
   bool keep_running = false;
   std::string out_dir = "denoised-demo-out";
+  std::string model_flag;
+  std::string prompt = "red square moving right";
   FlagSet flags("denoised demo",
-                "Runs the whole service locally on CPU with the built-in tiny "
-                "model and sends it one request.");
-  flags.Int("ranks", &ranks, "CPU ranks of the worker group (sequence-parallel degree)");
+                "Runs the whole service locally on CPU with the built-in demo "
+                "model (a small pixel-space Wan2.1 trained on coloured shapes) "
+                "and sends it one prompt; writes the clip as an animated GIF, "
+                "a PNG contact sheet and the raw safetensors.");
+  flags.String("prompt", &prompt,
+               "what to draw: <colour> <shape> moving <direction> (an unknown "
+               "word lists the model's vocabulary)");
+  flags.String("model", &model_flag,
+               "demo model folder (config.json, safetensors, prompts."
+               "safetensors); default: $DENOISED_DEMO_MODEL, then "
+               "../share/denoised/demo_model next to the binary, then the "
+               "source tree's tools/demo_model");
+  flags.Int("ranks", &ranks,
+            "CPU ranks of the worker group (sequence-parallel degree; 1, 2 or "
+            "4 for the demo model's 4 heads)");
   flags.Int("steps", &steps, "denoising steps of the demo request");
   flags.Int("frames", &frames, "video frames (pixel space)");
   flags.Int("height", &height, "height in pixels");
   flags.Int("width", &width, "width in pixels");
-  flags.Int("text-len", &text_len, "tokens of the random prompt embeddings");
   flags.Double("guidance", &guidance, "CFG scale");
-  flags.Uint64("seed", &seed, "seed of the noise and of the embeddings");
+  flags.Uint64("seed", &seed, "seed of the noise");
+  flags.Int("scale", &scale, "upscaling of the GIF and PNG (nearest), 1..64");
   flags.Bool("keep-running", &keep_running,
              "keep the service up after the request, until Ctrl-C");
   flags.String("out-dir", &out_dir, "where the result and the logs go");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
-  if (ranks < 1 || ranks > 4) {
-    std::fprintf(stderr, "denoised demo: --ranks must be 1..4 (the tiny model has 4 heads)\n");
+  auto usage = [](const std::string& msg) {
+    std::fprintf(stderr, "denoised demo: %s\n", msg.c_str());
     return 2;
+  };
+  if (ranks < 1 || ranks > 4) return usage("--ranks must be 1..4");
+  if (scale < 1 || scale > 64) return usage("--scale must be 1..64");
+
+  // The model and its prompt table, checked before anything starts.
+  absl::StatusOr<DemoModelSearch> found = FindDemoModel(model_flag);
+  if (!found.ok()) return usage(std::string(found.status().message()));
+  const bool stand_in = found->dir.empty();
+  worker::WanConfig config;
+  std::optional<worker::PromptTable> table;
+  if (stand_in) {
+    config = *worker::PresetConfig("demo-pixel");
+    absl::StatusOr<worker::PromptTable> t = worker::PromptTable::Random(
+        worker::DemoStandInVocabulary(), worker::kDemoStandInTokens,
+        config.text_dim, /*seed=*/0, worker::kDemoGrammar);
+    if (!t.ok()) return usage(std::string(t.status().message()));
+    table = *std::move(t);
+  } else {
+    std::ifstream in(found->dir + "/config.json");
+    std::stringstream text;
+    text << in.rdbuf();
+    absl::StatusOr<worker::WanConfig> c = worker::WanConfig::FromJson(text.str());
+    if (!c.ok()) {
+      return usage(absl::StrCat(found->dir, "/config.json: ", c.status().message()));
+    }
+    config = *c;
+    absl::StatusOr<worker::PromptTable> t = worker::PromptTable::Load(
+        absl::StrCat(found->dir, "/", kDemoPromptTableFile));
+    if (!t.ok()) return usage(std::string(t.status().message()));
+    table = *std::move(t);
   }
+  if (config.out_channels != 3 || config.vae_stride != std::array<int, 3>{1, 1, 1}) {
+    return usage(absl::StrCat(
+        "the demo model must be pixel-space RGB (vae_stride [1, 1, 1], 3 "
+        "channels); ", found->dir, " has ", config.out_channels, " channels"));
+  }
+  if (table->text_dim() != config.text_dim) {
+    return usage(absl::StrCat("the prompt table has text_dim ",
+                              table->text_dim(), ", the model ",
+                              config.text_dim));
+  }
+  if (config.num_attention_heads % ranks != 0) {
+    return usage(absl::StrCat("--ranks ", ranks, " does not divide the model's ",
+                              config.num_attention_heads,
+                              " attention heads (Ulysses splits heads)"));
+  }
+  absl::StatusOr<v1::Tensor> embeds = EmbedPrompt(*table, prompt);
+  if (!embeds.ok()) return usage(std::string(embeds.status().message()));
 
   // Ctrl-C / SIGTERM are taken by a thread (children live in their own
   // process groups, and are stopped in order).
@@ -182,15 +248,28 @@ int DemoMain(int argc, char** argv) {
   const std::string worker_log = out_dir + "/worker.log";
   const std::string ready_file = out_dir + "/coordinator.addr";
   const std::string result_path = out_dir + "/latents.safetensors";
-  std::remove(coord_log.c_str());
-  std::remove(worker_log.c_str());
-  std::remove(ready_file.c_str());
+  const std::string gif_path = out_dir + "/clip.gif";
+  const std::string png_path = out_dir + "/clip.png";
+  for (const std::string* f :
+       {&coord_log, &worker_log, &ready_file, &result_path, &gif_path, &png_path}) {
+    std::remove(f->c_str());
+  }
   const auto t_start = Clock::now();
 
+  if (stand_in) {
+    std::printf(
+        "denoised demo: WARNING: no trained demo model found (%s).\n"
+        "Using a random-weight stand-in of the same architecture (preset "
+        "demo-pixel, random prompt table):\nthe service runs for real, but "
+        "the clip will be noise. Give --model DIR or set $%s.\n\n",
+        absl::StrJoin(found->looked, "; ").c_str(), kDemoModelEnv);
+  }
   std::printf(
       "denoised demo: the whole service on this machine, on CPU, with the "
-      "built-in tiny Wan2.1-style model\n(random weights: the numbers are "
-      "real compute, the picture is not). Logs go to %s/.\n\n",
+      "demo model,\na small Wan2.1 DiT that draws coloured shapes in pixel "
+      "space (%s).\nLogs go to %s/.\n\n",
+      stand_in ? "random-weight stand-in"
+               : absl::StrCat("from ", found->dir).c_str(),
       out_dir.c_str());
 
   auto fail = [&](const absl::Status& s) {
@@ -227,9 +306,16 @@ int DemoMain(int argc, char** argv) {
 
   // 2. Worker group.
   SpawnOptions wo;
-  wo.args = {"worker", "--coordinator", target, "--preset", "tiny", "--ranks",
-             std::to_string(ranks), "--backend", "cpu", "--name", "tiny-demo",
-             "--metrics-listen", "127.0.0.1:0"};
+  wo.args = {"worker", "--coordinator", target};
+  if (stand_in) {
+    wo.args.insert(wo.args.end(), {"--preset", "demo-pixel"});
+  } else {
+    wo.args.insert(wo.args.end(), {"--model", found->dir});
+  }
+  wo.args.insert(wo.args.end(),
+                 {"--model-name", kDemoModelName, "--ranks", std::to_string(ranks),
+                  "--backend", "cpu", "--name", "demo", "--metrics-listen",
+                  "127.0.0.1:0"});
   wo.log_file = worker_log;
   wo.new_process_group = true;
   absl::StatusOr<pid_t> wpid = Spawn(wo);
@@ -238,10 +324,12 @@ int DemoMain(int argc, char** argv) {
   signal_state.worker = *wpid;
   std::printf(
       "[2/5] worker group  pid %d: `denoised worker` started %d rank "
-      "process%s (preset \"tiny\", CPU);\n"
+      "process%s (%s, CPU);\n"
       "      they attach to the coordinator, form their process groups "
       "(Gloo over loopback),\n      load the model and warm up ... ",
-      worker.pid(), ranks, ranks == 1 ? "" : "es");
+      worker.pid(), ranks, ranks == 1 ? "" : "es",
+      stand_in ? "preset \"demo-pixel\", random weights"
+               : "the trained demo model");
   std::fflush(stdout);
   auto client_holder = std::make_unique<DenoiserClient>(target);
   DenoiserClient& client = *client_holder;
@@ -268,6 +356,10 @@ int DemoMain(int argc, char** argv) {
     return fail(models.ok() ? absl::NotFoundError("no model listed") : models.status());
   }
   const v1::ModelInfo& model = models->models(0);
+  if (!IsPixelSpaceRgb(model)) {
+    return fail(absl::FailedPreconditionError(absl::StrCat(
+        "model \"", model.name(), "\" is not pixel-space RGB")));
+  }
 
   // 3. One request.
   v1::GenerateRequest req;
@@ -278,20 +370,25 @@ int DemoMain(int argc, char** argv) {
   req.set_steps(steps);
   req.set_guidance_scale(static_cast<float>(guidance));
   req.set_seed(seed);
-  *req.mutable_prompt_embeds() = SeededEmbeds(seed, text_len, model.text_dim());
+  *req.mutable_prompt_embeds() = *embeds;
+  // The empty prompt (zero rows) is the unconditional embedding of CFG.
+  *req.mutable_negative_prompt_embeds() = *EmbedPrompt(*table, "");
   absl::StatusOr<v1::LatentShape> latent = ResolvePixelSize(req.pixel_size(), model);
   if (!latent.ok()) return fail(latent.status());
   std::printf(
-      "\n[3/5] request       model \"%s\" (%d layers, %d heads x %d, text dim %d)\n"
-      "      %d frames %dx%d px -> latent %s = %lld tokens after 1x2x2 patching,\n"
-      "      %d steps UniPC, CFG %.1f (each step runs the model twice), seed %llu,\n"
-      "      random prompt embeddings [%d, %d] (a real client sends its text "
-      "encoder's output)\n",
-      model.name().c_str(), model.num_layers(), model.num_heads(),
-      model.head_dim(), model.text_dim(), frames, height, width,
-      LatentString(*latent).c_str(),
+      "\n[3/5] request       \"%s\" -> model \"%s\" (%d layers, %d heads x %d, "
+      "text dim %d)\n"
+      "      the prompt table turns the %zu words into embeddings [%d, %d] "
+      "(what a text encoder\n      would send); %d frames %dx%d px RGB = "
+      "%s, %lld tokens after 1x2x2 patching,\n"
+      "      %d steps UniPC, CFG %.1f (each step runs the model twice), seed "
+      "%llu\n",
+      prompt.c_str(), model.name().c_str(), model.num_layers(),
+      model.num_heads(), model.head_dim(), model.text_dim(),
+      worker::PromptTable::Tokenize(prompt).size(), table->tokens(),
+      table->text_dim(), frames, height, width, LatentString(*latent).c_str(),
       static_cast<long long>(LatentTokens(*latent, model)), steps, guidance,
-      static_cast<unsigned long long>(seed), text_len, model.text_dim());
+      static_cast<unsigned long long>(seed));
   std::fflush(stdout);
   ProgressPrinter printer("      ");
   absl::StatusOr<v1::GenerateResult> result = client.Generate(
@@ -310,18 +407,33 @@ int DemoMain(int argc, char** argv) {
           {{"frames", std::to_string(frames)},
            {"height", std::to_string(height)},
            {"width", std::to_string(width)},
-           {"embeds", absl::StrCat("random, text_len ", text_len)}});
+           {"prompt", prompt},
+           {"demo_model", stand_in ? "random stand-in (preset demo-pixel)"
+                                   : found->dir}});
+      !s.ok()) {
+    return fail(s);
+  }
+  if (absl::Status s = WriteResultImages(*result, gif_path, png_path, scale);
       !s.ok()) {
     return fail(s);
   }
   std::printf(
-      "\n[4/5] result        %s\n"
-      "      tensor \"latents\" f32 %s (denoised latents; the Wan VAE, not "
-      "part of denoised,\n      turns them into pixels) + metadata to "
-      "reproduce it: seed, scheduler, steps,\n      shift, guidance, model "
-      "config hash %.12s..., ranks, server version\n",
-      result_path.c_str(), LatentString(result->metadata().latent_shape()).c_str(),
+      "\n[4/5] result        the clip \"%s\", %d frames of %dx%d shown %dx "
+      "larger:\n"
+      "      %s   animated GIF (open it in a browser or image viewer)\n"
+      "      %s   the frames side by side (PNG)\n"
+      "      %s   tensor \"latents\" f32 %s: the raw\n"
+      "      pixels in [-1, 1] + metadata to reproduce them: seed, scheduler, "
+      "steps, shift,\n      guidance, prompt, model config hash %.12s..., "
+      "ranks, server version\n",
+      prompt.c_str(), frames, width, height, scale, gif_path.c_str(),
+      png_path.c_str(), result_path.c_str(),
+      LatentString(result->metadata().latent_shape()).c_str(),
       result->metadata().model_config_hash().c_str());
+  if (stand_in) {
+    std::printf("      (random weights: expect noise, not a %s)\n",
+                prompt.c_str());
+  }
 
   // 5. Metrics.
   std::printf("\n[5/5] metrics (scraped from the /metrics endpoints above)\n");
@@ -353,13 +465,22 @@ int DemoMain(int argc, char** argv) {
   }
 
   if (keep_running) {
+    // generate needs the same prompt table (the stand-in's is saved here).
+    std::string table_path = absl::StrCat(found->dir, "/", kDemoPromptTableFile);
+    if (stand_in) {
+      table_path = out_dir + "/stand-in-prompts.safetensors";
+      if (absl::Status s = table->Save(table_path); !s.ok()) return fail(s);
+    }
     std::printf(
         "\nThe service keeps running (Ctrl-C stops it). Try, from another shell:\n"
-        "  build/bin/denoised generate --target %s --model %s --frames 9 "
-        "--height 64 --width 64 --steps 10 --out /tmp/x.safetensors\n"
+        "  build/bin/denoised generate --target %s --model %s --frames %d "
+        "--height %d --width %d \\\n"
+        "      --steps %d --prompt \"%s\" --prompt-table %s \\\n"
+        "      --gif /tmp/x.gif --png /tmp/x.png\n"
         "  curl -s http://%s/metrics | grep ^denoised_\n"
         "  grpcurl -plaintext %s list      # via server reflection\n",
-        target.c_str(), model.name().c_str(), coord_metrics.c_str(),
+        target.c_str(), model.name().c_str(), frames, height, width, steps,
+        prompt.c_str(), table_path.c_str(), coord_metrics.c_str(),
         target.c_str());
     std::fflush(stdout);
     std::unique_lock<std::mutex> lock(signal_state.mu);

@@ -34,13 +34,13 @@ const Command kCommands[] = {
        std::printf("denoised %s\n", dn::Version());
        return 0;
      }, false},
-    {"demo", "run the whole service locally (CPU, tiny model) with one request",
+    {"demo", "run the whole service locally (CPU, demo model): one prompt -> an animated GIF",
      dn::server::DemoMain, false},
     {"coordinator", "serve the Denoiser gRPC API and dispatch to worker groups",
      dn::server::CoordinatorMain, false},
     {"worker", "start and supervise one worker group (N rank processes)",
      dn::server::WorkerMain, false},
-    {"generate", "call a coordinator's Generate and write the latents",
+    {"generate", "call a coordinator's Generate and write the latents (or a GIF/PNG)",
      dn::server::GenerateMain, false},
     {"health", "check a server's grpc.health.v1 status (exit 0 iff SERVING)",
      dn::server::HealthCommand, false},

@@ -230,7 +230,7 @@ int WorkerMain(int argc, char** argv) {
                "the coordinator's worker address HOST:PORT");
   flags.String("model", &o.model_dir, "diffusers checkpoint folder");
   flags.String("preset", &o.preset,
-               "or a preset with seeded random weights (tiny, "
+               "or a preset with seeded random weights (tiny, demo-pixel, "
                "wan2.1-t2v-1.3b, wan2.1-t2v-14b)");
   flags.Uint64("preset-seed", &o.preset_seed, "seed of the preset weights");
   flags.String("model-name", &o.model_name,

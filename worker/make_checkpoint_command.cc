@@ -7,6 +7,7 @@
 #include "comm/base/flags.h"
 #include "worker/checkpoint.h"
 #include "worker/checkpoint_format.h"
+#include "worker/prompt_table.h"
 #include "worker/wan_config.h"
 
 namespace dn::worker {
@@ -22,7 +23,9 @@ int MakeCheckpointCommand(int argc, char** argv) {
   int layers = 0;
   bool original_names = false;
   int64_t max_shard_bytes = int64_t{4} << 30;
-  flags.String("preset", &preset, "tiny | wan2.1-t2v-1.3b | wan2.1-t2v-14b");
+  bool prompt_table = false;
+  flags.String("preset", &preset,
+               "tiny | demo-pixel | wan2.1-t2v-1.3b | wan2.1-t2v-14b");
   flags.Uint64("seed", &seed, "seed of the random weights");
   flags.String("out", &out, "output folder (created if missing)");
   flags.String("dtype", &dtype_name, "stored dtype: f32 | bf16 | f16");
@@ -32,6 +35,9 @@ int MakeCheckpointCommand(int argc, char** argv) {
              "write original Wan2.1 tensor names and config.json (loader tests)");
   flags.Int64("max-shard-bytes", &max_shard_bytes,
               "split into shards of at most this many bytes, with an index");
+  flags.Bool("prompt-table", &prompt_table,
+             "also write OUT/prompts.safetensors: seeded random vectors for "
+             "the demo vocabulary (a stand-in for tools/demo_model)");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
 
   if (out.empty()) {
@@ -80,15 +86,28 @@ int MakeCheckpointCommand(int argc, char** argv) {
     std::fprintf(stderr, "make-checkpoint: %s\n", std::string(s.message()).c_str());
     return 1;
   }
+  if (prompt_table) {
+    absl::StatusOr<PromptTable> table =
+        PromptTable::Random(DemoStandInVocabulary(), kDemoStandInTokens,
+                            config->text_dim, seed, kDemoGrammar);
+    absl::Status s = table.ok() ? table->Save(out + "/prompts.safetensors")
+                                : table.status();
+    if (!s.ok()) {
+      std::fprintf(stderr, "make-checkpoint: --prompt-table: %s\n",
+                   std::string(s.message()).c_str());
+      return 1;
+    }
+  }
   int64_t params = 0;
   const std::vector<TensorSpec> specs = ExpectedTensors(*config);
   for (const TensorSpec& spec : specs) params += NumElements(spec.shape);
   std::printf("wrote %s: preset %s, %d layers, seed %llu, %zu tensors, %lld "
-              "parameters, %s%s, config %s\n",
+              "parameters, %s%s%s, config %s\n",
               out.c_str(), preset.c_str(), config->num_layers,
               static_cast<unsigned long long>(seed), specs.size(),
               static_cast<long long>(params), DTypeName(dtype),
               original_names ? ", original Wan2.1 names" : "",
+              prompt_table ? ", random prompt table" : "",
               config->Hash().c_str());
   return 0;
 }

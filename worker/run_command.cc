@@ -277,7 +277,7 @@ void AddRankFlags(FlagSet& flags, RankOptions* o) {
   flags.String("model", &o->model, "diffusers checkpoint folder");
   flags.String("preset", &o->preset,
                "preset with seeded random weights instead of --model "
-               "(tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b)");
+               "(tiny, demo-pixel, wan2.1-t2v-1.3b, wan2.1-t2v-14b)");
   flags.Uint64("preset-seed", &o->preset_seed, "seed of the preset's weights");
   flags.String("backend", &o->backend, "cpu | cuda");
   flags.Int("ranks", &o->ranks, "rank processes (sequence-parallel degree)");

@@ -330,6 +330,19 @@ absl::StatusOr<WanConfig> PresetConfig(const std::string& name) {
     c.freq_dim = 256;
     c.ffn_dim = 128;
     c.num_layers = 2;
+  } else if (name == "demo-pixel") {
+    // The architecture of the demo model (DEMO_CONTRACT.md, tools/demo_model):
+    // pixel space, RGB. With seeded random weights it is the demo's stand-in
+    // until the trained weights are there.
+    c.num_attention_heads = 4;
+    c.attention_head_dim = 32;
+    c.in_channels = 3;
+    c.out_channels = 3;
+    c.text_dim = 64;
+    c.freq_dim = 256;
+    c.ffn_dim = 512;
+    c.num_layers = 4;
+    c.vae_stride = {1, 1, 1};
   } else if (name == "wan2.1-t2v-1.3b") {
     c.num_attention_heads = 12;
     c.attention_head_dim = 128;
@@ -343,7 +356,7 @@ absl::StatusOr<WanConfig> PresetConfig(const std::string& name) {
   } else {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown preset '", name,
-        "' (known: tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b)"));
+        "' (known: tiny, demo-pixel, wan2.1-t2v-1.3b, wan2.1-t2v-14b)"));
   }
   return c;
 }

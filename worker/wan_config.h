@@ -54,8 +54,9 @@ struct WanConfig {
 };
 
 // Presets: "tiny" (the built-in demo/test model: 2 layers, 4 heads of 16,
-// in/out 16 channels, text_dim 32, ffn 128, freq_dim 256, VAE stride 4,8,8), "wan2.1-t2v-1.3b",
-// "wan2.1-t2v-14b".
+// in/out 16 channels, text_dim 32, ffn 128, freq_dim 256, VAE stride 4,8,8), "demo-pixel" (the
+// demo model's architecture: 4 layers, 4 heads of 32, RGB in/out, text_dim 64, ffn 512, pixel
+// space, VAE stride 1,1,1), "wan2.1-t2v-1.3b", "wan2.1-t2v-14b".
 absl::StatusOr<WanConfig> PresetConfig(const std::string& name);
 
 }  // namespace dn::worker
