@@ -323,13 +323,16 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
   absl::Status local = Setup(params, cfg);
   last_alltoall_seconds_ = 0;
   const int every = data_.size() > 1 ? options_.timing_every : 0;
+  // Only a real (CUDA) graph hides the all-to-alls from the markers; the CPU
+  // backend's "graph" runs the body again, so every step there is timed.
+  const bool replays = options_.use_graphs && backend_.device() == Device::kCuda;
   for (int i = 0; i < steps; ++i) {
     double step_seconds = 0, a2a_seconds = 0;
     // Step 0 of every request runs eagerly (plans, NCCL connections); with
     // P > 1 step 1 too (the first all-to-all of a size may set up
     // connections, so step 1 gives the timing), then every `every`-th step.
-    const bool sampled =
-        i == 0 || (data_.size() > 1 && i == 1) || (every > 0 && i % every == 0);
+    const bool sampled = !replays || i == 0 || (data_.size() > 1 && i == 1) ||
+                         (every > 0 && i % every == 0);
     if (local.ok())
       local = RunStep(i, *sampler, cfg, static_cast<float>(params.guidance),
                       sampled, &step_seconds, &a2a_seconds);
