@@ -5,8 +5,11 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -87,6 +90,7 @@ class NcclProcessGroup final : public ProcessGroup {
         watchdog_([this] { WatchdogLoop(); }) {}
 
   ~NcclProcessGroup() override {
+    reaper_->disarmed = true;
     {
       std::lock_guard<std::mutex> lock(stop_mu_);
       stop_ = true;
@@ -119,6 +123,21 @@ class NcclProcessGroup final : public ProcessGroup {
   absl::Status AllToAll(const void* send, void* recv,
                         size_t bytes_per_peer) override {
     if (bytes_per_peer == 0) return Check("AllToAll");
+    if (options_.alltoall_sendrecv) {
+      return Issue("AllToAll(send/recv)", [&](ncclComm_t c) {
+        ncclResult_t r = ncclGroupStart();
+        for (int p = 0; p < options_.size && (r == ncclSuccess || r == ncclInProgress); ++p) {
+          const size_t off = static_cast<size_t>(p) * bytes_per_peer;
+          r = ncclSend(static_cast<const char*>(send) + off, bytes_per_peer, ncclUint8, p, c,
+                       stream_);
+          if (r == ncclSuccess || r == ncclInProgress)
+            r = ncclRecv(static_cast<char*>(recv) + off, bytes_per_peer, ncclUint8, p, c,
+                         stream_);
+        }
+        const ncclResult_t end = ncclGroupEnd();
+        return (r == ncclSuccess || r == ncclInProgress) ? end : r;
+      });
+    }
     return Issue("AllToAll", [&](ncclComm_t c) {
       return ncclAlltoAll(send, recv, bytes_per_peer, ncclUint8, c, stream_);
     });
@@ -223,6 +242,7 @@ class NcclProcessGroup final : public ProcessGroup {
   }
 
   absl::Status BrokenLocked(const char* op) const {
+    reaper_->disarmed = true;  // the owner is not stuck: it is calling us
     return absl::AbortedError(
         absl::StrCat(Where(op), "group is unusable after an earlier failure: ",
                      first_error_.message()));
@@ -309,6 +329,7 @@ class NcclProcessGroup final : public ProcessGroup {
       if (!st.ok()) {
         DN_LOG(ERROR) << Where("watchdog") << "NCCL reports " << st
                       << "; aborting the communicator";
+        ArmFailStop();
         (void)AbortLocked(absl::Status(
             st.code(), absl::StrCat(Where("watchdog"), st.message())));
         continue;
@@ -318,12 +339,14 @@ class NcclProcessGroup final : public ProcessGroup {
       if (q == cudaSuccess) {
         pending_ = false;
       } else if (q != cudaErrorNotReady) {
+        ArmFailStop();
         (void)AbortLocked(::dn::internal::CudaStatus(q, "cudaEventQuery", __FILE__,
                                                __LINE__));
       } else if (Clock::now() - issued_at_ > options_.timeout) {
         DN_LOG(ERROR) << Where("watchdog") << "collective not complete "
                       << options_.timeout.count()
                       << " ms after it was issued; aborting the communicator";
+        ArmFailStop();
         (void)AbortLocked(absl::DeadlineExceededError(absl::StrCat(
             Where("watchdog"), "collective not complete within ",
             options_.timeout.count(), " ms (a peer is dead or stuck)")));
@@ -331,8 +354,32 @@ class NcclProcessGroup final : public ProcessGroup {
     }
   }
 
+  // The fail-stop timer (see the header): a detached thread that outlives
+  // this object if it must, so it shares only this flag.
+  struct Reaper {
+    std::atomic<bool> disarmed{false};
+    bool armed = false;  // watchdog thread only
+  };
+  void ArmFailStop() {
+    if (options_.stuck_exit_after.count() <= 0 || reaper_->armed) return;
+    reaper_->armed = true;
+    std::thread([reaper = reaper_, after = options_.stuck_exit_after,
+                 where = Where("watchdog")] {
+      std::this_thread::sleep_for(after);
+      if (reaper->disarmed) return;
+      DN_LOG(ERROR) << where << "the process is still blocked " << after.count()
+                    << " ms after the communicator was aborted (a collective that "
+                       "does not observe ncclCommAbort, e.g. inside a CUDA graph); "
+                       "exiting with status "
+                    << kStuckCollectiveExitCode << " so the group can be restarted";
+      std::fflush(nullptr);
+      std::_Exit(kStuckCollectiveExitCode);
+    }).detach();
+  }
+
   const NcclOptions options_;
   const cudaStream_t stream_;
+  const std::shared_ptr<Reaper> reaper_ = std::make_shared<Reaper>();
 
   std::mutex mu_;  // guards everything below up to the watchdog
   CommPtr comm_;   // null once aborted
@@ -388,8 +435,14 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> MakeNcclProcessGroup(
     std::memcpy(&id, bytes.data(), sizeof(id));
   }
 
+  NcclOptions opts = options;
+  if (const char* e = std::getenv("DN_NCCL_BLOCKING"); e != nullptr && e[0] == '1')
+    opts.blocking = true;
+  if (const char* e = std::getenv("DN_NCCL_ALLTOALL");
+      e != nullptr && std::string(e) == "sendrecv")
+    opts.alltoall_sendrecv = true;
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-  config.blocking = 0;
+  config.blocking = opts.blocking ? 1 : 0;
   config.commName = options.prefix.c_str();
   ncclComm_t raw = nullptr;
   const ncclResult_t init =
@@ -415,8 +468,12 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> MakeNcclProcessGroup(
   DevicePtr scratch(raw_scratch);
   DN_CUDA_RETURN_IF_ERROR(cudaMemset(raw_scratch, 0, sizeof(int64_t)));
 
+  DN_LOG(INFO) << "nccl group '" << options.prefix << "' rank " << options.rank << "/"
+               << options.size << ": " << (opts.blocking ? "blocking" : "non-blocking")
+               << " communicator, all-to-all as "
+               << (opts.alltoall_sendrecv ? "grouped send/recv" : "ncclAlltoAll");
   return std::unique_ptr<ProcessGroup>(std::make_unique<NcclProcessGroup>(
-      options, std::move(comm), std::move(event), std::move(scratch)));
+      opts, std::move(comm), std::move(event), std::move(scratch)));
 }
 
 }  // namespace dn::comm

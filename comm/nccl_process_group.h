@@ -19,6 +19,15 @@
 //   (ncclCommAbort): kernels that wait on a dead peer exit, so a
 //   cudaStreamSynchronize blocked elsewhere returns, and every later call
 //   fails with ABORTED naming the cause. Abort() does the same at once.
+// - Fail-stop: an NCCL kernel inside a replayed CUDA graph may not observe
+//   ncclCommAbort (seen on H200/NCCL 2.28.9: the survivor of a killed peer
+//   stayed blocked in cudaStreamSynchronize, or in the abort itself). So
+//   when the watchdog aborts, it also arms a timer: unless the owner shows
+//   it is not stuck within `stuck_exit_after` (any later call on the group,
+//   which fails with ABORTED, or destroying the group), the process exits
+//   with kStuckCollectiveExitCode after logging why, so its supervisor (the
+//   worker launcher, `denoised run`) can restart the group. PyTorch's NCCL
+//   watchdog tears the process down in the same situation.
 // - Creating the group makes `device` the calling thread's current device.
 #ifndef DN_COMM_NCCL_PROCESS_GROUP_H_
 #define DN_COMM_NCCL_PROCESS_GROUP_H_
@@ -43,7 +52,19 @@ struct NcclOptions {
   // on the GPU (measured from when it was issued).
   std::chrono::milliseconds timeout{30000};
   std::string prefix = "nccl";  // store keys (group + generation)
+  // Fail-stop bound after a watchdog abort (see above); 0 disables it.
+  std::chrono::milliseconds stuck_exit_after{5000};
+  // Experiments (also from the environment, read at creation):
+  // DN_NCCL_BLOCKING=1 makes the communicator blocking (init and calls can
+  // then not time out on the host; the watchdog still aborts collectives);
+  // DN_NCCL_ALLTOALL=sendrecv issues AllToAll as grouped ncclSend/ncclRecv
+  // instead of ncclAlltoAll.
+  bool blocking = false;
+  bool alltoall_sendrecv = false;
 };
+
+// Exit status of a process ended by the fail-stop timer.
+inline constexpr int kStuckCollectiveExitCode = 70;
 
 absl::StatusOr<std::unique_ptr<ProcessGroup>> MakeNcclProcessGroup(
     Store& store, const NcclOptions& options);

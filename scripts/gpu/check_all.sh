@@ -4,7 +4,7 @@
 #                ../shared/gpu/bundle.sh .gpu build-cuda/bin/*
 #                mkdir -p .anchor && cp ../shared/anchors/usp_anchor.py .anchor/
 # Run there:     . .gpu/env.sh && scripts/gpu/check_all.sh STAGE...   (carry .gpu and .anchor)
-# Stages: info ops nccl tiny sp graphs commbench perf step step4k graphstep service fault step14b
+# Stages: info ops nccl tiny sp graphs commbench commvariants perf step step4k graphstep service fault step14b
 # (sp needs tiny first: it compares against tiny's 1-rank runs.)
 # Graphs are on by default everywhere (--no-graphs or DN_CUDA_GRAPHS=0 turns them off;
 # DN_FUSED_QKV_PACK=0 turns the fused q/k norm+RoPE+pack kernel off).
@@ -94,6 +94,14 @@ for st in "$@"; do
         stage comm_ours_p$p 300 denoised bench comm --ranks $p --backend nccl --max-bytes 256M --json $OUT/comm_ours_p$p.json
         stage comm_torch_p$p 300 torchrun --nproc_per_node $p bench/anchors/torch_alltoall.py --json $OUT/comm_torch_p$p.json
       done ;;
+    commvariants)
+      # The NCCL process group's variants (DN_NCCL_BLOCKING, DN_NCCL_ALLTOALL) beside the torch anchor.
+      p=$NGPU; [[ $p -gt 4 ]] && p=4
+      stage comm_torch_v_p$p 300 torchrun --nproc_per_node $p bench/anchors/torch_alltoall.py --json $OUT/comm_torch_v_p$p.json
+      for v in "" "DN_NCCL_ALLTOALL=sendrecv" "DN_NCCL_BLOCKING=1" "DN_NCCL_BLOCKING=1 DN_NCCL_ALLTOALL=sendrecv"; do
+        tag=$(echo "${v:-default}" | tr -c 'a-zA-Z0-9\n' '_')
+        stage comm_${tag}_p$p 300 env $v denoised bench comm --ranks $p --backend nccl --max-bytes 256M
+      done ;;
     step)
       for p in 1 2 4; do
         [[ $NGPU -ge $p ]] || continue
@@ -101,7 +109,7 @@ for st in "$@"; do
         stage step32k_anchor_p$p 300 torchrun --nproc_per_node $p .anchor/usp_anchor.py --backend cudnn --modes direct,packed --seq 32760
       done ;;
     step4k)
-      for p in 1 4; do
+      for p in 1 2 4; do
         [[ $NGPU -ge $p ]] || continue
         stage step4k_ours_p$p 300 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks $p --backend cuda --cfg --iters 10
         stage step4k_anchor_p$p 300 torchrun --nproc_per_node $p .anchor/usp_anchor.py --backend cudnn --modes direct,packed --seq 4096 --iters 10
