@@ -78,6 +78,25 @@ absl::Status WaitNotInProgress(ncclComm_t comm, Clock::time_point deadline,
   }
 }
 
+// Starts a detached timer: unless `*disarmed` is set within `after`, it logs
+// `why` and ends the process with kStuckCollectiveExitCode (fail-stop; see
+// the header). The flag is shared so the timer may outlive its owner.
+void StartFailStopTimer(std::shared_ptr<std::atomic<bool>> disarmed,
+                        std::chrono::milliseconds after, std::string why) {
+  std::thread([disarmed = std::move(disarmed), after, why = std::move(why)] {
+    const auto until = Clock::now() + after;
+    while (Clock::now() < until) {
+      if (disarmed->load()) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    if (disarmed->load()) return;
+    DN_LOG(ERROR) << why << "; exiting with status " << kStuckCollectiveExitCode
+                  << " so the group can be restarted";
+    std::fflush(nullptr);
+    std::_Exit(kStuckCollectiveExitCode);
+  }).detach();
+}
+
 class NcclProcessGroup final : public ProcessGroup {
  public:
   NcclProcessGroup(const NcclOptions& options, CommPtr comm, EventPtr event,
@@ -90,7 +109,7 @@ class NcclProcessGroup final : public ProcessGroup {
         watchdog_([this] { WatchdogLoop(); }) {}
 
   ~NcclProcessGroup() override {
-    reaper_->disarmed = true;
+    *reaper_->disarmed = true;
     {
       std::lock_guard<std::mutex> lock(stop_mu_);
       stop_ = true;
@@ -100,7 +119,16 @@ class NcclProcessGroup final : public ProcessGroup {
     std::lock_guard<std::mutex> lock(mu_);
     if (!comm_) return;
     // Flush and release; a peer that never finishes makes this time out,
-    // and the deleter then aborts.
+    // and the deleter then aborts. A blocking communicator cannot time out
+    // inside ncclCommFinalize/Destroy, so a fail-stop timer bounds them.
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    struct Disarm {
+      std::shared_ptr<std::atomic<bool>> f;
+      ~Disarm() { *f = true; }
+    } disarm{done};
+    if (options_.blocking && options_.stuck_exit_after.count() > 0)
+      StartFailStopTimer(done, options_.timeout + options_.stuck_exit_after,
+                         Where("destroy") + "ncclCommFinalize/Destroy did not return");
     absl::Status st = DN_NCCL_STATUS(ncclCommFinalize(comm_.get()));
     if (st.ok())
       st = WaitNotInProgress(comm_.get(), Clock::now() + options_.timeout,
@@ -242,7 +270,7 @@ class NcclProcessGroup final : public ProcessGroup {
   }
 
   absl::Status BrokenLocked(const char* op) const {
-    reaper_->disarmed = true;  // the owner is not stuck: it is calling us
+    *reaper_->disarmed = true;  // the owner is not stuck: it is calling us
     return absl::AbortedError(
         absl::StrCat(Where(op), "group is unusable after an earlier failure: ",
                      first_error_.message()));
@@ -357,24 +385,19 @@ class NcclProcessGroup final : public ProcessGroup {
   // The fail-stop timer (see the header): a detached thread that outlives
   // this object if it must, so it shares only this flag.
   struct Reaper {
-    std::atomic<bool> disarmed{false};
+    std::shared_ptr<std::atomic<bool>> disarmed =
+        std::make_shared<std::atomic<bool>>(false);
     bool armed = false;  // watchdog thread only
   };
   void ArmFailStop() {
     if (options_.stuck_exit_after.count() <= 0 || reaper_->armed) return;
     reaper_->armed = true;
-    std::thread([reaper = reaper_, after = options_.stuck_exit_after,
-                 where = Where("watchdog")] {
-      std::this_thread::sleep_for(after);
-      if (reaper->disarmed) return;
-      DN_LOG(ERROR) << where << "the process is still blocked " << after.count()
-                    << " ms after the communicator was aborted (a collective that "
-                       "does not observe ncclCommAbort, e.g. inside a CUDA graph); "
-                       "exiting with status "
-                    << kStuckCollectiveExitCode << " so the group can be restarted";
-      std::fflush(nullptr);
-      std::_Exit(kStuckCollectiveExitCode);
-    }).detach();
+    StartFailStopTimer(
+        reaper_->disarmed, options_.stuck_exit_after,
+        absl::StrCat(Where("watchdog"), "the process is still blocked ",
+                     options_.stuck_exit_after.count(),
+                     " ms after the communicator was aborted (a collective that does "
+                     "not observe ncclCommAbort, e.g. inside a CUDA graph)"));
   }
 
   const NcclOptions options_;
@@ -436,8 +459,8 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> MakeNcclProcessGroup(
   }
 
   NcclOptions opts = options;
-  if (const char* e = std::getenv("DN_NCCL_BLOCKING"); e != nullptr && e[0] == '1')
-    opts.blocking = true;
+  if (const char* e = std::getenv("DN_NCCL_BLOCKING"); e != nullptr && e[0] != '\0')
+    opts.blocking = e[0] == '1';
   if (const char* e = std::getenv("DN_NCCL_ALLTOALL");
       e != nullptr && std::string(e) == "sendrecv")
     opts.alltoall_sendrecv = true;
@@ -445,8 +468,19 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> MakeNcclProcessGroup(
   config.blocking = opts.blocking ? 1 : 0;
   config.commName = options.prefix.c_str();
   ncclComm_t raw = nullptr;
+  // A blocking init cannot be abandoned (there is no handle to abort until
+  // it returns): a peer that dies during it would hang us, so a fail-stop
+  // timer bounds it.
+  auto init_done = std::make_shared<std::atomic<bool>>(false);
+  if (opts.blocking && opts.stuck_exit_after.count() > 0)
+    StartFailStopTimer(init_done, options.timeout,
+                       absl::StrCat("nccl group '", options.prefix, "' rank ", options.rank,
+                                    "/", options.size, ": ncclCommInitRankConfig did not "
+                                    "return within ", options.timeout.count(),
+                                    " ms (a peer never joined)"));
   const ncclResult_t init =
       ncclCommInitRankConfig(&raw, options.size, id, options.rank, &config);
+  *init_done = true;
   CommPtr comm(raw);  // aborted on every early return below
   DN_RETURN_IF_ERROR(::dn::internal::NcclStatus(
       init, "ncclCommInitRankConfig", __FILE__, __LINE__));
