@@ -502,6 +502,47 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> MakeNcclProcessGroup(
   DevicePtr scratch(raw_scratch);
   DN_CUDA_RETURN_IF_ERROR(cudaMemset(raw_scratch, 0, sizeof(int64_t)));
 
+  if (opts.blocking) {
+    // NCCL connects peers lazily, inside the first call of each kind, and a
+    // blocking communicator does that on the calling thread: a peer that is
+    // gone by then would block the host where neither the watchdog nor
+    // Abort() can reach it. So every kind of call the group makes runs once
+    // here, while all ranks are creating the group, under a fail-stop timer.
+    auto warm_done = std::make_shared<std::atomic<bool>>(false);
+    struct Disarm {
+      std::shared_ptr<std::atomic<bool>> f;
+      ~Disarm() { *f = true; }
+    } disarm{warm_done};
+    if (opts.stuck_exit_after.count() > 0)
+      StartFailStopTimer(warm_done, options.timeout,
+                         absl::StrCat("nccl group '", options.prefix, "' rank ", options.rank,
+                                      "/", options.size, ": connecting the peers (warm-up "
+                                      "collectives) did not finish within ",
+                                      options.timeout.count(), " ms"));
+    const size_t n = static_cast<size_t>(options.size);
+    void* raw_warm = nullptr;
+    DN_CUDA_RETURN_IF_ERROR(cudaMalloc(&raw_warm, 2 * n * sizeof(int64_t)));
+    DevicePtr warm(raw_warm);
+    char* w = static_cast<char*>(raw_warm);
+    cudaStream_t st = static_cast<cudaStream_t>(options.stream);
+    ncclComm_t c = comm.get();
+    if (opts.alltoall_sendrecv) {
+      DN_NCCL_RETURN_IF_ERROR(ncclGroupStart());
+      for (int p = 0; p < options.size; ++p) {
+        DN_NCCL_RETURN_IF_ERROR(ncclSend(w + p * 8, 8, ncclUint8, p, c, st));
+        DN_NCCL_RETURN_IF_ERROR(ncclRecv(w + (n + p) * 8, 8, ncclUint8, p, c, st));
+      }
+      DN_NCCL_RETURN_IF_ERROR(ncclGroupEnd());
+    } else {
+      DN_NCCL_RETURN_IF_ERROR(ncclAlltoAll(w, w + n * 8, 8, ncclUint8, c, st));
+    }
+    DN_NCCL_RETURN_IF_ERROR(ncclAllGather(w, w + n * 8, 8, ncclUint8, c, st));
+    DN_NCCL_RETURN_IF_ERROR(ncclBroadcast(w, w, 8, ncclUint8, 0, c, st));
+    DN_NCCL_RETURN_IF_ERROR(ncclAllReduce(w, w, 1, ncclInt64, ncclSum, c, st));
+    DN_NCCL_RETURN_IF_ERROR(ncclAllReduce(w, w, 1, ncclFloat64, ncclMax, c, st));
+    DN_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st));
+  }
+
   DN_LOG(INFO) << "nccl group '" << options.prefix << "' rank " << options.rank << "/"
                << options.size << ": " << (opts.blocking ? "blocking" : "non-blocking")
                << " communicator, all-to-all as "
