@@ -23,21 +23,6 @@ namespace {
 namespace v1 = ::denoised::v1;
 using ::testing::HasSubstr;
 
-int RunDenoised(std::vector<std::string> args, const std::string& log) {
-  SpawnOptions o;
-  o.exe = DENOISED_BIN;
-  o.args = std::move(args);
-  o.log_file = log;
-  absl::StatusOr<pid_t> pid = Spawn(o);
-  if (!pid.ok()) return -1;
-  std::optional<int> status = WaitPid(*pid, std::chrono::seconds(120));
-  if (!status.has_value()) {
-    Terminate(*pid, std::chrono::seconds(1));
-    return -2;
-  }
-  return WIFEXITED(*status) ? WEXITSTATUS(*status) : -3;
-}
-
 TEST(GenerateImagesTest, PromptToGifAndPngAndTheErrors) {
   TempDir dir;
   absl::StatusOr<std::unique_ptr<CoordinatorProc>> coord = StartCoordinator(dir.path());

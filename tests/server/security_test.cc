@@ -31,6 +31,7 @@ namespace v1 = ::denoised::v1;
 using ::dn::server::testing::CoordinatorProc;
 using ::dn::server::testing::Proc;
 using ::dn::server::testing::ReadFile;
+using ::dn::server::testing::RunDenoised;
 using ::dn::server::testing::StartCoordinator;
 using ::dn::server::testing::StartTinyGroup;
 using ::dn::server::testing::TempDir;
@@ -53,22 +54,6 @@ std::unique_ptr<DenoiserClient> Client(const std::string& target,
   EXPECT_TRUE(c.ok()) << c.status();
   return std::make_unique<DenoiserClient>(
       target, c.ok() ? *c : grpc::InsecureChannelCredentials(), token);
-}
-
-// Runs DENOISED_BIN with `args` to completion; returns its exit code.
-int RunDenoised(std::vector<std::string> args, const std::string& log) {
-  SpawnOptions o;
-  o.exe = DENOISED_BIN;
-  o.args = std::move(args);
-  o.log_file = log;
-  absl::StatusOr<pid_t> pid = Spawn(o);
-  if (!pid.ok()) return -1;
-  std::optional<int> status = WaitPid(*pid, std::chrono::seconds(120));
-  if (!status.has_value()) {
-    Terminate(*pid, std::chrono::seconds(1));
-    return -2;
-  }
-  return WIFEXITED(*status) ? WEXITSTATUS(*status) : -3;
 }
 
 // --- units ------------------------------------------------------------------

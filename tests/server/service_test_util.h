@@ -7,6 +7,7 @@
 #define DN_TESTS_SERVER_SERVICE_TEST_UTIL_H_
 
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -14,6 +15,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -109,6 +111,23 @@ inline std::vector<pid_t> Children(pid_t pid) {
                    "/children");
   for (pid_t c; in >> c;) out.push_back(c);
   return out;
+}
+
+// Runs DENOISED_BIN with `args` to completion (at most 120 s); returns its
+// exit code, or -1 (spawn failed), -2 (timed out, killed), -3 (signalled).
+inline int RunDenoised(std::vector<std::string> args, const std::string& log) {
+  SpawnOptions o;
+  o.exe = DENOISED_BIN;
+  o.args = std::move(args);
+  o.log_file = log;
+  absl::StatusOr<pid_t> pid = Spawn(o);
+  if (!pid.ok()) return -1;
+  std::optional<int> status = WaitPid(*pid, std::chrono::seconds(120));
+  if (!status.has_value()) {
+    Terminate(*pid, std::chrono::seconds(1));
+    return -2;
+  }
+  return WIFEXITED(*status) ? WEXITSTATUS(*status) : -3;
 }
 
 // A coordinator on free loopback ports.
