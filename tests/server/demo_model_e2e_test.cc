@@ -58,13 +58,14 @@ struct PromptCase {
   std::string prompt;
   uint64_t seed;
 };
-// Every direction, every shape, four of the colours.
+// Every direction, every shape, every colour.
 const std::vector<PromptCase>& Prompts() {
   static const auto* p = new std::vector<PromptCase>{
       {"red square moving right", 1},
       {"green circle moving left", 2},
       {"blue triangle moving up", 3},
       {"yellow square moving down", 4},
+      {"white circle moving up", 5},
   };
   return *p;
 }
