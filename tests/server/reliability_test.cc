@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <filesystem>
 #include <future>
 #include <map>
 #include <memory>
@@ -535,6 +536,54 @@ TEST(FaultTest, HungRankFailsItsRequestAndTheGroupRecovers) {
       TinyRequest(5, 64, 64, 2, 3, kTextLen), std::chrono::seconds(60), {});
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(group.Stop(), 0);
+}
+
+// A malformed checkpoint given to `--model` (a truncated safetensors file):
+// the group's rank fails with an error naming the file and the tensor, the
+// launcher keeps retrying with backoff (never a crash, never READY), and the
+// coordinator and another group keep serving.
+TEST(FaultTest, TruncatedCheckpointIsAClearErrorAndHarmsNoOtherGroup) {
+  TempDir dir;
+  const std::string ckpt = dir.path() + "/ckpt";
+  ASSERT_EQ(::dn::server::testing::RunDenoised(
+                {"make-checkpoint", "--preset", "tiny", "--seed", "4", "--out", ckpt},
+                dir.path() + "/make.log"),
+            0);
+  const std::string file = ckpt + "/diffusion_pytorch_model.safetensors";
+  const auto size = std::filesystem::file_size(file);
+  std::filesystem::resize_file(file, size / 2);
+  absl::StatusOr<std::unique_ptr<CoordinatorProc>> c = StartCoordinator(dir.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  DenoiserClient client((*c)->target);
+  Proc good = StartTinyGroup((*c)->target, "good", 1, dir.path() + "/good.log");
+  Proc bad({"worker", "--coordinator", (*c)->target, "--model", ckpt, "--model-name", "tiny",
+            "--ranks", "1", "--backend", "cpu", "--name", "bad", "--threads", "1"},
+           dir.path() + "/bad.log");
+  ASSERT_TRUE(WaitGroups(client, {"good"}, v1::GROUP_STATE_READY,
+                         std::chrono::seconds(120)).ok())
+      << ReadFile(dir.path() + "/good.log");
+  std::string log;
+  for (int i = 0; i < 600; ++i) {
+    log = ReadFile(dir.path() + "/bad.log");
+    if (log.find("past the end of the data section") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_THAT(log, HasSubstr("diffusion_pytorch_model.safetensors"));
+  EXPECT_THAT(log, HasSubstr("past the end of the data section"));
+  EXPECT_THAT(log, ::testing::Not(HasSubstr("Segmentation")));
+  absl::StatusOr<v1::GenerateResult> r = client.Generate(
+      TinyRequest(5, 64, 64, 2, 1, kTextLen), std::chrono::seconds(60), {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->metadata().worker_group(), "good");
+  EXPECT_TRUE(bad.running()) << "the launcher keeps retrying";
+  absl::StatusOr<v1::ServerInfo> info = client.GetServerInfo();
+  ASSERT_TRUE(info.ok());
+  for (const auto& g : info->groups()) {
+    if (g.name() == "bad") {
+      EXPECT_NE(g.state(), v1::GROUP_STATE_READY);
+    }
+  }
+  EXPECT_EQ(good.Stop(), 0);
 }
 
 }  // namespace
