@@ -50,7 +50,7 @@ def rel_l2(a, r):
 
 
 def tokenize(prompt, table, tokens):
-    """The contract's tokenisation (DEMO_CONTRACT.md): lower-case, split on whitespace, every word in
+    """The tokenisation of tools/README.md: lower-case, split on whitespace, every word in
     the table, at most T words, vectors in order, zero rows up to T."""
     words = prompt.lower().split()
     if len(words) > tokens:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Trains "denoised-demo": a small Wan2.1 DiT (WanTransformer3DModel, diffusers layout) in pixel space.
 
-What it does (see tools/README.md and ../DEMO_CONTRACT.md of issue 8):
+What it does (see tools/README.md):
   * procedural clips: 8 frames x 32 x 32 RGB in [-1, 1], black background, one coloured shape
     (square / circle / triangle, 7..11 px) moving at a constant 2 or 3 px per frame left / right /
     up / down, staying inside the frame;

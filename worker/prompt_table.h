@@ -5,7 +5,7 @@
 // [text_dim] per vocabulary word, named by the word, plus `__metadata__`
 // "tokens" (T, the rows of an embedding), optionally "grammar" (a hint such
 // as "<colour> <shape> moving <direction>") and "vocabulary" (the words in
-// the order messages list them; else the file's tensor order). Tokenisation (DEMO_CONTRACT.md):
+// the order messages list them; else the file's tensor order). Tokenisation (tools/README.md):
 // lower-case the prompt, split on whitespace; every word must be in the
 // table; the embedding is the words' vectors in prompt order padded with zero
 // rows to [T, text_dim]. The empty prompt is T zero rows: the unconditional
@@ -69,7 +69,7 @@ class PromptTable {
 };
 
 // The vocabulary and grammar of the demo model's random-weight stand-in
-// (the example vocabulary of DEMO_CONTRACT.md; the trained model's own
+// (the vocabulary of tools/README.md; the trained model's own
 // prompts.safetensors is the source of truth once it exists).
 std::vector<std::string> DemoStandInVocabulary();
 inline constexpr int kDemoStandInTokens = 4;

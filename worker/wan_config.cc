@@ -331,7 +331,7 @@ absl::StatusOr<WanConfig> PresetConfig(const std::string& name) {
     c.ffn_dim = 128;
     c.num_layers = 2;
   } else if (name == "demo-pixel") {
-    // The architecture of the demo model (DEMO_CONTRACT.md, tools/demo_model):
+    // The architecture of the demo model (tools/README.md, tools/demo_model):
     // pixel space, RGB. With seeded random weights it is the demo's stand-in
     // until the trained weights are there.
     c.num_attention_heads = 4;

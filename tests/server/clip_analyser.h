@@ -1,7 +1,7 @@
 // File: tests/server/clip_analyser.h
 //
 // A simple analyser of the demo model's clips (one coloured shape moving on
-// black, DEMO_CONTRACT.md), used to check that a generated clip matches its
+// black, tools/README.md), used to check that a generated clip matches its
 // prompt: the foreground is every pixel whose brightest channel is >= 128;
 // its mean colour gives the colour class (the nearest of the seven
 // saturated RGB corners); the fill ratio of its bounding box and whether the

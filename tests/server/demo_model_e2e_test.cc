@@ -99,8 +99,8 @@ class DemoModelE2ETest : public ::testing::Test {
     if (found->dir.empty()) {
       return absl::NotFoundError(absl::StrCat(
           "no trained demo model (", absl::StrJoin(found->looked, "; "),
-          "). The lead drops demo-train's trained weights into tools/demo_model "
-          "(DEMO_CONTRACT.md). To exercise this test on the random-weight "
+          "). The repository ships it in tools/demo_model (tools/README.md; "
+          "tools/train_demo_model.py trains it). To exercise this test on the random-weight "
           "stand-in: build/bin/denoised make-checkpoint --preset demo-pixel "
           "--prompt-table --out /tmp/demo-standin && DENOISED_DEMO_MODEL=/tmp/"
           "demo-standin ctest --test-dir build -R demo_model_e2e (the rank "

@@ -1,5 +1,5 @@
 // The prompt table and its tokenisation (worker/prompt_table.h,
-// DEMO_CONTRACT.md): words -> [T, text_dim] rows, zero padding, errors.
+// tools/README.md): words -> [T, text_dim] rows, zero padding, errors.
 #include "worker/prompt_table.h"
 
 #include <stdlib.h>
