@@ -278,6 +278,18 @@ absl::StatusOr<v1::Tensor> EmbedPrompt(const worker::PromptTable& table,
   return out;
 }
 
+std::string PartialPromptNote(const worker::PromptTable& table,
+                              const std::string& prompt) {
+  const size_t words = worker::PromptTable::Tokenize(prompt).size();
+  if (words == 0 || table.grammar().empty() ||
+      words >= static_cast<size_t>(table.tokens())) {
+    return "";
+  }
+  return absl::StrCat("note: \"", prompt, "\" has ", words, " of the ", table.tokens(),
+                      " words of \"", table.grammar(),
+                      "\"; the model was trained on full prompts, so expect a weaker match");
+}
+
 // ---------------------------------------------------------------------------
 
 ProgressPrinter::ProgressPrinter(std::string indent)
@@ -514,6 +526,8 @@ int GenerateMain(int argc, char** argv) {
     }
     absl::StatusOr<v1::Tensor> pos = EmbedPrompt(*table, prompt);
     if (!pos.ok()) return usage_error(std::string(pos.status().message()));
+    if (const std::string note = PartialPromptNote(*table, prompt); !note.empty())
+      std::fprintf(stderr, "denoised generate: %s\n", note.c_str());
     *req.mutable_prompt_embeds() = *std::move(pos);
     extra["prompt"] = prompt;
     extra["prompt_table"] = prompt_table;

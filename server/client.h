@@ -120,6 +120,12 @@ absl::Status WriteResultImages(const denoised::v1::GenerateResult& result,
 absl::StatusOr<denoised::v1::Tensor> EmbedPrompt(const worker::PromptTable& table,
                                                  const std::string& prompt);
 
+// A note for a non-empty prompt with fewer words than the table's T when the
+// table states a grammar (the demo model was trained on full prompts only,
+// so "red square" is accepted but was never seen); "" otherwise.
+std::string PartialPromptNote(const worker::PromptTable& table,
+                              const std::string& prompt);
+
 // Progress on stderr from Step events: a redrawn bar on a terminal, one line
 // per event otherwise.
 class ProgressPrinter {

@@ -236,6 +236,8 @@ int DemoMain(int argc, char** argv) {
   }
   absl::StatusOr<v1::Tensor> embeds = EmbedPrompt(*table, prompt);
   if (!embeds.ok()) return usage(std::string(embeds.status().message()));
+  if (const std::string note = PartialPromptNote(*table, prompt); !note.empty())
+    std::fprintf(stderr, "denoised demo: %s\n", note.c_str());
 
   // Ctrl-C / SIGTERM are taken by a thread (children live in their own
   // process groups, and are stopped in order).

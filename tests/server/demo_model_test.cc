@@ -148,6 +148,10 @@ TEST(DemoModelTest, PixelSpaceModelsAreRecognisedAndValidated) {
   *req.mutable_negative_prompt_embeds() = *EmbedPrompt(*table, "");
   absl::StatusOr<ResolvedRequest> r = ValidateRequest(req, demo);
   ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(PartialPromptNote(*table, "red square moving left"), "");
+  EXPECT_EQ(PartialPromptNote(*table, ""), "");
+  EXPECT_THAT(PartialPromptNote(*table, "red square"),
+              HasSubstr("has 2 of the 4 words of \"<colour> <shape> moving <direction>\""));
   EXPECT_EQ(r->tokens, 8 * 16 * 16);
   EXPECT_EQ(r->text_len, 4);
   // Odd pixel sizes do not patch (1x2x2).
