@@ -57,9 +57,6 @@ using CommPtr = std::unique_ptr<ncclComm, CommAborter>;
 
 // Waits (polling ncclCommGetAsyncError) until a non-blocking NCCL call on
 // `comm` is no longer in progress, or until `deadline`.
-// How long Issue() spins (yielding) on ncclInProgress before it sleeps.
-constexpr std::chrono::microseconds kSpin{2000};
-
 absl::Status WaitNotInProgress(ncclComm_t comm, Clock::time_point deadline,
                                const std::string& what) {
   auto sleep = std::chrono::microseconds(20);
@@ -78,24 +75,36 @@ absl::Status WaitNotInProgress(ncclComm_t comm, Clock::time_point deadline,
   }
 }
 
-// Starts a detached timer: unless `*disarmed` is set within `after`, it logs
-// `why` and ends the process with kStuckCollectiveExitCode (fail-stop; see
-// the header). The flag is shared so the timer may outlive its owner.
-void StartFailStopTimer(std::shared_ptr<std::atomic<bool>> disarmed,
-                        std::chrono::milliseconds after, std::string why) {
-  std::thread([disarmed = std::move(disarmed), after, why = std::move(why)] {
-    const auto until = Clock::now() + after;
-    while (Clock::now() < until) {
+// A fail-stop timer (see the header): unless disarmed within `after`, it
+// logs `why` and ends the process with kStuckCollectiveExitCode. Destroying
+// it disarms it. The timer thread shares only a flag, so it may outlive
+// the object. `after` <= 0 makes an inert timer.
+class FailStopTimer {
+ public:
+  FailStopTimer(std::chrono::milliseconds after, std::string why)
+      : disarmed_(std::make_shared<std::atomic<bool>>(false)) {
+    if (after.count() <= 0) return;
+    std::thread([disarmed = disarmed_, after, why = std::move(why)] {
+      const auto until = Clock::now() + after;
+      while (Clock::now() < until) {
+        if (disarmed->load()) return;
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
       if (disarmed->load()) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    if (disarmed->load()) return;
-    DN_LOG(ERROR) << why << "; exiting with status " << kStuckCollectiveExitCode
-                  << " so the group can be restarted";
-    std::fflush(nullptr);
-    std::_Exit(kStuckCollectiveExitCode);
-  }).detach();
-}
+      DN_LOG(ERROR) << why << "; exiting with status " << kStuckCollectiveExitCode
+                    << " so the group can be restarted";
+      std::fflush(nullptr);
+      std::_Exit(kStuckCollectiveExitCode);
+    }).detach();
+  }
+  ~FailStopTimer() { Disarm(); }
+  FailStopTimer(const FailStopTimer&) = delete;
+  FailStopTimer& operator=(const FailStopTimer&) = delete;
+  void Disarm() { *disarmed_ = true; }
+
+ private:
+  std::shared_ptr<std::atomic<bool>> disarmed_;
+};
 
 class NcclProcessGroup final : public ProcessGroup {
  public:
@@ -109,7 +118,6 @@ class NcclProcessGroup final : public ProcessGroup {
         watchdog_([this] { WatchdogLoop(); }) {}
 
   ~NcclProcessGroup() override {
-    *reaper_->disarmed = true;
     {
       std::lock_guard<std::mutex> lock(stop_mu_);
       stop_ = true;
@@ -117,18 +125,16 @@ class NcclProcessGroup final : public ProcessGroup {
     stop_cv_.notify_all();
     watchdog_.join();
     std::lock_guard<std::mutex> lock(mu_);
+    if (reaper_) reaper_->Disarm();
     if (!comm_) return;
     // Flush and release; a peer that never finishes makes this time out,
     // and the deleter then aborts. A blocking communicator cannot time out
     // inside ncclCommFinalize/Destroy, so a fail-stop timer bounds them.
-    auto done = std::make_shared<std::atomic<bool>>(false);
-    struct Disarm {
-      std::shared_ptr<std::atomic<bool>> f;
-      ~Disarm() { *f = true; }
-    } disarm{done};
-    if (options_.blocking && options_.stuck_exit_after.count() > 0)
-      StartFailStopTimer(done, options_.timeout + options_.stuck_exit_after,
-                         Where("destroy") + "ncclCommFinalize/Destroy did not return");
+    const FailStopTimer bound(
+        options_.blocking && options_.stuck_exit_after.count() > 0
+            ? options_.timeout + options_.stuck_exit_after
+            : std::chrono::milliseconds(0),
+        Where("destroy") + "ncclCommFinalize/Destroy did not return");
     absl::Status st = DN_NCCL_STATUS(ncclCommFinalize(comm_.get()));
     if (st.ok())
       st = WaitNotInProgress(comm_.get(), Clock::now() + options_.timeout,
@@ -151,21 +157,6 @@ class NcclProcessGroup final : public ProcessGroup {
   absl::Status AllToAll(const void* send, void* recv,
                         size_t bytes_per_peer) override {
     if (bytes_per_peer == 0) return Check("AllToAll");
-    if (options_.alltoall_sendrecv) {
-      return Issue("AllToAll(send/recv)", [&](ncclComm_t c) {
-        ncclResult_t r = ncclGroupStart();
-        for (int p = 0; p < options_.size && (r == ncclSuccess || r == ncclInProgress); ++p) {
-          const size_t off = static_cast<size_t>(p) * bytes_per_peer;
-          r = ncclSend(static_cast<const char*>(send) + off, bytes_per_peer, ncclUint8, p, c,
-                       stream_);
-          if (r == ncclSuccess || r == ncclInProgress)
-            r = ncclRecv(static_cast<char*>(recv) + off, bytes_per_peer, ncclUint8, p, c,
-                         stream_);
-        }
-        const ncclResult_t end = ncclGroupEnd();
-        return (r == ncclSuccess || r == ncclInProgress) ? end : r;
-      });
-    }
     return Issue("AllToAll", [&](ncclComm_t c) {
       return ncclAlltoAll(send, recv, bytes_per_peer, ncclUint8, c, stream_);
     });
@@ -270,7 +261,7 @@ class NcclProcessGroup final : public ProcessGroup {
   }
 
   absl::Status BrokenLocked(const char* op) const {
-    *reaper_->disarmed = true;  // the owner is not stuck: it is calling us
+    if (reaper_) reaper_->Disarm();  // the owner is not stuck: it is calling us
     return absl::AbortedError(
         absl::StrCat(Where(op), "group is unusable after an earlier failure: ",
                      first_error_.message()));
@@ -289,22 +280,14 @@ class NcclProcessGroup final : public ProcessGroup {
     std::unique_lock<std::mutex> lock(mu_);
     if (!comm_) return BrokenLocked(op);
     ncclResult_t r = call(comm_.get());
-    const auto start = Clock::now();
-    const auto deadline = start + options_.timeout;
-    auto sleep = std::chrono::microseconds(50);
+    const auto deadline = Clock::now() + options_.timeout;
+    auto sleep = std::chrono::microseconds(10);
     while (r == ncclInProgress) {
-      // Let Abort() and the watchdog in while NCCL finishes enqueueing. A
-      // non-blocking communicator usually finishes within microseconds, and
-      // the GPU may be idle waiting for this launch, so spin (yielding) for
-      // the first kSpin before sleeping: a 10 us sleep_for costs ~60 us of
-      // wake-up latency, which showed up in every all-to-all's time.
+      // (Only with DN_NCCL_BLOCKING=0.) Let Abort() and the watchdog in while
+      // NCCL finishes enqueueing.
       lock.unlock();
-      if (Clock::now() - start < kSpin) {
-        std::this_thread::yield();
-      } else {
-        std::this_thread::sleep_for(sleep);
-        sleep = std::min(sleep * 2, std::chrono::microseconds(1000));
-      }
+      std::this_thread::sleep_for(sleep);
+      sleep = std::min(sleep * 2, std::chrono::microseconds(1000));
       lock.lock();
       if (!comm_) return BrokenLocked(op);
       absl::Status st = DN_NCCL_STATUS(ncclCommGetAsyncError(comm_.get(), &r));
@@ -384,16 +367,11 @@ class NcclProcessGroup final : public ProcessGroup {
 
   // The fail-stop timer (see the header): a detached thread that outlives
   // this object if it must, so it shares only this flag.
-  struct Reaper {
-    std::shared_ptr<std::atomic<bool>> disarmed =
-        std::make_shared<std::atomic<bool>>(false);
-    bool armed = false;  // watchdog thread only
-  };
+  // mu_ held (watchdog). Arms the fail-stop timer once, before an abort.
   void ArmFailStop() {
-    if (options_.stuck_exit_after.count() <= 0 || reaper_->armed) return;
-    reaper_->armed = true;
-    StartFailStopTimer(
-        reaper_->disarmed, options_.stuck_exit_after,
+    if (reaper_) return;
+    reaper_ = std::make_unique<FailStopTimer>(
+        options_.stuck_exit_after,
         absl::StrCat(Where("watchdog"), "the process is still blocked ",
                      options_.stuck_exit_after.count(),
                      " ms after the communicator was aborted (a collective that does "
@@ -402,7 +380,6 @@ class NcclProcessGroup final : public ProcessGroup {
 
   const NcclOptions options_;
   const cudaStream_t stream_;
-  const std::shared_ptr<Reaper> reaper_ = std::make_shared<Reaper>();
 
   std::mutex mu_;  // guards everything below up to the watchdog
   CommPtr comm_;   // null once aborted
@@ -411,6 +388,9 @@ class NcclProcessGroup final : public ProcessGroup {
   bool pending_ = false;
   Clock::time_point issued_at_;
   absl::Status first_error_;
+  // Armed by the first watchdog abort; disarmed by any later call (the owner
+  // is not stuck) or by destruction.
+  std::unique_ptr<FailStopTimer> reaper_;
 
   std::mutex stop_mu_;
   std::condition_variable stop_cv_;
@@ -461,9 +441,6 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> MakeNcclProcessGroup(
   NcclOptions opts = options;
   if (const char* e = std::getenv("DN_NCCL_BLOCKING"); e != nullptr && e[0] != '\0')
     opts.blocking = e[0] == '1';
-  if (const char* e = std::getenv("DN_NCCL_ALLTOALL");
-      e != nullptr && std::string(e) == "sendrecv")
-    opts.alltoall_sendrecv = true;
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = opts.blocking ? 1 : 0;
   config.commName = options.prefix.c_str();
@@ -471,16 +448,17 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> MakeNcclProcessGroup(
   // A blocking init cannot be abandoned (there is no handle to abort until
   // it returns): a peer that dies during it would hang us, so a fail-stop
   // timer bounds it.
-  auto init_done = std::make_shared<std::atomic<bool>>(false);
-  if (opts.blocking && opts.stuck_exit_after.count() > 0)
-    StartFailStopTimer(init_done, options.timeout,
-                       absl::StrCat("nccl group '", options.prefix, "' rank ", options.rank,
-                                    "/", options.size, ": ncclCommInitRankConfig did not "
-                                    "return within ", options.timeout.count(),
-                                    " ms (a peer never joined)"));
+  const std::string where = absl::StrCat("nccl group '", options.prefix, "' rank ",
+                                         options.rank, "/", options.size, ": ");
+  const auto fail_stop_after = opts.blocking && opts.stuck_exit_after.count() > 0
+                                   ? options.timeout
+                                   : std::chrono::milliseconds(0);
+  FailStopTimer init_bound(fail_stop_after,
+                           absl::StrCat(where, "ncclCommInitRankConfig did not return within ",
+                                        options.timeout.count(), " ms (a peer never joined)"));
   const ncclResult_t init =
       ncclCommInitRankConfig(&raw, options.size, id, options.rank, &config);
-  *init_done = true;
+  init_bound.Disarm();
   CommPtr comm(raw);  // aborted on every early return below
   DN_RETURN_IF_ERROR(::dn::internal::NcclStatus(
       init, "ncclCommInitRankConfig", __FILE__, __LINE__));
@@ -508,16 +486,9 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> MakeNcclProcessGroup(
     // gone by then would block the host where neither the watchdog nor
     // Abort() can reach it. So every kind of call the group makes runs once
     // here, while all ranks are creating the group, under a fail-stop timer.
-    auto warm_done = std::make_shared<std::atomic<bool>>(false);
-    struct Disarm {
-      std::shared_ptr<std::atomic<bool>> f;
-      ~Disarm() { *f = true; }
-    } disarm{warm_done};
-    if (opts.stuck_exit_after.count() > 0)
-      StartFailStopTimer(warm_done, options.timeout,
-                         absl::StrCat("nccl group '", options.prefix, "' rank ", options.rank,
-                                      "/", options.size, ": connecting the peers (warm-up "
-                                      "collectives) did not finish within ",
+    const FailStopTimer warm_bound(
+        fail_stop_after, absl::StrCat(where, "connecting the peers (warm-up collectives) "
+                                             "did not finish within ",
                                       options.timeout.count(), " ms"));
     const size_t n = static_cast<size_t>(options.size);
     void* raw_warm = nullptr;
@@ -526,16 +497,7 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> MakeNcclProcessGroup(
     char* w = static_cast<char*>(raw_warm);
     cudaStream_t st = static_cast<cudaStream_t>(options.stream);
     ncclComm_t c = comm.get();
-    if (opts.alltoall_sendrecv) {
-      DN_NCCL_RETURN_IF_ERROR(ncclGroupStart());
-      for (int p = 0; p < options.size; ++p) {
-        DN_NCCL_RETURN_IF_ERROR(ncclSend(w + p * 8, 8, ncclUint8, p, c, st));
-        DN_NCCL_RETURN_IF_ERROR(ncclRecv(w + (n + p) * 8, 8, ncclUint8, p, c, st));
-      }
-      DN_NCCL_RETURN_IF_ERROR(ncclGroupEnd());
-    } else {
-      DN_NCCL_RETURN_IF_ERROR(ncclAlltoAll(w, w + n * 8, 8, ncclUint8, c, st));
-    }
+    DN_NCCL_RETURN_IF_ERROR(ncclAlltoAll(w, w + n * 8, 8, ncclUint8, c, st));
     DN_NCCL_RETURN_IF_ERROR(ncclAllGather(w, w + n * 8, 8, ncclUint8, c, st));
     DN_NCCL_RETURN_IF_ERROR(ncclBroadcast(w, w, 8, ncclUint8, 0, c, st));
     DN_NCCL_RETURN_IF_ERROR(ncclAllReduce(w, w, 1, ncclInt64, ncclSum, c, st));
@@ -545,8 +507,7 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> MakeNcclProcessGroup(
 
   DN_LOG(INFO) << "nccl group '" << options.prefix << "' rank " << options.rank << "/"
                << options.size << ": " << (opts.blocking ? "blocking" : "non-blocking")
-               << " communicator, all-to-all as "
-               << (opts.alltoall_sendrecv ? "grouped send/recv" : "ncclAlltoAll");
+               << " communicator";
   return std::unique_ptr<ProcessGroup>(std::make_unique<NcclProcessGroup>(
       opts, std::move(comm), std::move(event), std::move(scratch)));
 }

@@ -61,10 +61,7 @@ struct NcclOptions {
   std::chrono::milliseconds stuck_exit_after{5000};
   // Blocking communicator (see above); DN_NCCL_BLOCKING=0|1 overrides it.
   // The watchdog aborts stuck collectives in either mode.
-  // DN_NCCL_ALLTOALL=sendrecv issues AllToAll as grouped ncclSend/ncclRecv
-  // instead of ncclAlltoAll (measured: no faster).
   bool blocking = true;
-  bool alltoall_sendrecv = false;
 };
 
 // Exit status of a process ended by the fail-stop timer.

@@ -253,6 +253,28 @@ __global__ void RmsNormKernel(const bf16* __restrict__ x,
   }
 }
 
+// Channels [i, i + kVec) of a row already in shared memory (`row`, with
+// 1/rms `inv`): scaled by `weight`, each (even, odd) pair rotated by its RoPE
+// angle (`angles`: cos, sin per pair of the row's position).
+template <int kVec>
+__device__ __forceinline__ void NormRopeVec(const float* row, float inv,
+                                            const float* weight,
+                                            const float* angles,
+                                            int i, int head_dim, float* out) {
+  float w[kVec];
+  LoadF<kVec>(weight + i, w);
+#pragma unroll
+  for (int j = 0; j < kVec; j += 2) {
+    const float x0 = row[i + j] * inv * w[j];
+    const float x1 = row[i + j + 1] * inv * w[j + 1];
+    const int pair = ((i + j) % head_dim) / 2;
+    const float c = angles[2 * pair];
+    const float sn = angles[2 * pair + 1];
+    out[j] = x0 * c - x1 * sn;
+    out[j + 1] = x0 * sn + x1 * c;
+  }
+}
+
 // kVec is even, so a vector holds whole (even, odd) pairs; head_dim is even,
 // so a pair never straddles two heads.
 template <int kVec>
@@ -270,18 +292,8 @@ __global__ void RmsNormRopeKernel(const bf16* __restrict__ x,
   const float* angles = rope + s * half * 2;
   bf16* yr = y + r * dim;
   for (int i = threadIdx.x * kVec; i < dim; i += blockDim.x * kVec) {
-    float w[kVec], out[kVec];
-    LoadF<kVec>(weight + i, w);
-#pragma unroll
-    for (int j = 0; j < kVec; j += 2) {
-      const float x0 = row[i + j] * inv * w[j];
-      const float x1 = row[i + j + 1] * inv * w[j + 1];
-      const int pair = ((i + j) % head_dim) / 2;
-      const float c = angles[2 * pair];
-      const float sn = angles[2 * pair + 1];
-      out[j] = x0 * c - x1 * sn;
-      out[j + 1] = x0 * sn + x1 * c;
-    }
+    float out[kVec];
+    NormRopeVec<kVec>(row, inv, weight, angles, i, head_dim, out);
     StoreF<kVec>(yr + i, out);
   }
 }
@@ -322,18 +334,8 @@ __global__ void RmsNormRopePackQkvKernel(
   const float inv = LoadRowRmsInv<kVec>(x, row, dim, eps);
   const float* angles = rope + s * half * 2;
   for (int i = threadIdx.x * kVec; i < dim; i += blockDim.x * kVec) {
-    float w[kVec], out[kVec];
-    LoadF<kVec>(weight + i, w);
-#pragma unroll
-    for (int j = 0; j < kVec; j += 2) {
-      const float x0 = row[i + j] * inv * w[j];
-      const float x1 = row[i + j + 1] * inv * w[j + 1];
-      const int pair = ((i + j) % head_dim) / 2;
-      const float c = angles[2 * pair];
-      const float sn = angles[2 * pair + 1];
-      out[j] = x0 * c - x1 * sn;
-      out[j + 1] = x0 * sn + x1 * c;
-    }
+    float out[kVec];
+    NormRopeVec<kVec>(row, inv, weight, angles, i, head_dim, out);
     StoreF<kVec>(dst(i), out);
   }
 }
