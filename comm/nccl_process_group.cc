@@ -365,8 +365,6 @@ class NcclProcessGroup final : public ProcessGroup {
     }
   }
 
-  // The fail-stop timer (see the header): a detached thread that outlives
-  // this object if it must, so it shares only this flag.
   // mu_ held (watchdog). Arms the fail-stop timer once, before an abort.
   void ArmFailStop() {
     if (reaper_) return;
