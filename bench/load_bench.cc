@@ -36,6 +36,7 @@ struct CallRecord {
   bool accepted = false;
   bool result = false;
   std::string anomaly;  // empty: consistent
+  std::string message;  // the status message
   int64_t retry_after_ms = -1;
 };
 
@@ -100,6 +101,7 @@ CallRecord OneCall(v1::Denoiser::Stub& stub, const v1::GenerateRequest& req,
   const grpc::Status s = reader->Finish();
   rec.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   rec.code = s.error_code();
+  rec.message = s.error_message();
   if (rec.code == grpc::StatusCode::OK && !rec.result) note("OK without Result");
   if (rec.code != grpc::StatusCode::OK && rec.result) note("Result but not OK");
   if (rec.code == grpc::StatusCode::RESOURCE_EXHAUSTED) {
@@ -154,6 +156,10 @@ std::string LoadReportJson(const LoadReport& r) {
   }
   std::vector<std::string> examples;
   for (const auto& a : r.anomaly_examples) examples.push_back(JsonString(a));
+  std::vector<std::string> messages;
+  for (const auto& [code, m] : r.first_message) {
+    messages.push_back(absl::StrCat(JsonString(code), ": ", JsonString(m)));
+  }
   return absl::StrCat(
       "{\"clients\": ", r.clients, ", \"duration_seconds\": ", r.duration_seconds,
       ", \"requests\": ", r.requests, ", \"accepted\": ", r.accepted,
@@ -164,6 +170,7 @@ std::string LoadReportJson(const LoadReport& r) {
       ", \"latency_seconds\": {\"p50\": ", r.latency_p50, ", \"p90\": ", r.latency_p90,
       ", \"p99\": ", r.latency_p99, "}, \"queue_seconds\": {\"p50\": ", r.queue_p50,
       ", \"p90\": ", r.queue_p90, ", \"p99\": ", r.queue_p99,
+      "}, \"first_messages\": {", absl::StrJoin(messages, ", "),
       "}, \"anomaly_examples\": [", absl::StrJoin(examples, ", "), "]}\n");
 }
 
@@ -283,6 +290,9 @@ int BenchLoadCommand(int argc, char** argv) {
     r.accepted += rec.accepted;
     r.results += rec.result;
     r.outcomes[CodeName(rec.code)]++;
+    if (rec.code != grpc::StatusCode::OK) {
+      r.first_message.emplace(CodeName(rec.code), rec.message);
+    }
     if (rec.queue_seconds.has_value()) {
       ++r.started;
       queue.push_back(*rec.queue_seconds);
@@ -316,7 +326,10 @@ int BenchLoadCommand(int argc, char** argv) {
   std::printf("  queue       p50 %.3f s  p90 %.3f s  p99 %.3f s\n", r.queue_p50,
               r.queue_p90, r.queue_p99);
   for (const auto& [code, n] : r.outcomes) {
-    std::printf("  %-20s %lld\n", code.c_str(), static_cast<long long>(n));
+    auto m = r.first_message.find(code);
+    std::printf("  %-20s %lld%s%s\n", code.c_str(), static_cast<long long>(n),
+                m == r.first_message.end() ? "" : "  first: ",
+                m == r.first_message.end() ? "" : m->second.c_str());
   }
   for (const auto& a : r.anomaly_examples) std::printf("  anomaly: %s\n", a.c_str());
   if (!json.empty()) {

@@ -34,6 +34,7 @@ struct LoadReport {
   double latency_p50 = 0, latency_p90 = 0, latency_p99 = 0;  // OK calls, s
   double queue_p50 = 0, queue_p90 = 0, queue_p99 = 0;        // started calls, s
   std::vector<std::string> anomaly_examples;  // the first few, described
+  std::map<std::string, std::string> first_message;  // non-OK code -> its first message
 };
 
 // The report as one JSON object.

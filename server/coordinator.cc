@@ -704,6 +704,10 @@ void ApplyServerArgs(grpc::ServerBuilder& b, int64_t max_message_bytes) {
   b.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
                        5000);
   b.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  // gRPC binds with SO_REUSEPORT by default on Linux: a second server on a
+  // port already in use would then start fine and take a share of the new
+  // connections. A port in use is an error (--listen: cannot serve ...).
+  b.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
 }
 
 std::string BoundAddress(const std::string& listen, int port) {

@@ -320,6 +320,18 @@ TEST_F(CoordinatorTest, SeparateWorkerPort) {
             absl::StatusCode::kUnimplemented);
 }
 
+// A second coordinator on an address already served fails to start and says
+// why, instead of silently sharing the port (gRPC's SO_REUSEPORT default).
+TEST_F(CoordinatorTest, ListenAddressInUseIsAnError) {
+  Start();
+  absl::StatusOr<std::unique_ptr<CoordinatorProc>> second =
+      StartCoordinator(dir_.path(), {"--listen", coord_->target}, "second");
+  ASSERT_FALSE(second.ok()) << "two coordinators serve " << coord_->target;
+  EXPECT_THAT(std::string(second.status().message()),
+              HasSubstr("--listen: cannot serve gRPC on " + coord_->target));
+  EXPECT_TRUE(client_->ListModels().ok()) << "the first one still serves";
+}
+
 TEST_F(CoordinatorTest, StoreIsScopedAndWaits) {
   Start();
   ScriptedRank r0(coord_->target, "g", 0, 1, 7);
