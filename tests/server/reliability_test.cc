@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -229,15 +230,24 @@ TEST_F(ReliabilityTest, LoadEndsEveryCallOnceAndMemoryStaysFlat) {
   EXPECT_GT(ok, 0);
   EXPECT_GT(exhausted, 0) << "the queue never filled";
   // Every call has one outcome; started calls = accepted ones here (no
-  // cancellations); the coordinator counted exactly the same outcomes.
+  // cancellations); the coordinator counted exactly the same outcomes. The
+  // one exception: a call the client's transport failed (UNAVAILABLE, never
+  // accepted) before it reached the coordinator is not the coordinator's to
+  // count. CI saw 97 such calls once (about 1 s of one client's reconnect
+  // backoff); the report names their message. They must stay rare.
   const auto m = Scrape(coord_->metrics);
-  EXPECT_EQ(SumSamples(m, "denoised_requests_total"), requests);
+  const double unavailable = std::max(0.0, JsonNumber(report, "UNAVAILABLE"));
+  const double unseen =
+      unavailable - SumSamples(m, "denoised_requests_total", {{"code", "UNAVAILABLE"}});
+  EXPECT_GE(unseen, 0);
+  EXPECT_LT(unseen, requests / 10) << "calls that never reached the coordinator";
+  EXPECT_EQ(SumSamples(m, "denoised_requests_total"), requests - unseen);
   EXPECT_EQ(SumSamples(m, "denoised_requests_total", {{"code", "OK"}}), ok);
   EXPECT_EQ(SumSamples(m, "denoised_requests_total", {{"code", "RESOURCE_EXHAUSTED"}}),
             exhausted);
   EXPECT_EQ(JsonNumber(report, "results"), ok);
   EXPECT_EQ(JsonNumber(report, "started"), JsonNumber(report, "accepted"));
-  EXPECT_EQ(JsonNumber(report, "accepted"), requests - exhausted);
+  EXPECT_EQ(JsonNumber(report, "accepted"), requests - exhausted - unavailable);
   EXPECT_EQ(SumSamples(m, "denoised_queue_depth", {{"model", "tiny"}}), 0);
   // Memory: the last sample within +20% (or +20 MB) of the first after a
   // quarter of the run (warm-up).
