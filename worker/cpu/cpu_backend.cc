@@ -105,46 +105,6 @@ class ThreadPool {
 
 namespace {
 
-absl::Status CheckCpu(const Tensor& t, const char* op, const char* what) {
-  if (!t.defined())
-    return absl::InvalidArgumentError(
-        absl::StrCat("cpu ", op, ": tensor '", what, "' is undefined"));
-  if (t.device() != Device::kCpu)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cpu ", op, ": tensor '", what, "' is ", t.DebugString(),
-        ", not in host memory"));
-  return absl::OkStatus();
-}
-
-absl::Status CheckF32(const Tensor& t, const char* op, const char* what) {
-  DN_RETURN_IF_ERROR(CheckCpu(t, op, what));
-  if (t.dtype() != DType::kF32)
-    return absl::InvalidArgumentError(
-        absl::StrCat("cpu ", op, ": tensor '", what, "' is ", t.DebugString(),
-                     "; the CPU backend computes in f32"));
-  return absl::OkStatus();
-}
-
-absl::Status ShapeError(const char* op, const char* what, const Tensor& t,
-                        const std::string& expected) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("cpu ", op, ": tensor '", what, "' has shape ",
-                   ShapeString(t.shape()), ", expected ", expected));
-}
-
-absl::Status CheckShape(const Tensor& t, const Shape& shape, const char* op,
-                        const char* what) {
-  if (t.shape() != shape) return ShapeError(op, what, t, ShapeString(shape));
-  return absl::OkStatus();
-}
-
-absl::Status CheckNumel(const Tensor& t, int64_t n, const char* op,
-                        const char* what) {
-  if (t.numel() != n)
-    return ShapeError(op, what, t, absl::StrCat(n, " elements"));
-  return absl::OkStatus();
-}
-
 inline float GeluTanh(float x) {
   constexpr float kSqrt2OverPi = 0.7978845608028654f;
   return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
@@ -189,10 +149,9 @@ class CpuGraph : public Graph {
 };
 
 // Layout of a Ulysses relayout from a sequence-sharded [B,S,H,d] tensor.
-absl::StatusOr<comm::UlyssesLayout> LayoutFor(const Tensor& seq_sharded,
-                                              int world, const char* op) {
-  if (seq_sharded.rank() != 4)
-    return ShapeError(op, "sequence-sharded", seq_sharded, "[B, S, H, d]");
+// The Ulysses layout of a sequence-sharded [B, S, H, d] f32 tensor (its
+// shape already checked by the op contract).
+comm::UlyssesLayout LayoutOf(const Tensor& seq_sharded, int world) {
   comm::UlyssesLayout l;
   l.batch = seq_sharded.dim(0);
   l.world = world;
@@ -200,8 +159,14 @@ absl::StatusOr<comm::UlyssesLayout> LayoutFor(const Tensor& seq_sharded,
   l.heads = static_cast<int>(seq_sharded.dim(2));
   l.head_dim = static_cast<int>(seq_sharded.dim(3));
   l.elem_size = 4;
-  DN_RETURN_IF_ERROR(l.Validate());
   return l;
+}
+
+// The same for a head-sharded [B, P*S, h, d] tensor: that of [B, S, h*P, d].
+comm::UlyssesLayout HeadShardedLayoutOf(const Tensor& head_sharded, int world) {
+  return LayoutOf(head_sharded.View({head_sharded.dim(0), head_sharded.dim(1) / world,
+                                     head_sharded.dim(2) * world, head_sharded.dim(3)}),
+                  world);
 }
 
 }  // namespace
@@ -271,7 +236,7 @@ absl::StatusOr<Tensor> CpuBackend::Empty(const Shape& shape, DType dtype) {
 int64_t CpuBackend::peak_memory_bytes() const { return memory_->peak.load(); }
 
 absl::Status CpuBackend::CopyFromHost(const float* src, Tensor* dst) {
-  DN_RETURN_IF_ERROR(CheckCpu(*dst, "CopyFromHost", "dst"));
+  DN_RETURN_IF_ERROR(contract_.Resident(*dst, "CopyFromHost", "dst"));
   const int64_t n = dst->numel();
   switch (dst->dtype()) {
     case DType::kF32:
@@ -292,7 +257,7 @@ absl::Status CpuBackend::CopyFromHost(const float* src, Tensor* dst) {
 }
 
 absl::Status CpuBackend::CopyToHost(const Tensor& src, float* dst) {
-  DN_RETURN_IF_ERROR(CheckCpu(src, "CopyToHost", "src"));
+  DN_RETURN_IF_ERROR(contract_.Resident(src, "CopyToHost", "src"));
   const int64_t n = src.numel();
   switch (src.dtype()) {
     case DType::kF32:
@@ -313,9 +278,7 @@ absl::Status CpuBackend::CopyToHost(const Tensor& src, float* dst) {
 }
 
 absl::Status CpuBackend::Copy(const Tensor& src, Tensor* dst) {
-  DN_RETURN_IF_ERROR(CheckCpu(src, "Copy", "src"));
-  DN_RETURN_IF_ERROR(CheckCpu(*dst, "Copy", "dst"));
-  DN_RETURN_IF_ERROR(CheckNumel(*dst, src.numel(), "Copy", "dst"));
+  DN_RETURN_IF_ERROR(contract_.Copy(src, *dst));
   if (src.dtype() == dst->dtype()) {
     if (src.nbytes() > 0) std::memmove(dst->data(), src.data(), src.nbytes());
     return absl::OkStatus();
@@ -330,7 +293,7 @@ absl::Status CpuBackend::Copy(const Tensor& src, Tensor* dst) {
 
 absl::Status CpuBackend::FillNormal(Tensor* dst, uint64_t seed,
                                     uint64_t stream, float mean, float std) {
-  DN_RETURN_IF_ERROR(CheckCpu(*dst, "FillNormal", "dst"));
+  DN_RETURN_IF_ERROR(contract_.Resident(*dst, "FillNormal", "dst"));
   const int64_t n = dst->numel();
   const DType dtype = dst->dtype();
   void* data = dst->data();
@@ -353,20 +316,9 @@ absl::Status CpuBackend::FillNormal(Tensor* dst, uint64_t seed,
 absl::Status CpuBackend::Linear(const Tensor& x, const Tensor& w,
                                 const Tensor* bias, Activation act,
                                 Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckF32(x, "Linear", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(w, "Linear", "w"));
-  DN_RETURN_IF_ERROR(CheckF32(*y, "Linear", "y"));
-  if (w.rank() != 2) return ShapeError("Linear", "w", w, "[N, K]");
+  DN_RETURN_IF_ERROR(contract_.Linear(x, w, bias, *y));
   const int64_t n = w.dim(0), k = w.dim(1);
-  if (x.rank() < 1 || x.shape().back() != k)
-    return ShapeError("Linear", "x", x, absl::StrCat("[..., ", k, "]"));
-  const int64_t m = x.numel() / k;
-  if (y->rank() < 1 || y->shape().back() != n || y->numel() != m * n)
-    return ShapeError("Linear", "y", *y, absl::StrCat("[", m, " rows, ", n, "]"));
-  if (bias != nullptr) {
-    DN_RETURN_IF_ERROR(CheckF32(*bias, "Linear", "bias"));
-    DN_RETURN_IF_ERROR(CheckNumel(*bias, n, "Linear", "bias"));
-  }
+  const int64_t m = k > 0 ? x.numel() / k : 0;
   if (m == 0 || n == 0) return absl::OkStatus();
   float* out = y->data_as<float>();
   if (k == 0) {
@@ -393,9 +345,7 @@ absl::Status CpuBackend::Linear(const Tensor& x, const Tensor& w,
 }
 
 absl::Status CpuBackend::Silu(const Tensor& x, Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckF32(x, "Silu", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(*y, "Silu", "y"));
-  DN_RETURN_IF_ERROR(CheckNumel(*y, x.numel(), "Silu", "y"));
+  DN_RETURN_IF_ERROR(contract_.Silu(x, *y));
   const float* in = x.data_as<float>();
   float* out = y->data_as<float>();
   ParallelFor(x.numel(), 16, [&](int64_t begin, int64_t end) {
@@ -407,16 +357,9 @@ absl::Status CpuBackend::Silu(const Tensor& x, Tensor* y) {
 
 absl::Status CpuBackend::AddModulation(const Tensor& table, const Tensor& proj,
                                        Tensor* out) {
-  DN_RETURN_IF_ERROR(CheckF32(table, "AddModulation", "table"));
-  DN_RETURN_IF_ERROR(CheckF32(proj, "AddModulation", "proj"));
-  DN_RETURN_IF_ERROR(CheckF32(*out, "AddModulation", "out"));
-  if (out->rank() != 3) return ShapeError("AddModulation", "out", *out, "[B, k, D]");
+  DN_RETURN_IF_ERROR(contract_.AddModulation(table, proj, *out));
   const int64_t b = out->dim(0), k = out->dim(1), d = out->dim(2);
-  DN_RETURN_IF_ERROR(CheckNumel(table, k * d, "AddModulation", "table"));
   const bool broadcast = proj.numel() == b * d && k != 1;
-  if (!broadcast && proj.numel() != b * k * d)
-    return ShapeError("AddModulation", "proj", proj,
-                      absl::StrCat("[", b, ", ", k * d, "] or [", b, ", ", d, "]"));
   const float* t = table.data_as<float>();
   const float* p = proj.data_as<float>();
   float* o = out->data_as<float>();
@@ -432,20 +375,8 @@ absl::Status CpuBackend::AddModulation(const Tensor& table, const Tensor& proj,
 absl::Status CpuBackend::LayerNormModulate(const Tensor& x, const Tensor& mod,
                                            int shift_index, int scale_index,
                                            float eps, Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckF32(x, "LayerNormModulate", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(mod, "LayerNormModulate", "mod"));
-  DN_RETURN_IF_ERROR(CheckF32(*y, "LayerNormModulate", "y"));
-  if (x.rank() != 3) return ShapeError("LayerNormModulate", "x", x, "[B, S, D]");
-  DN_RETURN_IF_ERROR(CheckShape(*y, x.shape(), "LayerNormModulate", "y"));
-  const int64_t b = x.dim(0), s = x.dim(1), d = x.dim(2);
-  if (mod.rank() != 3 || mod.dim(0) != b || mod.dim(2) != d)
-    return ShapeError("LayerNormModulate", "mod", mod,
-                      absl::StrCat("[", b, ", k, ", d, "]"));
-  const int64_t k = mod.dim(1);
-  if (shift_index < 0 || shift_index >= k || scale_index < 0 || scale_index >= k)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cpu LayerNormModulate: shift_index ", shift_index, " / scale_index ",
-        scale_index, " outside the ", k, " rows of mod"));
+  DN_RETURN_IF_ERROR(contract_.LayerNormModulate(x, mod, shift_index, scale_index, *y));
+  const int64_t b = x.dim(0), s = x.dim(1), d = x.dim(2), k = mod.dim(1);
   const float* in = x.data_as<float>();
   const float* m = mod.data_as<float>();
   float* out = y->data_as<float>();
@@ -470,15 +401,8 @@ absl::Status CpuBackend::LayerNormModulate(const Tensor& x, const Tensor& mod,
 absl::Status CpuBackend::LayerNormAffine(const Tensor& x, const Tensor& weight,
                                          const Tensor& bias, float eps,
                                          Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckF32(x, "LayerNormAffine", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(weight, "LayerNormAffine", "weight"));
-  DN_RETURN_IF_ERROR(CheckF32(bias, "LayerNormAffine", "bias"));
-  DN_RETURN_IF_ERROR(CheckF32(*y, "LayerNormAffine", "y"));
-  if (x.rank() < 1) return ShapeError("LayerNormAffine", "x", x, "[M, D]");
+  DN_RETURN_IF_ERROR(contract_.LayerNormAffine(x, weight, bias, *y));
   const int64_t d = x.shape().back();
-  DN_RETURN_IF_ERROR(CheckNumel(weight, d, "LayerNormAffine", "weight"));
-  DN_RETURN_IF_ERROR(CheckNumel(bias, d, "LayerNormAffine", "bias"));
-  DN_RETURN_IF_ERROR(CheckNumel(*y, x.numel(), "LayerNormAffine", "y"));
   const float* in = x.data_as<float>();
   const float* g = weight.data_as<float>();
   const float* bb = bias.data_as<float>();
@@ -498,13 +422,8 @@ absl::Status CpuBackend::LayerNormAffine(const Tensor& x, const Tensor& weight,
 
 absl::Status CpuBackend::RmsNorm(const Tensor& x, const Tensor& weight,
                                  float eps, Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckF32(x, "RmsNorm", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(weight, "RmsNorm", "weight"));
-  DN_RETURN_IF_ERROR(CheckF32(*y, "RmsNorm", "y"));
-  if (x.rank() < 1) return ShapeError("RmsNorm", "x", x, "[M, D]");
+  DN_RETURN_IF_ERROR(contract_.RmsNorm(x, weight, *y));
   const int64_t d = x.shape().back();
-  DN_RETURN_IF_ERROR(CheckNumel(weight, d, "RmsNorm", "weight"));
-  DN_RETURN_IF_ERROR(CheckNumel(*y, x.numel(), "RmsNorm", "y"));
   const float* in = x.data_as<float>();
   const float* g = weight.data_as<float>();
   float* out = y->data_as<float>();
@@ -523,20 +442,9 @@ absl::Status CpuBackend::RmsNorm(const Tensor& x, const Tensor& weight,
 absl::Status CpuBackend::RmsNormRope(const Tensor& x, const Tensor& weight,
                                      const Tensor& rope, int heads, float eps,
                                      Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckF32(x, "RmsNormRope", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(weight, "RmsNormRope", "weight"));
-  DN_RETURN_IF_ERROR(CheckF32(rope, "RmsNormRope", "rope"));
-  DN_RETURN_IF_ERROR(CheckF32(*y, "RmsNormRope", "y"));
-  if (x.rank() != 3) return ShapeError("RmsNormRope", "x", x, "[B, S, D]");
-  DN_RETURN_IF_ERROR(CheckShape(*y, x.shape(), "RmsNormRope", "y"));
+  DN_RETURN_IF_ERROR(contract_.RmsNormRope(x, weight, rope, heads, *y));
   const int64_t b = x.dim(0), s = x.dim(1), d_model = x.dim(2);
-  if (heads <= 0 || d_model % heads != 0 || (d_model / heads) % 2 != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cpu RmsNormRope: heads ", heads, " must divide D ", d_model,
-        " into even head dims"));
   const int64_t hd = d_model / heads, pairs = hd / 2;
-  DN_RETURN_IF_ERROR(CheckNumel(weight, d_model, "RmsNormRope", "weight"));
-  DN_RETURN_IF_ERROR(CheckShape(rope, {s, pairs, 2}, "RmsNormRope", "rope"));
   const float* in = x.data_as<float>();
   const float* g = weight.data_as<float>();
   const float* cs = rope.data_as<float>();
@@ -573,17 +481,9 @@ absl::Status CpuBackend::RmsNormRopePackQkv(const Tensor& q, const Tensor& k,
                                             const Tensor& rope, int heads,
                                             float eps, int world,
                                             Tensor* send) {
-  DN_RETURN_IF_ERROR(CheckF32(q, "RmsNormRopePackQkv", "q"));
-  DN_RETURN_IF_ERROR(CheckF32(k, "RmsNormRopePackQkv", "k"));
-  DN_RETURN_IF_ERROR(CheckF32(v, "RmsNormRopePackQkv", "v"));
-  DN_RETURN_IF_ERROR(CheckF32(*send, "RmsNormRopePackQkv", "send"));
-  if (q.rank() != 3) return ShapeError("RmsNormRopePackQkv", "q", q, "[B, S, D]");
-  DN_RETURN_IF_ERROR(CheckShape(k, q.shape(), "RmsNormRopePackQkv", "k"));
-  DN_RETURN_IF_ERROR(CheckShape(v, q.shape(), "RmsNormRopePackQkv", "v"));
+  DN_RETURN_IF_ERROR(contract_.RmsNormRopePackQkv(q, k, v, q_weight, k_weight, rope,
+                                                 heads, world, *send));
   const int64_t d_model = q.dim(2);
-  if (heads <= 0 || d_model % heads != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cpu RmsNormRopePackQkv: heads ", heads, " must divide D ", d_model));
   Tensor qr = Tensor::Host(q.shape());
   Tensor kr = Tensor::Host(q.shape());
   DN_RETURN_IF_ERROR(RmsNormRope(q, q_weight, rope, heads, eps, &qr));
@@ -595,21 +495,9 @@ absl::Status CpuBackend::RmsNormRopePackQkv(const Tensor& q, const Tensor& k,
 absl::Status CpuBackend::Attention(const Tensor& q, const Tensor& k,
                                    const Tensor& v, int64_t kv_len,
                                    float scale, Tensor* o) {
-  DN_RETURN_IF_ERROR(CheckF32(q, "Attention", "q"));
-  DN_RETURN_IF_ERROR(CheckF32(k, "Attention", "k"));
-  DN_RETURN_IF_ERROR(CheckF32(v, "Attention", "v"));
-  DN_RETURN_IF_ERROR(CheckF32(*o, "Attention", "o"));
-  if (q.rank() != 4) return ShapeError("Attention", "q", q, "[B, Sq, H, d]");
+  DN_RETURN_IF_ERROR(contract_.Attention(q, k, v, kv_len, *o));
   const int64_t b = q.dim(0), sq = q.dim(1), h = q.dim(2), d = q.dim(3);
-  if (k.rank() != 4 || k.dim(0) != b || k.dim(2) != h || k.dim(3) != d)
-    return ShapeError("Attention", "k", k,
-                      absl::StrCat("[", b, ", Skv, ", h, ", ", d, "]"));
   const int64_t skv = k.dim(1);
-  DN_RETURN_IF_ERROR(CheckShape(v, k.shape(), "Attention", "v"));
-  DN_RETURN_IF_ERROR(CheckShape(*o, q.shape(), "Attention", "o"));
-  if (kv_len < 1 || kv_len > skv)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cpu Attention: kv_len ", kv_len, " outside [1, ", skv, "]"));
   if (sq == 0 || b == 0 || h == 0) return absl::OkStatus();
   // Query rows per chunk so the score block stays around 16 MiB.
   const int64_t rows = std::max<int64_t>(
@@ -658,20 +546,8 @@ absl::Status CpuBackend::Attention(const Tensor& q, const Tensor& k,
 
 absl::Status CpuBackend::GatedResidual(Tensor* x, const Tensor& y,
                                        const Tensor& mod, int gate_index) {
-  DN_RETURN_IF_ERROR(CheckF32(*x, "GatedResidual", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(y, "GatedResidual", "y"));
-  DN_RETURN_IF_ERROR(CheckF32(mod, "GatedResidual", "mod"));
-  if (x->rank() != 3) return ShapeError("GatedResidual", "x", *x, "[B, S, D]");
-  DN_RETURN_IF_ERROR(CheckNumel(y, x->numel(), "GatedResidual", "y"));
-  const int64_t b = x->dim(0), s = x->dim(1), d = x->dim(2);
-  if (mod.rank() != 3 || mod.dim(0) != b || mod.dim(2) != d)
-    return ShapeError("GatedResidual", "mod", mod,
-                      absl::StrCat("[", b, ", k, ", d, "]"));
-  const int64_t k = mod.dim(1);
-  if (gate_index < 0 || gate_index >= k)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cpu GatedResidual: gate_index ", gate_index, " outside the ", k,
-        " rows of mod"));
+  DN_RETURN_IF_ERROR(contract_.GatedResidual(*x, y, mod, gate_index));
+  const int64_t b = x->dim(0), s = x->dim(1), d = x->dim(2), k = mod.dim(1);
   float* xp = x->data_as<float>();
   const float* yp = y.data_as<float>();
   const float* m = mod.data_as<float>();
@@ -687,9 +563,7 @@ absl::Status CpuBackend::GatedResidual(Tensor* x, const Tensor& y,
 }
 
 absl::Status CpuBackend::AddInPlace(Tensor* x, const Tensor& y) {
-  DN_RETURN_IF_ERROR(CheckF32(*x, "AddInPlace", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(y, "AddInPlace", "y"));
-  DN_RETURN_IF_ERROR(CheckNumel(y, x->numel(), "AddInPlace", "y"));
+  DN_RETURN_IF_ERROR(contract_.AddInPlace(*x, y));
   float* xp = x->data_as<float>();
   const float* yp = y.data_as<float>();
   ParallelFor(x->numel(), 1, [&](int64_t begin, int64_t end) {
@@ -702,59 +576,28 @@ absl::Status CpuBackend::AddInPlace(Tensor* x, const Tensor& y) {
 
 absl::Status CpuBackend::PackQkv(const Tensor& q, const Tensor& k,
                                  const Tensor& v, int world, Tensor* send) {
-  DN_RETURN_IF_ERROR(CheckF32(q, "PackQkv", "q"));
-  DN_RETURN_IF_ERROR(CheckF32(k, "PackQkv", "k"));
-  DN_RETURN_IF_ERROR(CheckF32(v, "PackQkv", "v"));
-  DN_RETURN_IF_ERROR(CheckF32(*send, "PackQkv", "send"));
-  DN_ASSIGN_OR_RETURN(comm::UlyssesLayout l, LayoutFor(q, world, "PackQkv"));
-  DN_RETURN_IF_ERROR(CheckShape(k, q.shape(), "PackQkv", "k"));
-  DN_RETURN_IF_ERROR(CheckShape(v, q.shape(), "PackQkv", "v"));
-  DN_RETURN_IF_ERROR(CheckNumel(*send, 3 * q.numel(), "PackQkv", "send"));
-  comm::PackQkvHost(l, q.data(), k.data(), v.data(), send->data());
+  DN_RETURN_IF_ERROR(contract_.PackQkv(q, k, v, world, *send));
+  comm::PackQkvHost(LayoutOf(q, world), q.data(), k.data(), v.data(), send->data());
   return absl::OkStatus();
 }
 
 absl::Status CpuBackend::UnpackQkv(const Tensor& recv, int world, Tensor* q,
                                    Tensor* k, Tensor* v) {
-  DN_RETURN_IF_ERROR(CheckF32(recv, "UnpackQkv", "recv"));
-  DN_RETURN_IF_ERROR(CheckF32(*q, "UnpackQkv", "q"));
-  DN_RETURN_IF_ERROR(CheckF32(*k, "UnpackQkv", "k"));
-  DN_RETURN_IF_ERROR(CheckF32(*v, "UnpackQkv", "v"));
-  // q is head-sharded [B, P*S, h, d]; the layout is that of [B, S, h*P, d].
-  if (q->rank() != 4 || world <= 0 || q->dim(1) % world != 0)
-    return ShapeError("UnpackQkv", "q", *q,
-                      absl::StrCat("[B, P*S, h, d] with P = ", world));
-  const Tensor seq_view =
-      q->View({q->dim(0), q->dim(1) / world, q->dim(2) * world, q->dim(3)});
-  DN_ASSIGN_OR_RETURN(comm::UlyssesLayout l,
-                      LayoutFor(seq_view, world, "UnpackQkv"));
-  DN_RETURN_IF_ERROR(CheckShape(*k, q->shape(), "UnpackQkv", "k"));
-  DN_RETURN_IF_ERROR(CheckShape(*v, q->shape(), "UnpackQkv", "v"));
-  DN_RETURN_IF_ERROR(CheckNumel(recv, 3 * q->numel(), "UnpackQkv", "recv"));
-  comm::UnpackQkvHost(l, recv.data(), q->data(), k->data(), v->data());
+  DN_RETURN_IF_ERROR(contract_.UnpackQkv(recv, world, *q, *k, *v));
+  comm::UnpackQkvHost(HeadShardedLayoutOf(*q, world), recv.data(), q->data(), k->data(),
+                      v->data());
   return absl::OkStatus();
 }
 
 absl::Status CpuBackend::PackOut(const Tensor& o, int world, Tensor* send) {
-  DN_RETURN_IF_ERROR(CheckF32(o, "PackOut", "o"));
-  DN_RETURN_IF_ERROR(CheckF32(*send, "PackOut", "send"));
-  if (o.rank() != 4 || world <= 0 || o.dim(1) % world != 0)
-    return ShapeError("PackOut", "o", o,
-                      absl::StrCat("[B, P*S, h, d] with P = ", world));
-  const Tensor seq_view =
-      o.View({o.dim(0), o.dim(1) / world, o.dim(2) * world, o.dim(3)});
-  DN_ASSIGN_OR_RETURN(comm::UlyssesLayout l, LayoutFor(seq_view, world, "PackOut"));
-  DN_RETURN_IF_ERROR(CheckNumel(*send, o.numel(), "PackOut", "send"));
-  comm::PackOutHost(l, o.data(), send->data());
+  DN_RETURN_IF_ERROR(contract_.PackOut(o, world, *send));
+  comm::PackOutHost(HeadShardedLayoutOf(o, world), o.data(), send->data());
   return absl::OkStatus();
 }
 
 absl::Status CpuBackend::UnpackOut(const Tensor& recv, int world, Tensor* o) {
-  DN_RETURN_IF_ERROR(CheckF32(recv, "UnpackOut", "recv"));
-  DN_RETURN_IF_ERROR(CheckF32(*o, "UnpackOut", "o"));
-  DN_ASSIGN_OR_RETURN(comm::UlyssesLayout l, LayoutFor(*o, world, "UnpackOut"));
-  DN_RETURN_IF_ERROR(CheckNumel(recv, o->numel(), "UnpackOut", "recv"));
-  comm::UnpackOutHost(l, recv.data(), o->data());
+  DN_RETURN_IF_ERROR(contract_.UnpackOut(recv, world, *o));
+  comm::UnpackOutHost(LayoutOf(*o, world), recv.data(), o->data());
   return absl::OkStatus();
 }
 

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "worker/backend.h"
+#include "worker/op_contract.h"
 
 namespace dn::worker {
 
@@ -100,6 +101,7 @@ class CpuBackend : public Backend {
     std::atomic<int64_t> peak{0};
   };
 
+  const OpContract contract_{"cpu", Device::kCpu, DType::kF32};
   int threads_;
   std::unique_ptr<ThreadPool> pool_;
   std::shared_ptr<MemoryCounter> memory_;

@@ -22,6 +22,7 @@
 #include "worker/cuda/gemm.h"
 #include "worker/cuda/kernels.h"
 #include "worker/cuda/sdpa.h"
+#include "worker/op_contract.h"
 
 namespace dn::worker {
 namespace cuda {
@@ -36,58 +37,6 @@ constexpr size_t kSdpaWorkspaceBytes = size_t{16} << 20;  // cuDNN SDPA (needs <
 constexpr size_t kStagingBytes = size_t{16} << 20;
 
 using SharedStream = std::shared_ptr<std::remove_pointer_t<cudaStream_t>>;
-
-// --- tensor checks (messages name the op and the tensor) ---------------------
-
-absl::Status CheckCuda(const Tensor& t, const char* op, const char* what) {
-  if (!t.defined())
-    return absl::InvalidArgumentError(
-        absl::StrCat("cuda ", op, ": tensor '", what, "' is undefined"));
-  if (t.device() != Device::kCuda)
-    return absl::InvalidArgumentError(
-        absl::StrCat("cuda ", op, ": tensor '", what, "' is ", t.DebugString(),
-                     ", not in CUDA memory"));
-  return absl::OkStatus();
-}
-
-absl::Status CheckDType(const Tensor& t, DType dtype, const char* op,
-                        const char* what) {
-  DN_RETURN_IF_ERROR(CheckCuda(t, op, what));
-  if (t.dtype() != dtype)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cuda ", op, ": tensor '", what, "' is ", t.DebugString(),
-        ", expected ", DTypeName(dtype),
-        dtype == DType::kBF16 ? " (the CUDA backend computes in bf16)" : ""));
-  return absl::OkStatus();
-}
-
-absl::Status CheckAct(const Tensor& t, const char* op, const char* what) {
-  return CheckDType(t, DType::kBF16, op, what);
-}
-
-absl::Status CheckF32(const Tensor& t, const char* op, const char* what) {
-  return CheckDType(t, DType::kF32, op, what);
-}
-
-absl::Status ShapeError(const char* op, const char* what, const Tensor& t,
-                        const std::string& expected) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("cuda ", op, ": tensor '", what, "' has shape ",
-                   ShapeString(t.shape()), ", expected ", expected));
-}
-
-absl::Status CheckShape(const Tensor& t, const Shape& shape, const char* op,
-                        const char* what) {
-  if (t.shape() != shape) return ShapeError(op, what, t, ShapeString(shape));
-  return absl::OkStatus();
-}
-
-absl::Status CheckNumel(const Tensor& t, int64_t n, const char* op,
-                        const char* what) {
-  if (t.numel() != n)
-    return ShapeError(op, what, t, absl::StrCat(n, " elements"));
-  return absl::OkStatus();
-}
 
 // --- host-side dtype conversion for the staging copies -----------------------
 
@@ -276,6 +225,7 @@ class CudaBackend final : public Backend {
         "host or cannot be replayed); do it before the capture or around Replay()"));
   }
 
+  const OpContract contract_{"cuda", Device::kCuda, DType::kBF16};
   int device_ = 0;
   std::string description_;
   SharedStream stream_;
@@ -377,7 +327,7 @@ absl::StatusOr<Tensor> CudaBackend::Empty(const Shape& shape, DType dtype) {
 }
 
 absl::Status CudaBackend::CopyFromHost(const float* src, Tensor* dst) {
-  DN_RETURN_IF_ERROR(CheckCuda(*dst, "CopyFromHost", "dst"));
+  DN_RETURN_IF_ERROR(contract_.Resident(*dst, "CopyFromHost", "dst"));
   DN_RETURN_IF_ERROR(NotCapturing("CopyFromHost"));
   DN_RETURN_IF_ERROR(Activate());
   const size_t elem = DTypeSize(dst->dtype());
@@ -398,7 +348,7 @@ absl::Status CudaBackend::CopyFromHost(const float* src, Tensor* dst) {
 }
 
 absl::Status CudaBackend::CopyToHost(const Tensor& src, float* dst) {
-  DN_RETURN_IF_ERROR(CheckCuda(src, "CopyToHost", "src"));
+  DN_RETURN_IF_ERROR(contract_.Resident(src, "CopyToHost", "src"));
   DN_RETURN_IF_ERROR(NotCapturing("CopyToHost"));
   DN_RETURN_IF_ERROR(Activate());
   const size_t elem = DTypeSize(src.dtype());
@@ -426,9 +376,7 @@ absl::Status CudaBackend::CopyToHost(const Tensor& src, float* dst) {
 }
 
 absl::Status CudaBackend::Copy(const Tensor& src, Tensor* dst) {
-  DN_RETURN_IF_ERROR(CheckCuda(src, "Copy", "src"));
-  DN_RETURN_IF_ERROR(CheckCuda(*dst, "Copy", "dst"));
-  DN_RETURN_IF_ERROR(CheckNumel(*dst, src.numel(), "Copy", "dst"));
+  DN_RETURN_IF_ERROR(contract_.Copy(src, *dst));
   DN_RETURN_IF_ERROR(Activate());
   if (src.dtype() == dst->dtype()) {
     if (src.nbytes() > 0)
@@ -443,7 +391,7 @@ absl::Status CudaBackend::Copy(const Tensor& src, Tensor* dst) {
 
 absl::Status CudaBackend::FillNormal(Tensor* dst, uint64_t seed,
                                      uint64_t stream, float mean, float std) {
-  DN_RETURN_IF_ERROR(CheckCuda(*dst, "FillNormal", "dst"));
+  DN_RETURN_IF_ERROR(contract_.Resident(*dst, "FillNormal", "dst"));
   DN_RETURN_IF_ERROR(Activate());
   return InvokeFillNormal(dst->data(), dst->dtype(), dst->numel(), seed, stream,
                           mean, std, s());
@@ -454,20 +402,9 @@ absl::Status CudaBackend::FillNormal(Tensor* dst, uint64_t seed,
 absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& w,
                                  const Tensor* bias, Activation act,
                                  Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckAct(x, "Linear", "x"));
-  DN_RETURN_IF_ERROR(CheckAct(w, "Linear", "w"));
-  DN_RETURN_IF_ERROR(CheckAct(*y, "Linear", "y"));
-  if (w.rank() != 2) return ShapeError("Linear", "w", w, "[N, K]");
+  DN_RETURN_IF_ERROR(contract_.Linear(x, w, bias, *y));
   const int64_t n = w.dim(0), k = w.dim(1);
-  if (x.rank() < 1 || x.shape().back() != k)
-    return ShapeError("Linear", "x", x, absl::StrCat("[..., ", k, "]"));
   const int64_t m = k > 0 ? x.numel() / k : 0;
-  if (y->rank() < 1 || y->shape().back() != n || y->numel() != m * n)
-    return ShapeError("Linear", "y", *y, absl::StrCat("[", m, " rows, ", n, "]"));
-  if (bias != nullptr) {
-    DN_RETURN_IF_ERROR(CheckAct(*bias, "Linear", "bias"));
-    DN_RETURN_IF_ERROR(CheckNumel(*bias, n, "Linear", "bias"));
-  }
   DN_RETURN_IF_ERROR(Activate());
   return gemm_->Run(x.data(), w.data(),
                     bias != nullptr ? bias->data() : nullptr,
@@ -475,25 +412,16 @@ absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& w,
 }
 
 absl::Status CudaBackend::Silu(const Tensor& x, Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckAct(x, "Silu", "x"));
-  DN_RETURN_IF_ERROR(CheckAct(*y, "Silu", "y"));
-  DN_RETURN_IF_ERROR(CheckNumel(*y, x.numel(), "Silu", "y"));
+  DN_RETURN_IF_ERROR(contract_.Silu(x, *y));
   DN_RETURN_IF_ERROR(Activate());
   return InvokeSilu(x.data_as<bf16>(), y->data_as<bf16>(), x.numel(), s());
 }
 
 absl::Status CudaBackend::AddModulation(const Tensor& table, const Tensor& proj,
                                         Tensor* out) {
-  DN_RETURN_IF_ERROR(CheckF32(table, "AddModulation", "table"));
-  DN_RETURN_IF_ERROR(CheckAct(proj, "AddModulation", "proj"));
-  DN_RETURN_IF_ERROR(CheckF32(*out, "AddModulation", "out"));
-  if (out->rank() != 3) return ShapeError("AddModulation", "out", *out, "[B, k, D]");
+  DN_RETURN_IF_ERROR(contract_.AddModulation(table, proj, *out));
   const int64_t b = out->dim(0), k = out->dim(1), d = out->dim(2);
-  DN_RETURN_IF_ERROR(CheckNumel(table, k * d, "AddModulation", "table"));
   const bool broadcast = proj.numel() == b * d && k != 1;
-  if (!broadcast && proj.numel() != b * k * d)
-    return ShapeError("AddModulation", "proj", proj,
-                      absl::StrCat("[", b, ", ", k * d, "] or [", b, ", ", d, "]"));
   DN_RETURN_IF_ERROR(Activate());
   return InvokeAddModulation(table.data_as<float>(), proj.data_as<bf16>(),
                              out->data_as<float>(), b, k, d, broadcast, s());
@@ -502,15 +430,8 @@ absl::Status CudaBackend::AddModulation(const Tensor& table, const Tensor& proj,
 absl::Status CudaBackend::LayerNormModulate(const Tensor& x, const Tensor& mod,
                                             int shift_index, int scale_index,
                                             float eps, Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckAct(x, "LayerNormModulate", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(mod, "LayerNormModulate", "mod"));
-  DN_RETURN_IF_ERROR(CheckAct(*y, "LayerNormModulate", "y"));
-  if (x.rank() != 3) return ShapeError("LayerNormModulate", "x", x, "[B, S, D]");
-  DN_RETURN_IF_ERROR(CheckShape(*y, x.shape(), "LayerNormModulate", "y"));
+  DN_RETURN_IF_ERROR(contract_.LayerNormModulate(x, mod, shift_index, scale_index, *y));
   const int64_t b = x.dim(0), seq = x.dim(1), d = x.dim(2);
-  if (mod.rank() != 3 || mod.dim(0) != b || mod.dim(2) != d)
-    return ShapeError("LayerNormModulate", "mod", mod,
-                      absl::StrCat("[", b, ", k, ", d, "]"));
   DN_RETURN_IF_ERROR(Activate());
   return InvokeLayerNormModulate(x.data_as<bf16>(), mod.data_as<float>(),
                                  y->data_as<bf16>(), b, seq, d, mod.dim(1),
@@ -520,15 +441,8 @@ absl::Status CudaBackend::LayerNormModulate(const Tensor& x, const Tensor& mod,
 absl::Status CudaBackend::LayerNormAffine(const Tensor& x, const Tensor& weight,
                                           const Tensor& bias, float eps,
                                           Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckAct(x, "LayerNormAffine", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(weight, "LayerNormAffine", "weight"));
-  DN_RETURN_IF_ERROR(CheckF32(bias, "LayerNormAffine", "bias"));
-  DN_RETURN_IF_ERROR(CheckAct(*y, "LayerNormAffine", "y"));
-  if (x.rank() < 1) return ShapeError("LayerNormAffine", "x", x, "[M, D]");
+  DN_RETURN_IF_ERROR(contract_.LayerNormAffine(x, weight, bias, *y));
   const int64_t d = x.shape().back();
-  DN_RETURN_IF_ERROR(CheckNumel(weight, d, "LayerNormAffine", "weight"));
-  DN_RETURN_IF_ERROR(CheckNumel(bias, d, "LayerNormAffine", "bias"));
-  DN_RETURN_IF_ERROR(CheckNumel(*y, x.numel(), "LayerNormAffine", "y"));
   DN_RETURN_IF_ERROR(Activate());
   return InvokeLayerNormAffine(x.data_as<bf16>(), weight.data_as<float>(),
                                bias.data_as<float>(), y->data_as<bf16>(),
@@ -537,13 +451,8 @@ absl::Status CudaBackend::LayerNormAffine(const Tensor& x, const Tensor& weight,
 
 absl::Status CudaBackend::RmsNorm(const Tensor& x, const Tensor& weight,
                                   float eps, Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckAct(x, "RmsNorm", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(weight, "RmsNorm", "weight"));
-  DN_RETURN_IF_ERROR(CheckAct(*y, "RmsNorm", "y"));
-  if (x.rank() < 1) return ShapeError("RmsNorm", "x", x, "[M, D]");
+  DN_RETURN_IF_ERROR(contract_.RmsNorm(x, weight, *y));
   const int64_t d = x.shape().back();
-  DN_RETURN_IF_ERROR(CheckNumel(weight, d, "RmsNorm", "weight"));
-  DN_RETURN_IF_ERROR(CheckNumel(*y, x.numel(), "RmsNorm", "y"));
   DN_RETURN_IF_ERROR(Activate());
   return InvokeRmsNorm(x.data_as<bf16>(), weight.data_as<float>(),
                        y->data_as<bf16>(), d > 0 ? x.numel() / d : 0, d, eps,
@@ -553,20 +462,8 @@ absl::Status CudaBackend::RmsNorm(const Tensor& x, const Tensor& weight,
 absl::Status CudaBackend::RmsNormRope(const Tensor& x, const Tensor& weight,
                                       const Tensor& rope, int heads, float eps,
                                       Tensor* y) {
-  DN_RETURN_IF_ERROR(CheckAct(x, "RmsNormRope", "x"));
-  DN_RETURN_IF_ERROR(CheckF32(weight, "RmsNormRope", "weight"));
-  DN_RETURN_IF_ERROR(CheckF32(rope, "RmsNormRope", "rope"));
-  DN_RETURN_IF_ERROR(CheckAct(*y, "RmsNormRope", "y"));
-  if (x.rank() != 3) return ShapeError("RmsNormRope", "x", x, "[B, S, D]");
-  DN_RETURN_IF_ERROR(CheckShape(*y, x.shape(), "RmsNormRope", "y"));
+  DN_RETURN_IF_ERROR(contract_.RmsNormRope(x, weight, rope, heads, *y));
   const int64_t b = x.dim(0), seq = x.dim(1), d = x.dim(2);
-  if (heads <= 0 || d % heads != 0 || (d / heads) % 2 != 0)
-    return absl::InvalidArgumentError(
-        absl::StrCat("cuda RmsNormRope: heads ", heads, " must divide D ", d,
-                     " into even head dims"));
-  DN_RETURN_IF_ERROR(CheckNumel(weight, d, "RmsNormRope", "weight"));
-  DN_RETURN_IF_ERROR(
-      CheckShape(rope, {seq, d / heads / 2, 2}, "RmsNormRope", "rope"));
   DN_RETURN_IF_ERROR(Activate());
   return InvokeRmsNormRope(x.data_as<bf16>(), weight.data_as<float>(),
                            rope.data_as<float>(), y->data_as<bf16>(), b, seq, d,
@@ -577,30 +474,9 @@ absl::Status CudaBackend::RmsNormRopePackQkv(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_weight,
     const Tensor& k_weight, const Tensor& rope, int heads, float eps, int world,
     Tensor* send) {
-  constexpr const char* kOp = "RmsNormRopePackQkv";
-  DN_RETURN_IF_ERROR(CheckAct(q, kOp, "q"));
-  DN_RETURN_IF_ERROR(CheckAct(k, kOp, "k"));
-  DN_RETURN_IF_ERROR(CheckAct(v, kOp, "v"));
-  DN_RETURN_IF_ERROR(CheckF32(q_weight, kOp, "q_weight"));
-  DN_RETURN_IF_ERROR(CheckF32(k_weight, kOp, "k_weight"));
-  DN_RETURN_IF_ERROR(CheckF32(rope, kOp, "rope"));
-  DN_RETURN_IF_ERROR(CheckAct(*send, kOp, "send"));
-  if (q.rank() != 3) return ShapeError(kOp, "q", q, "[B, S, D]");
-  DN_RETURN_IF_ERROR(CheckShape(k, q.shape(), kOp, "k"));
-  DN_RETURN_IF_ERROR(CheckShape(v, q.shape(), kOp, "v"));
+  DN_RETURN_IF_ERROR(contract_.RmsNormRopePackQkv(q, k, v, q_weight, k_weight, rope,
+                                                 heads, world, *send));
   const int64_t b = q.dim(0), seq = q.dim(1), d = q.dim(2);
-  if (heads <= 0 || d % heads != 0 || (d / heads) % 2 != 0)
-    return absl::InvalidArgumentError(
-        absl::StrCat("cuda RmsNormRopePackQkv: heads ", heads, " must divide D ",
-                     d, " into even head dims"));
-  if (world <= 0 || heads % world != 0)
-    return absl::InvalidArgumentError(
-        absl::StrCat("cuda RmsNormRopePackQkv: heads ", heads,
-                     " are not divisible by world ", world));
-  DN_RETURN_IF_ERROR(CheckNumel(q_weight, d, kOp, "q_weight"));
-  DN_RETURN_IF_ERROR(CheckNumel(k_weight, d, kOp, "k_weight"));
-  DN_RETURN_IF_ERROR(CheckShape(rope, {seq, d / heads / 2, 2}, kOp, "rope"));
-  DN_RETURN_IF_ERROR(CheckNumel(*send, 3 * q.numel(), kOp, "send"));
   DN_RETURN_IF_ERROR(Activate());
   return InvokeRmsNormRopePackQkv(
       q.data_as<bf16>(), k.data_as<bf16>(), v.data_as<bf16>(),
@@ -612,21 +488,9 @@ absl::Status CudaBackend::RmsNormRopePackQkv(
 absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k,
                                     const Tensor& v, int64_t kv_len,
                                     float scale, Tensor* o) {
-  DN_RETURN_IF_ERROR(CheckAct(q, "Attention", "q"));
-  DN_RETURN_IF_ERROR(CheckAct(k, "Attention", "k"));
-  DN_RETURN_IF_ERROR(CheckAct(v, "Attention", "v"));
-  DN_RETURN_IF_ERROR(CheckAct(*o, "Attention", "o"));
-  if (q.rank() != 4) return ShapeError("Attention", "q", q, "[B, Sq, H, d]");
+  DN_RETURN_IF_ERROR(contract_.Attention(q, k, v, kv_len, *o));
   const int64_t b = q.dim(0), sq = q.dim(1), h = q.dim(2), d = q.dim(3);
-  if (k.rank() != 4 || k.dim(0) != b || k.dim(2) != h || k.dim(3) != d)
-    return ShapeError("Attention", "k", k,
-                      absl::StrCat("[", b, ", Skv, ", h, ", ", d, "]"));
   const int64_t skv = k.dim(1);
-  DN_RETURN_IF_ERROR(CheckShape(v, k.shape(), "Attention", "v"));
-  DN_RETURN_IF_ERROR(CheckShape(*o, q.shape(), "Attention", "o"));
-  if (kv_len < 1 || kv_len > skv)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cuda Attention: kv_len ", kv_len, " outside [1, ", skv, "]"));
   if (sq == 0 || b == 0 || h == 0) return absl::OkStatus();
   DN_RETURN_IF_ERROR(Activate());
   SdpaShape shape;
@@ -641,15 +505,8 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k,
 
 absl::Status CudaBackend::GatedResidual(Tensor* x, const Tensor& y,
                                         const Tensor& mod, int gate_index) {
-  DN_RETURN_IF_ERROR(CheckAct(*x, "GatedResidual", "x"));
-  DN_RETURN_IF_ERROR(CheckAct(y, "GatedResidual", "y"));
-  DN_RETURN_IF_ERROR(CheckF32(mod, "GatedResidual", "mod"));
-  if (x->rank() != 3) return ShapeError("GatedResidual", "x", *x, "[B, S, D]");
-  DN_RETURN_IF_ERROR(CheckNumel(y, x->numel(), "GatedResidual", "y"));
+  DN_RETURN_IF_ERROR(contract_.GatedResidual(*x, y, mod, gate_index));
   const int64_t b = x->dim(0), seq = x->dim(1), d = x->dim(2);
-  if (mod.rank() != 3 || mod.dim(0) != b || mod.dim(2) != d)
-    return ShapeError("GatedResidual", "mod", mod,
-                      absl::StrCat("[", b, ", k, ", d, "]"));
   DN_RETURN_IF_ERROR(Activate());
   return InvokeGatedResidual(x->data_as<bf16>(), y.data_as<bf16>(),
                              mod.data_as<float>(), b, seq, d, mod.dim(1),
@@ -657,9 +514,7 @@ absl::Status CudaBackend::GatedResidual(Tensor* x, const Tensor& y,
 }
 
 absl::Status CudaBackend::AddInPlace(Tensor* x, const Tensor& y) {
-  DN_RETURN_IF_ERROR(CheckAct(*x, "AddInPlace", "x"));
-  DN_RETURN_IF_ERROR(CheckAct(y, "AddInPlace", "y"));
-  DN_RETURN_IF_ERROR(CheckNumel(y, x->numel(), "AddInPlace", "y"));
+  DN_RETURN_IF_ERROR(contract_.AddInPlace(*x, y));
   DN_RETURN_IF_ERROR(Activate());
   return InvokeAddInPlace(x->data_as<bf16>(), y.data_as<bf16>(), x->numel(), s());
 }
@@ -668,14 +523,8 @@ absl::Status CudaBackend::AddInPlace(Tensor* x, const Tensor& y) {
 
 namespace {
 
-// Dims of a sequence-sharded [B,S,H,d] tensor.
-absl::StatusOr<RelayoutDims> SeqShardedDims(const Tensor& t, int world,
-                                            const char* op, const char* what) {
-  if (t.rank() != 4) return ShapeError(op, what, t, "[B, S, H, d]");
-  if (world <= 0 || t.dim(2) % world != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cuda ", op, ": heads ", t.dim(2), " of '", what,
-        "' are not divisible by world ", world));
+// Dims of a sequence-sharded [B,S,H,d] tensor (checked by the op contract).
+RelayoutDims SeqShardedDims(const Tensor& t, int world) {
   RelayoutDims d;
   d.batch = t.dim(0);
   d.shard = t.dim(1);
@@ -686,12 +535,8 @@ absl::StatusOr<RelayoutDims> SeqShardedDims(const Tensor& t, int world,
   return d;
 }
 
-// Dims of a head-sharded [B,P*S,h,d] tensor.
-absl::StatusOr<RelayoutDims> HeadShardedDims(const Tensor& t, int world,
-                                             const char* op, const char* what) {
-  if (t.rank() != 4 || world <= 0 || t.dim(1) % world != 0)
-    return ShapeError(op, what, t,
-                      absl::StrCat("[B, P*S, h, d] with P = ", world));
+// Dims of a head-sharded [B,P*S,h,d] tensor (checked by the op contract).
+RelayoutDims HeadShardedDims(const Tensor& t, int world) {
   RelayoutDims d;
   d.batch = t.dim(0);
   d.shard = t.dim(1) / world;
@@ -702,65 +547,34 @@ absl::StatusOr<RelayoutDims> HeadShardedDims(const Tensor& t, int world,
   return d;
 }
 
-absl::Status SameDType(const Tensor& a, const Tensor& b, const char* op,
-                       const char* what) {
-  DN_RETURN_IF_ERROR(CheckCuda(b, op, what));
-  if (a.dtype() != b.dtype())
-    return absl::InvalidArgumentError(
-        absl::StrCat("cuda ", op, ": tensor '", what, "' is ", b.DebugString(),
-                     ", expected dtype ", DTypeName(a.dtype())));
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::Status CudaBackend::PackQkv(const Tensor& q, const Tensor& k,
                                   const Tensor& v, int world, Tensor* send) {
-  DN_RETURN_IF_ERROR(CheckCuda(q, "PackQkv", "q"));
-  DN_RETURN_IF_ERROR(SameDType(q, k, "PackQkv", "k"));
-  DN_RETURN_IF_ERROR(SameDType(q, v, "PackQkv", "v"));
-  DN_RETURN_IF_ERROR(SameDType(q, *send, "PackQkv", "send"));
-  DN_ASSIGN_OR_RETURN(RelayoutDims dims, SeqShardedDims(q, world, "PackQkv", "q"));
-  DN_RETURN_IF_ERROR(CheckShape(k, q.shape(), "PackQkv", "k"));
-  DN_RETURN_IF_ERROR(CheckShape(v, q.shape(), "PackQkv", "v"));
-  DN_RETURN_IF_ERROR(CheckNumel(*send, 3 * q.numel(), "PackQkv", "send"));
+  DN_RETURN_IF_ERROR(contract_.PackQkv(q, k, v, world, *send));
   DN_RETURN_IF_ERROR(Activate());
-  return InvokePackQkv(q.data(), k.data(), v.data(), send->data(), dims, s());
+  return InvokePackQkv(q.data(), k.data(), v.data(), send->data(),
+                       SeqShardedDims(q, world), s());
 }
 
 absl::Status CudaBackend::UnpackQkv(const Tensor& recv, int world, Tensor* q,
                                     Tensor* k, Tensor* v) {
-  DN_RETURN_IF_ERROR(CheckCuda(recv, "UnpackQkv", "recv"));
-  DN_RETURN_IF_ERROR(SameDType(recv, *q, "UnpackQkv", "q"));
-  DN_RETURN_IF_ERROR(SameDType(recv, *k, "UnpackQkv", "k"));
-  DN_RETURN_IF_ERROR(SameDType(recv, *v, "UnpackQkv", "v"));
-  DN_ASSIGN_OR_RETURN(RelayoutDims dims,
-                      HeadShardedDims(*q, world, "UnpackQkv", "q"));
-  DN_RETURN_IF_ERROR(CheckShape(*k, q->shape(), "UnpackQkv", "k"));
-  DN_RETURN_IF_ERROR(CheckShape(*v, q->shape(), "UnpackQkv", "v"));
-  DN_RETURN_IF_ERROR(CheckNumel(recv, 3 * q->numel(), "UnpackQkv", "recv"));
+  DN_RETURN_IF_ERROR(contract_.UnpackQkv(recv, world, *q, *k, *v));
   DN_RETURN_IF_ERROR(Activate());
-  return InvokeUnpackQkv(recv.data(), q->data(), k->data(), v->data(), dims,
-                         s());
+  return InvokeUnpackQkv(recv.data(), q->data(), k->data(), v->data(),
+                         HeadShardedDims(*q, world), s());
 }
 
 absl::Status CudaBackend::PackOut(const Tensor& o, int world, Tensor* send) {
-  DN_RETURN_IF_ERROR(CheckCuda(o, "PackOut", "o"));
-  DN_RETURN_IF_ERROR(SameDType(o, *send, "PackOut", "send"));
-  DN_ASSIGN_OR_RETURN(RelayoutDims dims, HeadShardedDims(o, world, "PackOut", "o"));
-  DN_RETURN_IF_ERROR(CheckNumel(*send, o.numel(), "PackOut", "send"));
+  DN_RETURN_IF_ERROR(contract_.PackOut(o, world, *send));
   DN_RETURN_IF_ERROR(Activate());
-  return InvokePackOut(o.data(), send->data(), dims, s());
+  return InvokePackOut(o.data(), send->data(), HeadShardedDims(o, world), s());
 }
 
 absl::Status CudaBackend::UnpackOut(const Tensor& recv, int world, Tensor* o) {
-  DN_RETURN_IF_ERROR(CheckCuda(recv, "UnpackOut", "recv"));
-  DN_RETURN_IF_ERROR(SameDType(recv, *o, "UnpackOut", "o"));
-  DN_ASSIGN_OR_RETURN(RelayoutDims dims,
-                      SeqShardedDims(*o, world, "UnpackOut", "o"));
-  DN_RETURN_IF_ERROR(CheckNumel(recv, o->numel(), "UnpackOut", "recv"));
+  DN_RETURN_IF_ERROR(contract_.UnpackOut(recv, world, *o));
   DN_RETURN_IF_ERROR(Activate());
-  return InvokeUnpackOut(recv.data(), o->data(), dims, s());
+  return InvokeUnpackOut(recv.data(), o->data(), SeqShardedDims(*o, world), s());
 }
 
 // --- stream, timing, graphs ----------------------------------------------------------
