@@ -49,6 +49,23 @@ void SetTimeout(grpc::ClientContext& ctx, std::chrono::milliseconds timeout) {
   }
 }
 
+// One unary call of `stub`: the bearer token (if any), a deadline,
+// and the gRPC status as an absl::Status.
+template <typename Stub, typename Request, typename Response>
+absl::StatusOr<Response> Unary(
+    Stub& stub,
+    grpc::Status (Stub::*method)(grpc::ClientContext*, const Request&, Response*),
+    const Request& request, const std::string& bearer_token,
+    std::chrono::milliseconds timeout) {
+  grpc::ClientContext ctx;
+  AddBearerToken(ctx, bearer_token);  // none when empty
+  SetTimeout(ctx, timeout);
+  Response response;
+  const grpc::Status s = (stub.*method)(&ctx, request, &response);
+  if (!s.ok()) return FromGrpcStatus(s);
+  return response;
+}
+
 }  // namespace
 
 DenoiserClient::DenoiserClient(const std::string& target,
@@ -99,58 +116,35 @@ absl::StatusOr<v1::GenerateResult> DenoiserClient::Generate(
 
 absl::StatusOr<v1::GenerateResult> DenoiserClient::GenerateUnary(
     const v1::GenerateRequest& request, std::chrono::milliseconds deadline) {
-  grpc::ClientContext ctx;
-  AddBearerToken(ctx, bearer_token_);
-  SetTimeout(ctx, deadline);
-  v1::GenerateResult result;
-  const grpc::Status s =
-      stubs_->denoiser->GenerateUnary(&ctx, request, &result);
-  if (!s.ok()) return FromGrpcStatus(s);
-  return result;
+  return Unary(*stubs_->denoiser, &v1::Denoiser::Stub::GenerateUnary, request,
+               bearer_token_, deadline);
 }
 
 absl::StatusOr<bool> DenoiserClient::Cancel(const std::string& request_id) {
-  grpc::ClientContext ctx;
-  AddBearerToken(ctx, bearer_token_);
-  SetTimeout(ctx, kRpcTimeout);
   v1::CancelRequest req;
   req.set_request_id(request_id);
-  v1::CancelResponse resp;
-  const grpc::Status s = stubs_->denoiser->Cancel(&ctx, req, &resp);
-  if (!s.ok()) return FromGrpcStatus(s);
+  DN_ASSIGN_OR_RETURN(const v1::CancelResponse resp,
+                      Unary(*stubs_->denoiser, &v1::Denoiser::Stub::Cancel, req,
+                            bearer_token_, kRpcTimeout));
   return resp.found();
 }
 
 absl::StatusOr<v1::ListModelsResponse> DenoiserClient::ListModels() {
-  grpc::ClientContext ctx;
-  AddBearerToken(ctx, bearer_token_);
-  SetTimeout(ctx, kRpcTimeout);
-  v1::ListModelsResponse resp;
-  const grpc::Status s =
-      stubs_->denoiser->ListModels(&ctx, v1::ListModelsRequest(), &resp);
-  if (!s.ok()) return FromGrpcStatus(s);
-  return resp;
+  return Unary(*stubs_->denoiser, &v1::Denoiser::Stub::ListModels,
+               v1::ListModelsRequest(), bearer_token_, kRpcTimeout);
 }
 
 absl::StatusOr<v1::ServerInfo> DenoiserClient::GetServerInfo() {
-  grpc::ClientContext ctx;
-  AddBearerToken(ctx, bearer_token_);
-  SetTimeout(ctx, kRpcTimeout);
-  v1::ServerInfo resp;
-  const grpc::Status s =
-      stubs_->denoiser->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &resp);
-  if (!s.ok()) return FromGrpcStatus(s);
-  return resp;
+  return Unary(*stubs_->denoiser, &v1::Denoiser::Stub::GetServerInfo,
+               v1::GetServerInfoRequest(), bearer_token_, kRpcTimeout);
 }
 
 absl::StatusOr<std::string> DenoiserClient::Health(const std::string& service) {
-  grpc::ClientContext ctx;  // Health is not authenticated
-  SetTimeout(ctx, std::chrono::seconds(3));
-  health::HealthCheckRequest req;
+  health::HealthCheckRequest req;  // Health is not authenticated
   req.set_service(service);
-  health::HealthCheckResponse resp;
-  const grpc::Status s = stubs_->health->Check(&ctx, req, &resp);
-  if (!s.ok()) return FromGrpcStatus(s);
+  DN_ASSIGN_OR_RETURN(const health::HealthCheckResponse resp,
+                      Unary(*stubs_->health, &health::Health::Stub::Check, req, "",
+                            std::chrono::seconds(3)));
   return health::HealthCheckResponse::ServingStatus_Name(resp.status());
 }
 
