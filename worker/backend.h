@@ -156,6 +156,10 @@ class Backend {
   // Runs `body` once, recording its ops; the Graph replays them.
   virtual absl::StatusOr<std::unique_ptr<Graph>> Capture(
       const std::function<absl::Status()>& body) = 0;
+  // True when Replay launches the recorded device work without running the
+  // body's host code again (CUDA graphs): markers placed by the body then
+  // time nothing on replays. False when Replay just runs the body (CPU).
+  virtual bool replay_skips_host() const = 0;
 };
 
 struct BackendOptions {

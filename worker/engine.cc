@@ -323,9 +323,10 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
   absl::Status local = Setup(params, cfg);
   last_alltoall_seconds_ = 0;
   const int every = data_.size() > 1 ? options_.timing_every : 0;
-  // Only a real (CUDA) graph hides the all-to-alls from the markers; the CPU
-  // backend's "graph" runs the body again, so every step there is timed.
-  const bool replays = options_.use_graphs && backend_.device() == Device::kCuda;
+  // Only a graph whose replay skips the body's host code hides the
+  // all-to-alls from the markers (CUDA); where a replay runs the body again
+  // (CPU), every step is timed.
+  const bool replays = options_.use_graphs && backend_.replay_skips_host();
   for (int i = 0; i < steps; ++i) {
     double step_seconds = 0, a2a_seconds = 0;
     // Step 0 of every request runs eagerly (plans, NCCL connections); with

@@ -89,6 +89,7 @@ class CpuBackend : public Backend {
                                         const Marker& b) override;
   absl::StatusOr<std::unique_ptr<Graph>> Capture(
       const std::function<absl::Status()>& body) override;
+  bool replay_skips_host() const override { return false; }
 
  private:
   // Runs fn(begin, end) over [0, n) split across the pool; inline when the

@@ -212,6 +212,7 @@ class CudaBackend final : public Backend {
                                         const Marker& b) override;
   absl::StatusOr<std::unique_ptr<Graph>> Capture(
       const std::function<absl::Status()>& body) override;
+  bool replay_skips_host() const override { return true; }
 
  private:
   CudaBackend() = default;
