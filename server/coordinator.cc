@@ -10,6 +10,7 @@
 #include <future>
 #include <limits>
 #include <map>
+#include <optional>
 #include <memory>
 #include <random>
 #include <set>
@@ -119,12 +120,14 @@ class HealthService final : public health::Health::CallbackService {
 
   void SetServing(bool serving) {
     std::vector<std::shared_ptr<Watcher>> watchers;
+    uint64_t version;
     {
       std::lock_guard<std::mutex> lock(mu_);
       for (auto& [name, s] : status_) s = serving;
       watchers = watchers_;
+      version = ++version_;
     }
-    for (auto& w : watchers) w->Update(Status(serving));
+    for (auto& w : watchers) w->Update(Status(serving), version);
   }
 
   grpc::ServerUnaryReactor* Check(grpc::CallbackServerContext* ctx,
@@ -148,6 +151,7 @@ class HealthService final : public health::Health::CallbackService {
       const health::HealthCheckRequest* request) override {
     auto* reactor = new WatchReactor(this);
     health::HealthCheckResponse::ServingStatus current;
+    uint64_t version;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = status_.find(request->service());
@@ -155,8 +159,11 @@ class HealthService final : public health::Health::CallbackService {
                     ? health::HealthCheckResponse::SERVICE_UNKNOWN
                     : Status(it->second);
       if (it != status_.end()) watchers_.push_back(reactor->watcher());
+      version = version_;
     }
-    reactor->watcher()->Update(current);
+    // A SetServing between the unlock and here has already sent a newer
+    // status; the version keeps this older one from overwriting it.
+    reactor->watcher()->Update(current, version);
     return reactor;
   }
 
@@ -171,9 +178,13 @@ class HealthService final : public health::Health::CallbackService {
   class Watcher {
    public:
     explicit Watcher(WatchReactor* r) : writer(r) {}
-    void Update(health::HealthCheckResponse::ServingStatus s) {
+    // `version` orders the updates (SetServing's counter): an older one
+    // arriving late is dropped.
+    void Update(health::HealthCheckResponse::ServingStatus s, uint64_t version) {
       {
         std::lock_guard<std::mutex> lock(mu);
+        if (version < last_version) return;
+        last_version = version;
         if (s == last) return;
         last = s;
       }
@@ -183,6 +194,7 @@ class HealthService final : public health::Health::CallbackService {
     }
     std::mutex mu;
     int last = -1;
+    uint64_t last_version = 0;
     OrderedWriter<WatchReactor, health::HealthCheckResponse> writer;
   };
 
@@ -226,6 +238,7 @@ class HealthService final : public health::Health::CallbackService {
  private:
   std::mutex mu_;
   std::map<std::string, bool> status_;
+  uint64_t version_ = 0;  // SetServing calls so far
   std::vector<std::shared_ptr<Watcher>> watchers_;
 };
 
@@ -354,6 +367,7 @@ struct Group {
   double mean_step_seconds = 0;
   Clock::time_point last_dispatch;
   std::string failure;
+  Clock::time_point failed_at;  // when state became FAILED
 };
 
 struct ModelEntry {
@@ -361,6 +375,9 @@ struct ModelEntry {
   // (-priority, seq) -> request: begin() runs first.
   std::map<std::pair<int, uint64_t>, std::shared_ptr<Request>> queue;
   int running = 0;
+  // Since when no group of the model is forming, ready or busy (Tick).
+  std::optional<Clock::time_point> unserved_since;
+  std::string last_failure;  // "worker group g failed: ..." (FailGroup)
 };
 
 struct StoreWaiter {
@@ -397,6 +414,14 @@ class Coordinator::Impl {
                        std::shared_ptr<vi::RankMessage> msg) {
     loop_.Post([this, link = std::move(link), msg = std::move(msg)] {
       OnRankMessage(link, *msg);
+    });
+  }
+  // A Generate call the ClientGate refused (token, per-client limit) is
+  // counted like every other outcome.
+  void PostGateRejection(std::string model, grpc::StatusCode code) {
+    loop_.Post([this, model = std::move(model), code] {
+      metrics_.CountRequest(models_.count(model) > 0 ? model : kUnknownModelLabel,
+                            StatusCodeName(code));
     });
   }
   void PostRankStreamEnd(std::shared_ptr<RankLink> link, bool broken) {
@@ -439,6 +464,9 @@ class Coordinator::Impl {
   // Marks the group FAILED, fails its running request with UNAVAILABLE and
   // closes its rank streams (with OK when the group is leaving cleanly).
   void FailGroup(Group& group, const std::string& reason, bool leaving = false);
+  // Tick, once a second: forgets FAILED groups and ends queued requests of
+  // models without a live group, after options_.unserved_timeout_ms.
+  void ExpireUnserved(Clock::time_point now);
   void CloseLink(RankLink& link, grpc::Status status);
   void RejectRequest(RequestSink& sink, const std::string& model_label,
                      grpc::Status status);
@@ -595,6 +623,7 @@ class DenoiserServiceImpl final : public v1::Denoiser::CallbackService {
       const v1::GenerateRequest* request) override {
     ClientGate::Slot slot;
     if (grpc::Status s = core_->gate().Admit(*ctx, true, &slot); !s.ok()) {
+      core_->PostGateRejection(request->model(), s.error_code());
       return new RejectedWriteReactor<v1::GenerateEvent>(s);
     }
     return new GenerateReactor(core_, ctx, request, std::move(slot));
@@ -604,6 +633,7 @@ class DenoiserServiceImpl final : public v1::Denoiser::CallbackService {
       v1::GenerateResult* response) override {
     ClientGate::Slot slot;
     if (grpc::Status s = core_->gate().Admit(*ctx, true, &slot); !s.ok()) {
+      core_->PostGateRejection(request->model(), s.error_code());
       return Reject(ctx, s);
     }
     return new UnaryGenerateReactor(core_, ctx, request, response, std::move(slot));
@@ -1522,6 +1552,9 @@ void Coordinator::Impl::FailGroup(Group& group, const std::string& reason,
   if (group.state == v1::GROUP_STATE_FAILED) return;
   group.state = v1::GROUP_STATE_FAILED;
   group.failure = reason;
+  group.failed_at = Clock::now();
+  models_[group.model].last_failure =
+      absl::StrCat("worker group ", group.name, leaving ? " left: " : " failed: ", reason);
   if (leaving) {
     DN_LOG(INFO) << "group " << group.name << " generation "
                  << group.generation << " is leaving: " << reason;
@@ -1772,6 +1805,50 @@ void Coordinator::Impl::Tick() {
     auto it = groups_.find(name);
     if (it != groups_.end()) FailGroup(*it->second, why);
   }
+  ExpireUnserved(now);
+}
+
+void Coordinator::Impl::ExpireUnserved(Clock::time_point now) {
+  const auto limit = std::chrono::milliseconds(options_.unserved_timeout_ms);
+  // Requests queued for a model that has had no live group for the limit
+  // would otherwise wait for their deadline, or forever without one.
+  for (auto& [name, model] : models_) {
+    bool live = false;
+    for (const auto& [gname, g] : groups_) {
+      if (g->model == name && g->state != v1::GROUP_STATE_FAILED) live = true;
+    }
+    if (live) {
+      model.unserved_since.reset();
+      continue;
+    }
+    if (!model.unserved_since.has_value()) model.unserved_since = now;
+    if (model.queue.empty() || now - *model.unserved_since < limit) continue;
+    std::vector<std::shared_ptr<Request>> queued;
+    for (auto& [key, r] : model.queue) queued.push_back(r);
+    for (auto& r : queued) {
+      FinishRequest(r, grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                    absl::StrCat("model '", name, "' has had no live worker "
+                                                 "group for ", options_.unserved_timeout_ms / 1000,
+                                                 " s (last: ", model.last_failure,
+                                                 "); the request left the queue")));
+    }
+  }
+  // A FAILED group whose launcher never registered a new generation (it
+  // died with its ranks, or its host did) is forgotten.
+  bool forgot = false;
+  for (auto it = groups_.begin(); it != groups_.end();) {
+    const Group& g = *it->second;
+    if (g.state == v1::GROUP_STATE_FAILED && now - g.failed_at >= limit) {
+      DN_LOG(WARNING) << "group " << g.name << " generation " << g.generation
+                      << " failed " << SecondsSince(g.failed_at)
+                      << " s ago and no new generation registered; forgetting it";
+      it = groups_.erase(it);
+      forgot = true;
+    } else {
+      ++it;
+    }
+  }
+  if (forgot) UpdateHealthAndGauges();
 }
 
 // ---------------------------------------------------------------------------
@@ -1824,6 +1901,7 @@ int CoordinatorMain(int argc, char** argv) {
   CoordinatorOptions o;
   int max_message_mb = static_cast<int>(o.max_message_bytes >> 20);
   int heartbeat_timeout_s = o.heartbeat_timeout_ms / 1000;
+  int unserved_timeout_s = o.unserved_timeout_ms / 1000;
   std::string ready_file;
   std::string auth_token_file;
   FlagSet flags("denoised coordinator",
@@ -1840,6 +1918,9 @@ int CoordinatorMain(int argc, char** argv) {
                "shared secret ranks must present (default: $DENOISED_SECRET)");
   flags.Int("heartbeat-timeout", &heartbeat_timeout_s,
             "seconds of rank silence before its group is failed");
+  flags.Int("unserved-timeout", &unserved_timeout_s,
+            "seconds a model may have no live worker group before its queued "
+            "requests end UNAVAILABLE, and a failed group is forgotten");
   flags.Bool("admission-by-cost", &o.admission_by_cost,
              "reject at admission (DEADLINE_EXCEEDED) a request whose "
              "estimated queue + run time exceeds its deadline");
@@ -1868,6 +1949,7 @@ int CoordinatorMain(int argc, char** argv) {
   }
   o.max_message_bytes = int64_t{max_message_mb} << 20;
   o.heartbeat_timeout_ms = std::max(2, heartbeat_timeout_s) * 1000;
+  o.unserved_timeout_ms = std::max(1, unserved_timeout_s) * 1000;
   SetLogTag("coordinator");
 
   InstallStopSignalHandlers();

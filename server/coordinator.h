@@ -40,6 +40,11 @@ struct CoordinatorOptions {
   // When set, ranks must present it in Hello and store calls.
   std::string secret;
   int heartbeat_timeout_ms = 15000;
+  // How long a model may have no live worker group (none forming, ready or
+  // busy) before its queued requests end UNAVAILABLE, and how long a FAILED
+  // group waits for its launcher to register a new generation before it is
+  // forgotten (then the model is no longer served: NOT_FOUND).
+  int unserved_timeout_ms = 60000;
   // Reject at admission (DEADLINE_EXCEEDED) a request whose deadline cannot
   // be met by the estimate: tokens x steps x the fastest ready group's
   // measured seconds per token-step, plus the work queued and running ahead

@@ -23,6 +23,7 @@
 #include "grpcpp/impl/codegen/client_unary_call.h"
 #include "grpcpp/impl/codegen/rpc_method.h"
 #include "grpcpp/impl/codegen/sync_stream.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "server/client.h"
 #include "server/metrics_scrape.h"
@@ -330,6 +331,43 @@ TEST_F(CoordinatorTest, ListenAddressInUseIsAnError) {
   EXPECT_THAT(std::string(second.status().message()),
               HasSubstr("--listen: cannot serve gRPC on " + coord_->target));
   EXPECT_TRUE(client_->ListModels().ok()) << "the first one still serves";
+}
+
+// grpc.health.v1 Watch: the current status at once, then every change, in
+// order (the overall status follows the worker groups); an unknown service
+// gets SERVICE_UNKNOWN.
+TEST_F(CoordinatorTest, HealthWatchFollowsTheGroups) {
+  namespace health = ::grpc::health::v1;
+  Start();
+  auto stub = health::Health::NewStub(
+      grpc::CreateChannel(coord_->target, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  health::HealthCheckRequest req;
+  req.set_service("denoised.v1.Denoiser");
+  auto watch = stub->Watch(&ctx, req);
+  health::HealthCheckResponse r;
+  ASSERT_TRUE(watch->Read(&r));
+  EXPECT_EQ(r.status(), health::HealthCheckResponse::NOT_SERVING);
+  auto rank = std::make_unique<ScriptedRank>(coord_->target, "g", 0, 1, 1);
+  ASSERT_TRUE(rank->welcomed());
+  rank->Ready();
+  ASSERT_TRUE(watch->Read(&r));
+  EXPECT_EQ(r.status(), health::HealthCheckResponse::SERVING);
+  rank->Break();
+  ASSERT_TRUE(watch->Read(&r));
+  EXPECT_EQ(r.status(), health::HealthCheckResponse::NOT_SERVING);
+
+  grpc::ClientContext ctx2;
+  ctx2.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  req.set_service("no.such.Service");
+  auto unknown = stub->Watch(&ctx2, req);
+  ASSERT_TRUE(unknown->Read(&r));
+  EXPECT_EQ(r.status(), health::HealthCheckResponse::SERVICE_UNKNOWN);
+  ctx.TryCancel();
+  ctx2.TryCancel();
+  watch->Finish();
+  unknown->Finish();
 }
 
 TEST_F(CoordinatorTest, StoreIsScopedAndWaits) {
@@ -714,6 +752,61 @@ TEST_F(ReadyGroupTest, BrokenRankFailsTheGroupUntilANewGeneration) {
   ScriptedRank stale(coord_->target, "g", 0, 1, 1);
   EXPECT_FALSE(stale.welcomed());
   EXPECT_EQ(stale.Finish().error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+// A request queued behind a group that then fails waits for the launcher's
+// next generation and runs on it.
+TEST_F(ReadyGroupTest, QueuedRequestRunsOnTheNextGeneration) {
+  SetUpGroup();
+  Call running(*client_, TinyRequest(5, 64, 64, 10, 1));
+  ASSERT_TRUE(rank_->NextJob().has_value());
+  Call queued(*client_, TinyRequest(5, 64, 64, 2, 2));
+  queued.accepted.get_future().wait();
+  rank_->Break();
+  EXPECT_EQ(running.Status().code(), absl::StatusCode::kUnavailable);
+  WaitState("g", v1::GROUP_STATE_FAILED);
+  ScriptedRank next(coord_->target, "g", 0, 1, 2);
+  ASSERT_TRUE(next.welcomed());
+  next.Ready();
+  std::optional<vi::Job> job = next.NextJob();
+  ASSERT_TRUE(job.has_value());
+  next.Result(job->request_id(), 0, &*job);
+  EXPECT_TRUE(queued.Status().ok()) << queued.Status();
+}
+
+// When no new generation comes, the queued request does not wait forever:
+// after --unserved-timeout it ends UNAVAILABLE saying why, the failed group is
+// forgotten, and the model is no longer served (NOT_FOUND).
+TEST_F(ReadyGroupTest, QueuedRequestsEndWhenNoGroupComesBack) {
+  SetUpGroup({"--unserved-timeout", "1"});
+  Call running(*client_, TinyRequest(5, 64, 64, 10, 1));
+  ASSERT_TRUE(rank_->NextJob().has_value());
+  Call queued(*client_, TinyRequest(5, 64, 64, 2, 2));  // no deadline of its own
+  queued.accepted.get_future().wait();
+  rank_->Break();
+  EXPECT_EQ(running.Status().code(), absl::StatusCode::kUnavailable);
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_EQ(queued.done.wait_for(std::chrono::seconds(20)), std::future_status::ready)
+      << "the queued request is still waiting";
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const absl::Status s = queued.Status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("model 'tiny' has had no live worker group"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("worker group g failed"));
+  EXPECT_GE(waited, 0.5);
+  EXPECT_LT(waited, 5.0);
+  absl::StatusOr<v1::ServerInfo> info = client_->GetServerInfo();
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->groups_size(), 0) << "the failed group is forgotten";
+  EXPECT_EQ(client_->Generate(TinyRequest(5, 64, 64, 2, 3), std::chrono::seconds(10), {})
+                .status()
+                .code(),
+            absl::StatusCode::kNotFound);
+  auto m = Scrape();
+  EXPECT_EQ(SumSamples(m, "denoised_requests_total", {{"code", "UNAVAILABLE"}}), 2);
+  EXPECT_EQ(SumSamples(m, "denoised_queue_depth"), 0);
+  EXPECT_EQ(SumSamples(m, "denoised_worker_groups"), 0);
 }
 
 TEST_F(ReadyGroupTest, MismatchingModelConfigIsRefused) {

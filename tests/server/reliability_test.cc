@@ -45,6 +45,7 @@ namespace v1 = ::denoised::v1;
 using ::dn::server::testing::CoordinatorProc;
 using ::dn::server::testing::Proc;
 using ::dn::server::testing::ReadFile;
+using ::dn::server::testing::Scrape;
 using ::dn::server::testing::StartCoordinator;
 using ::dn::server::testing::StartTinyGroup;
 using ::dn::server::testing::TempDir;
@@ -70,13 +71,6 @@ int64_t VmRssBytes(pid_t pid) {
     }
   }
   return 0;
-}
-
-std::vector<MetricSample> Scrape(const std::string& address) {
-  absl::StatusOr<std::string> text =
-      HttpGet(address, "/metrics", std::chrono::seconds(5));
-  EXPECT_TRUE(text.ok()) << text.status();
-  return text.ok() ? ParseMetricsText(*text) : std::vector<MetricSample>{};
 }
 
 double Seconds(Clock::time_point since) {

@@ -114,6 +114,11 @@ CoordinatorProc* AuthTest::coord_ = nullptr;
 Proc* AuthTest::group_ = nullptr;
 
 TEST_F(AuthTest, MissingOrWrongTokenIsUnauthenticated) {
+  auto unauthenticated = [] {
+    return SumSamples(::dn::server::testing::Scrape(coord_->metrics), "denoised_requests_total",
+                      {{"code", "UNAUTHENTICATED"}});
+  };
+  const double before = unauthenticated();
   for (const std::string token : {"", "wrong-token", "token-a-012345678"}) {
     SCOPED_TRACE(token);
     auto client = Client(coord_->target, token);
@@ -131,6 +136,13 @@ TEST_F(AuthTest, MissingOrWrongTokenIsUnauthenticated) {
     ASSERT_TRUE(health.ok()) << health.status();
     EXPECT_EQ(*health, "SERVING");
   }
+  // The refused generation calls (2 per token) are counted like any outcome;
+  // the count is posted to the coordinator's loop, so allow it a moment.
+  double counted = 0;
+  for (int i = 0; i < 100 && (counted = unauthenticated() - before) < 6; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(counted, 6);
 }
 
 TEST_F(AuthTest, EveryTokenOfTheFileWorks) {

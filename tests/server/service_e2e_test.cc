@@ -36,6 +36,7 @@ using ::dn::server::testing::CoordinatorProc;
 using ::dn::server::testing::Proc;
 using ::dn::server::testing::PromtoolCheck;
 using ::dn::server::testing::ReadFile;
+using ::dn::server::testing::Scrape;
 using ::dn::server::testing::StartCoordinator;
 using ::dn::server::testing::StartTinyGroup;
 using ::dn::server::testing::TempDir;
@@ -148,12 +149,6 @@ class ServiceTest : public ::testing::Test {
     delete dir_;
   }
 
-  static std::vector<MetricSample> Scrape(const std::string& address) {
-    absl::StatusOr<std::string> text =
-        HttpGet(address, "/metrics", std::chrono::seconds(5));
-    EXPECT_TRUE(text.ok()) << text.status();
-    return text.ok() ? ParseMetricsText(*text) : std::vector<MetricSample>{};
-  }
   static std::map<std::string, v1::WorkerGroupInfo> Groups() {
     std::map<std::string, v1::WorkerGroupInfo> out;
     absl::StatusOr<v1::ServerInfo> info = client_->GetServerInfo();

@@ -23,10 +23,20 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "denoised/v1/denoiser.pb.h"
+#include "gtest/gtest.h"
 #include "server/client.h"
+#include "server/metrics_scrape.h"
 #include "server/process.h"
 
 namespace dn::server::testing {
+
+// The samples of a /metrics endpoint (an EXPECT failure and none when it
+// cannot be read).
+inline std::vector<MetricSample> Scrape(const std::string& address) {
+  absl::StatusOr<std::string> text = HttpGet(address, "/metrics", std::chrono::seconds(5));
+  EXPECT_TRUE(text.ok()) << text.status();
+  return text.ok() ? ParseMetricsText(*text) : std::vector<MetricSample>{};
+}
 
 // A temporary folder removed with its files at the end.
 class TempDir {
