@@ -314,6 +314,7 @@ struct RankLink {
   // Loop-thread state.
   bool hello_done = false;
   bool ended = false;
+  bool leaving = false;  // the rank sent Leave: its stream's end is no failure
   std::string group;
   int64_t generation = 0;
   int rank = -1;
@@ -588,8 +589,8 @@ class AttachReactor final
   }
   void OnReadDone(bool ok) override {
     if (!ok) {
-      // A half-close (the rank's WritesDone) is a clean leave; anything else
-      // is a broken stream.
+      // A half-close after the rank's Leave is a clean leave; anything else
+      // (no Leave, a cancelled call) is a broken stream.
       core_->PostRankStreamEnd(link_, ctx_->IsCancelled());
       return;
     }
@@ -1283,6 +1284,11 @@ void Coordinator::Impl::OnRankMessage(const std::shared_ptr<RankLink>& link,
   switch (msg.msg_case()) {
     case vi::RankMessage::kHeartbeat:
       break;
+    case vi::RankMessage::kLeave:
+      DN_LOG(INFO) << "rank " << link->rank << " of group " << group->name
+                   << " is leaving: " << msg.leave().reason();
+      link->leaving = true;
+      break;
     case vi::RankMessage::kReady: {
       if (group->state != v1::GROUP_STATE_FORMING) break;
       group->ready[static_cast<size_t>(link->rank)] = true;
@@ -1599,7 +1605,7 @@ void Coordinator::Impl::OnRankStreamEnd(const std::shared_ptr<RankLink>& link,
     return;
   }
   Group& group = *git->second;
-  if (broken || group.state == v1::GROUP_STATE_FAILED) {
+  if (broken || !link->leaving || group.state == v1::GROUP_STATE_FAILED) {
     // Kept as FAILED until a new generation registers (the launcher restarts
     // the whole group).
     FailGroup(group, absl::StrCat("rank ", link->rank, " disconnected"));

@@ -472,6 +472,9 @@ int RunRank(const RankOptions& o) {
     const int sig = WaitStopSignal(std::chrono::milliseconds(-1));
     DN_LOG(INFO) << "signal " << sig << ": leaving the group";
     leaving = true;
+    vi::RankMessage bye;
+    bye.mutable_leave()->set_reason(absl::StrCat("signal ", sig));
+    conn.Write(bye);
     conn.WritesDone();
     // The coordinator closes the stream; the reader then exits 0.
     std::this_thread::sleep_for(std::chrono::seconds(3));

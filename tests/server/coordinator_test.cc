@@ -107,6 +107,15 @@ class ScriptedRank {
     return stream_->Finish();
   }
   void Break() { ctx_.TryCancel(); }
+  // A clean leave: Leave, then half-close.
+  void Leave() {
+    vi::RankMessage m;
+    m.mutable_leave()->set_reason("test");
+    Send(m);
+    stream_->WritesDone();
+  }
+  // A half-close without Leave (a rank that ends its stream unannounced).
+  void HalfClose() { stream_->WritesDone(); }
 
   void Ready() {
     vi::RankMessage m;
@@ -807,6 +816,29 @@ TEST_F(ReadyGroupTest, QueuedRequestsEndWhenNoGroupComesBack) {
   EXPECT_EQ(SumSamples(m, "denoised_requests_total", {{"code", "UNAVAILABLE"}}), 2);
   EXPECT_EQ(SumSamples(m, "denoised_queue_depth"), 0);
   EXPECT_EQ(SumSamples(m, "denoised_worker_groups"), 0);
+}
+
+// A rank that announces its leave (Leave, then half-close) removes its group
+// without counting a failure; a stream that ends without Leave fails it.
+TEST_F(CoordinatorTest, LeaveRemovesTheGroupAnUnannouncedEndFailsIt) {
+  Start();
+  ScriptedRank a(coord_->target, "a", 0, 1, 1);
+  ScriptedRank b(coord_->target, "b", 0, 1, 1);
+  ASSERT_TRUE(a.welcomed());
+  ASSERT_TRUE(b.welcomed());
+  a.Ready();
+  b.Ready();
+  WaitState("a", v1::GROUP_STATE_READY);
+  WaitState("b", v1::GROUP_STATE_READY);
+  a.Leave();
+  EXPECT_TRUE(a.Finish().ok());
+  b.HalfClose();
+  WaitState("b", v1::GROUP_STATE_FAILED);
+  absl::StatusOr<v1::ServerInfo> info = client_->GetServerInfo();
+  ASSERT_TRUE(info.ok());
+  ASSERT_EQ(info->groups_size(), 1) << "group a is gone";
+  EXPECT_EQ(info->groups(0).name(), "b");
+  b.Finish();
 }
 
 TEST_F(ReadyGroupTest, MismatchingModelConfigIsRefused) {
