@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <limits>
 #include <optional>
@@ -311,7 +312,9 @@ bool ProgressPrinter::operator()(const v1::GenerateEvent& event) {
     case v1::GenerateEvent::kStep: {
       const v1::Step& s = event.step();
       constexpr int kWidth = 24;
-      const int filled = (s.index() + 1) * kWidth / std::max(1, s.total());
+      // (The server's numbers: clamp rather than trust them.)
+      const int64_t filled = std::clamp<int64_t>(
+          (int64_t{s.index()} + 1) * kWidth / std::max(1, s.total()), 0, kWidth);
       std::string bar(static_cast<size_t>(filled), '#');
       bar.resize(kWidth, '.');
       const bool last = s.index() + 1 >= s.total();
@@ -415,6 +418,9 @@ int GenerateMain(int argc, char** argv) {
   }
   if (!prompt_table.empty() && prompt.empty()) {
     return usage_error("--prompt-table needs --prompt");
+  }
+  if (!std::isfinite(deadline_s) || deadline_s < 0 || deadline_s > 1e7) {
+    return usage_error("--deadline must be in [0, 1e7] seconds (0: none)");
   }
   if (image_scale < 1 || image_scale > 64) {
     return usage_error("--image-scale must be in [1, 64]");

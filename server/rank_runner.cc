@@ -102,6 +102,7 @@ v1::ModelInfo ModelInfoFromConfig(const worker::WanConfig& config,
   for (int s : config.vae_stride) info.add_vae_stride(s);
   for (int p : config.patch_size) info.add_patch_size(p);
   info.set_max_tokens(max_tokens);
+  info.set_max_axis_tokens(config.rope_max_seq_len);
   return info;
 }
 
@@ -299,14 +300,10 @@ vi::JobResult RunJob(const vi::Job& job, worker::Engine& engine,
     return result;
   }
   absl::Status s = latents.status();
-  // A DEADLINE_EXCEEDED that is not the request's deadline is a collective
-  // timeout: the group is broken.
-  const bool request_deadline =
-      jobs.stop()->code() == absl::StatusCode::kDeadlineExceeded ||
-      (job.deadline_unix_millis() > 0 &&
-       UnixMillisNow() >= job.deadline_unix_millis());
-  *fatal = !IsRequestLevelError(s.code()) ||
-           (s.code() == absl::StatusCode::kDeadlineExceeded && !request_deadline);
+  // The engine knows whether its data group survived (an agreed stop or a
+  // setup failure leave it usable; a failure inside a step does not). Every
+  // rank gets the same answer from it; none guesses from its own clock.
+  *fatal = engine.broken() || !IsRequestLevelError(s.code());
   if (*fatal && IsRequestLevelError(s.code())) {
     s = absl::UnavailableError(absl::StrCat("rank ", rank, ": ", s.ToString()));
   }

@@ -37,10 +37,10 @@ absl::StatusOr<int> CheckEmbeds(const v1::Tensor& t, const std::string& field,
                                 text_dim, "] with T >= 1, got [",
                                 absl::StrJoin(s, ", "), "]"));
   }
-  if (s.Get(s.size() - 2) > 65536) {
+  if (s.Get(s.size() - 2) > worker::kMaxTextTokens) {
     return Invalid(field + ".shape",
-                   absl::StrCat("T = ", s.Get(s.size() - 2),
-                                " text tokens is more than 65536"));
+                   absl::StrCat("T = ", s.Get(s.size() - 2), " text tokens is more than ",
+                                worker::kMaxTextTokens));
   }
   return static_cast<int>(s.Get(s.size() - 2));
 }
@@ -128,6 +128,12 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
                        patch[i],
                        from_pixels ? " (pixel size / VAE stride)" : ""));
     }
+    if (model.max_axis_tokens() > 0 && dims[i] / patch[i] > model.max_axis_tokens()) {
+      return Invalid(absl::StrCat(shape_field, ".", names[i]),
+                     absl::StrCat("latent ", names[i], " ", dims[i], " is ", dims[i] / patch[i],
+                                  " tokens along the axis; the model has positions for ",
+                                  model.max_axis_tokens()));
+    }
   }
   out.latent = latent;
   out.tokens = LatentTokens(latent, model);
@@ -160,15 +166,16 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
     return Invalid("steps", absl::StrCat("must be in [1, ", kMaxSteps,
                                          "], got ", in.steps()));
   }
-  if (!std::isfinite(r.guidance_scale()) || r.guidance_scale() < 0) {
-    return Invalid("guidance_scale",
-                   absl::StrCat("must be finite and >= 0, got ",
-                                in.guidance_scale()));
+  if (!std::isfinite(r.guidance_scale()) || r.guidance_scale() < 0 ||
+      r.guidance_scale() > worker::kMaxGuidance) {
+    return Invalid("guidance_scale", absl::StrCat("must be finite and in [0, ",
+                                                  worker::kMaxGuidance, "], got ",
+                                                  in.guidance_scale()));
   }
   if (r.guidance_scale() == 0) r.set_guidance_scale(kDefaultGuidance);
-  if (!std::isfinite(r.shift()) || r.shift() < 0) {
-    return Invalid("shift", absl::StrCat("must be finite and > 0, got ",
-                                         in.shift()));
+  if (!std::isfinite(r.shift()) || r.shift() < 0 || r.shift() > worker::kMaxShift) {
+    return Invalid("shift", absl::StrCat("must be finite and in (0, ", worker::kMaxShift,
+                                         "] (0: the default), got ", in.shift()));
   }
   if (r.shift() == 0) r.set_shift(kDefaultShift);
   if (!v1::Scheduler_IsValid(r.scheduler())) {

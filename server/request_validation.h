@@ -13,11 +13,12 @@
 
 #include "absl/status/statusor.h"
 #include "denoised/v1/denoiser.pb.h"
+#include "worker/engine.h"
 
 namespace dn::server {
 
 inline constexpr int kDefaultSteps = 50;
-inline constexpr int kMaxSteps = 1000;
+using worker::kMaxSteps;  // the engine's limits (worker/engine.h)
 inline constexpr float kDefaultGuidance = 5.0f;
 inline constexpr float kDefaultShift = 3.0f;
 inline constexpr int kMaxPriority = 100;

@@ -93,8 +93,15 @@ class EngineImpl : public Engine {
                                   const StopFlag* stop) override;
   absl::StatusOr<double> Warmup(const LatentShape& shape,
                                 int text_len) override;
+  bool broken() const override { return broken_; }
 
  private:
+  // Aborts the data group so peers blocked in a data collective with this
+  // rank fail promptly; the engine is broken from then on.
+  void AbortData() {
+    broken_ = true;
+    data_.Abort();
+  }
   // Everything before the first step that may fail on one rank only.
   absl::Status Setup(const GenerateParams& params, bool cfg);
   // sampled: eager forward with all-to-all markers; else the graph (when
@@ -119,19 +126,21 @@ class EngineImpl : public Engine {
   Tensor zero_negative_;
   MarkerList markers_;
   double last_alltoall_seconds_ = 0;  // of the latest sampled step
+  bool broken_ = false;
 };
 
 absl::Status EngineImpl::Validate(const GenerateParams& p) const {
   const WanConfig& c = config();
-  if (p.steps < 1 || p.steps > 1000)
+  if (p.steps < 1 || p.steps > kMaxSteps)
     return absl::InvalidArgumentError(
-        absl::StrCat("steps ", p.steps, " must be in [1, 1000]"));
-  if (!std::isfinite(p.guidance) || p.guidance < 0 || p.guidance > 100)
+        absl::StrCat("steps ", p.steps, " must be in [1, ", kMaxSteps, "]"));
+  if (!std::isfinite(p.guidance) || p.guidance < 0 || p.guidance > kMaxGuidance)
+    return absl::InvalidArgumentError(absl::StrCat("guidance ", p.guidance,
+                                                   " must be finite and in [0, ", kMaxGuidance,
+                                                   "] (CFG on iff > 1)"));
+  if (!std::isfinite(p.shift) || p.shift <= 0 || p.shift > kMaxShift)
     return absl::InvalidArgumentError(absl::StrCat(
-        "guidance ", p.guidance, " must be finite and in [0, 100] (CFG on iff > 1)"));
-  if (!std::isfinite(p.shift) || p.shift <= 0 || p.shift > 1000)
-    return absl::InvalidArgumentError(
-        absl::StrCat("shift ", p.shift, " must be finite and in (0, 1000]"));
+        "shift ", p.shift, " must be finite and in (0, ", kMaxShift, "]"));
   const LatentShape& l = p.latent;
   if (l.channels != c.in_channels)
     return absl::InvalidArgumentError(absl::StrCat(
@@ -164,9 +173,9 @@ absl::Status EngineImpl::Validate(const GenerateParams& p) const {
       return absl::InvalidArgumentError(absl::StrCat(
           name, " must be host f32 [T, text_dim = ", c.text_dim,
           "] with T >= 1, got ", e.DebugString()));
-    if (e.dim(0) > 4096)
+    if (e.dim(0) > kMaxTextTokens)
       return absl::InvalidArgumentError(absl::StrCat(
-          name, " has ", e.dim(0), " tokens, more than 4096"));
+          name, " has ", e.dim(0), " tokens, more than ", kMaxTextTokens));
     return absl::OkStatus();
   };
   if (!p.prompt_embeds.defined())
@@ -320,7 +329,35 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
   const int rank = data_.rank();
   const int steps = sampler->steps();
 
+  if (broken_)
+    return absl::FailedPreconditionError(
+        "the engine's data group was aborted by an earlier failure; restart the rank");
   absl::Status local = Setup(params, cfg);
+  {
+    // Agree on Setup before any data collective: a rank whose Setup failed
+    // (out of memory, a plan the library refused) says so here, nobody waits
+    // for it in a collective, and the data group stays usable. Its code
+    // travels in the stop word; its message stays in its own result.
+    double words[kControlWords] = {0, 0, 0, 0, 0};
+    if (!local.ok()) {
+      words[kStopCode] = static_cast<double>(local.code());
+      words[kErrorRank] = static_cast<double>(rank + 1);
+    }
+    const absl::Status cs = control_.AllReduce(words, kControlWords, comm::ReduceType::kF64,
+                                               comm::ReduceOp::kMax);
+    if (!cs.ok()) {
+      AbortData();
+      return absl::Status(cs.code(), absl::StrCat("control all-reduce before step 0: ",
+                                                  cs.message()));
+    }
+    if (!local.ok()) return local;
+    if (words[kErrorRank] > 0)
+      return absl::Status(
+          static_cast<absl::StatusCode>(static_cast<int>(words[kStopCode])),
+          absl::StrCat("rank ", static_cast<int>(words[kErrorRank]) - 1,
+                       " could not set up the request (its log has why); rank ", rank,
+                       " stopped with it"));
+  }
   last_alltoall_seconds_ = 0;
   const int every = data_.size() > 1 ? options_.timing_every : 0;
   // Only a graph whose replay skips the body's host code hides the
@@ -337,10 +374,7 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
     if (local.ok())
       local = RunStep(i, *sampler, cfg, static_cast<float>(params.guidance),
                       sampled, &step_seconds, &a2a_seconds);
-    if (!local.ok()) {
-      // Peers blocked in a data collective with us fail promptly.
-      data_.Abort();
-    }
+    if (!local.ok()) AbortData();  // peers in a data collective with us fail promptly
     double words[kControlWords] = {0, 0, 0, 0, 0};
     if (stop != nullptr && stop->code() != absl::StatusCode::kOk)
       words[kStopCode] = static_cast<double>(stop->code());
@@ -356,14 +390,14 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
                                          comm::ReduceType::kF64,
                                          comm::ReduceOp::kMax);
     if (!cs.ok()) {
-      data_.Abort();
+      AbortData();
       if (!local.ok()) return local;
       return absl::Status(cs.code(), absl::StrCat("control all-reduce at step ",
                                                   i, ": ", cs.message()));
     }
     if (words[kErrorRank] > 0) {
       if (!local.ok()) return local;
-      data_.Abort();
+      AbortData();
       return absl::AbortedError(absl::StrCat(
           "rank ", static_cast<int>(words[kErrorRank]) - 1, " failed at step ",
           i, "; rank ", rank, " stopped with it"));

@@ -44,6 +44,14 @@ absl::StatusOr<LatentShape> LatentFromPixels(const WanConfig& config,
 // Token count of a latent shape after patching (F/pt * H/ph * W/pw).
 int64_t TokenCount(const WanConfig& config, const LatentShape& shape);
 
+// What every request must meet; the engine checks them (Validate), and the
+// coordinator checks the same at admission so that a request it accepts is
+// never refused by the ranks.
+inline constexpr int kMaxSteps = 1000;
+inline constexpr double kMaxGuidance = 100;
+inline constexpr double kMaxShift = 1000;
+inline constexpr int64_t kMaxTextTokens = 4096;
+
 struct GenerateParams {
   LatentShape latent;
   int steps = 50;
@@ -116,10 +124,17 @@ class Engine {
   // Checks params against the model and limits; messages name the field.
   virtual absl::Status Validate(const GenerateParams& params) const = 0;
   // Runs the denoising loop (collective). Returns the final latents
-  // [C,F,H,W] (host f32) on every rank.
+  // [C,F,H,W] (host f32) on every rank. Every rank returns the same outcome
+  // class: an agreed stop (CANCELLED / DEADLINE_EXCEEDED at the same step),
+  // a setup failure of some rank (its code, before any data collective), or
+  // a failure mid-step, after which the engine is broken().
   virtual absl::StatusOr<Tensor> Generate(const GenerateParams& params,
                                           const StepCallback& on_step,
                                           const StopFlag* stop) = 0;
+  // True once the engine aborted its data process group (a rank failed in a
+  // step, or a collective failed): every later Generate fails, so the rank
+  // must be restarted. A stop or a setup failure leaves it usable.
+  virtual bool broken() const = 0;
   // Measures seconds per step at `shape` (collective), after building any
   // per-shape plans; used for warm-up and admission estimates.
   virtual absl::StatusOr<double> Warmup(const LatentShape& shape,

@@ -104,9 +104,10 @@ absl::Status ParseEntry(const std::string& name, const Json& value,
     if (v == 0) {
       has_zero = true;
     } else {
-      if (nonzero_product > kMaxCount / v)
-        return absl::InvalidArgumentError(
-            absl::StrCat(where, ": shape ", shape_it->dump(), " is too large"));
+      if (nonzero_product > kMaxCount / v)  // (not dump(): entries after this one are unchecked)
+        return absl::InvalidArgumentError(absl::StrCat(
+            where, ": shape ", ShapeString(entry->shape), " times ", v,
+            " has more than ", kMaxCount, " elements"));
       nonzero_product *= v;
     }
     entry->shape.push_back(static_cast<int64_t>(v));

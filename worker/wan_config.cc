@@ -2,6 +2,7 @@
 
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -21,8 +22,34 @@ constexpr char kQkNorm[] = "rms_norm_across_heads";
 // overflow (configs are untrusted input).
 constexpr int kMaxSize = 1 << 20;
 
+// A short rendering of an untrusted value for messages: scalars as JSON,
+// containers to `depth` levels (deeper ones as [...] / {...}), so a deeply
+// nested value cannot recurse (json::dump would, once per level).
+void Render(const Json& j, int depth, std::string* out) {
+  if (out->size() > 80) return;
+  if (!j.is_structured()) {
+    *out += j.dump(-1, ' ', false, Json::error_handler_t::replace);
+    return;
+  }
+  const bool array = j.is_array();
+  if (depth == 0) {
+    *out += array ? "[...]" : "{...}";
+    return;
+  }
+  *out += array ? "[" : "{";
+  bool first = true;
+  for (auto it = j.begin(); it != j.end() && out->size() <= 80; ++it) {
+    if (!first) *out += ", ";
+    first = false;
+    if (!array) *out += Json(it.key()).dump(-1, ' ', false, Json::error_handler_t::replace) + ": ";
+    Render(*it, depth - 1, out);
+  }
+  *out += array ? "]" : "}";
+}
+
 std::string Show(const Json& j) {
-  std::string s = j.dump(-1, ' ', false, Json::error_handler_t::replace);
+  std::string s;
+  Render(j, 2, &s);
   if (s.size() > 80) s = s.substr(0, 77) + "...";
   return s;
 }
@@ -213,7 +240,11 @@ absl::StatusOr<WanConfig> WanConfig::FromJson(const std::string& json) {
                         *it);
     if (*it != "t2v") {
       if (!image_dim) c.image_dim = 1280;
-      if (!added_kv) c.added_kv_proj_dim = c.inner_dim();
+      // (inner_dim() in int64: the factors are not validated yet.)
+      if (!added_kv)
+        c.added_kv_proj_dim = static_cast<int>(std::min<int64_t>(
+            static_cast<int64_t>(c.num_attention_heads) * c.attention_head_dim,
+            kMaxSize + int64_t{1}));
       if (*it == "flf2v" && !pos_len) c.pos_embed_seq_len = 2 * 257;
     }
   }
@@ -282,6 +313,16 @@ absl::Status WanConfig::Validate() const {
         " exceeds ", kMaxSize));
   DN_RETURN_IF_ERROR(CheckMin("in_channels", in_channels, 1));
   DN_RETURN_IF_ERROR(CheckMin("out_channels", out_channels, 1));
+  // The patch embedding and the head are [inner_dim, in_channels * patch]
+  // and [out_channels * patch, inner_dim]: bound the patch volume and those
+  // rows so that no derived size overflows.
+  const int64_t patch_volume = static_cast<int64_t>(patch_size[0]) * patch_size[1] *
+                               patch_size[2];
+  if (patch_volume > kMaxSize || patch_volume * std::max(in_channels, out_channels) > kMaxSize)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config: patch_size ", patch_size[0], "x", patch_size[1], "x", patch_size[2],
+        " times max(in_channels, out_channels) = ",
+        patch_volume * std::max(in_channels, out_channels), " exceeds ", kMaxSize));
   DN_RETURN_IF_ERROR(CheckMin("text_dim", text_dim, 1));
   DN_RETURN_IF_ERROR(CheckMin("freq_dim", freq_dim, 2));
   if (freq_dim % 2 != 0)

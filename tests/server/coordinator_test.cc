@@ -54,6 +54,7 @@ v1::ModelInfo TinyInfo() {
   for (int s : {4, 8, 8}) m.add_vae_stride(s);
   for (int p : {1, 2, 2}) m.add_patch_size(p);
   m.set_max_tokens(100000);
+  m.set_max_axis_tokens(1024);
   return m;
 }
 
@@ -521,6 +522,17 @@ TEST_F(ReadyGroupTest, InvalidRequestsNameTheField) {
       {"guidance_scale",
        [](v1::GenerateRequest& r) { r.set_guidance_scale(std::nanf("")); }},
       {"shift", [](v1::GenerateRequest& r) { r.set_shift(INFINITY); }},
+      // The engine's own limits are checked at admission too.
+      {"guidance_scale", [](v1::GenerateRequest& r) { r.set_guidance_scale(150); }},
+      {"shift", [](v1::GenerateRequest& r) { r.set_shift(2000); }},
+      {"prompt_embeds.shape",
+       [](v1::GenerateRequest& r) { *r.mutable_prompt_embeds() = SeededEmbeds(1, 4097, 32); }},
+      {"latent_shape.width",  // 1025 tokens along one axis (positions: 1024)
+       [](v1::GenerateRequest& r) {
+         r.mutable_latent_shape()->set_frames(1);
+         r.mutable_latent_shape()->set_height(2);
+         r.mutable_latent_shape()->set_width(2050);
+       }},
       {"pixel_size.frames",
        [](v1::GenerateRequest& r) { r.mutable_pixel_size()->set_frames(6); }},
       {"pixel_size.height",

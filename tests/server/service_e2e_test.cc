@@ -26,6 +26,7 @@
 #include "server/metrics_scrape.h"
 #include "server/process.h"
 #include "tests/server/service_test_util.h"
+#include "worker/wan_config.h"
 #include "worker/safetensors.h"
 
 namespace dn::server {
@@ -218,6 +219,14 @@ TEST_F(ServiceTest, HealthFollowsTheGroups) {
   EXPECT_EQ(groups.at("g2").world_size(), 2);
   EXPECT_EQ(groups.at("g2").ranks_size(), 2);
   EXPECT_EQ(groups.at("g2").backend(), "cpu");
+  // The ranks describe the model, limits included (admission checks them).
+  absl::StatusOr<v1::ListModelsResponse> models = client_->ListModels();
+  ASSERT_TRUE(models.ok()) << models.status();
+  ASSERT_EQ(models->models_size(), 1);
+  const absl::StatusOr<worker::WanConfig> tiny = worker::PresetConfig("tiny");
+  ASSERT_TRUE(tiny.ok());
+  EXPECT_EQ(models->models(0).max_axis_tokens(), tiny->rope_max_seq_len);
+  EXPECT_GT(models->models(0).max_tokens(), 0);
 }
 
 // Several clients at once: each stream is Accepted, Started, one Step per

@@ -184,7 +184,14 @@ TEST(SafetensorsTest, MalformedHeadersGiveClearErrors) {
        "non-negative integers, got non-integer number"},
       {"overflowing shape",
        Image(R"({"t":{"dtype":"F32","shape":[4294967296,4294967296,4],"data_offsets":[0,4]}})", 4),
-       "is too large"},
+       "shape [4294967296] times 4294967296 has more than"},
+      // ...followed by a value nested 100000 deep: the message must not
+      // render it (json::dump recurses once per level: a stack overflow).
+      {"overflowing shape, deep tail",
+       Image(R"({"t":{"dtype":"F32","shape":[4294967296,4294967296,)" + std::string(100000, '[') +
+                 std::string(100000, ']') + R"(],"data_offsets":[0,4]}})",
+             4),
+       "has more than"},
       {"missing offsets", Image(R"({"t":{"dtype":"F32","shape":[1]}})", 4),
        "missing 'data_offsets'"},
       {"offsets not pair", Image(R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[0]}})", 4),

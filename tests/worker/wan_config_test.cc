@@ -173,9 +173,21 @@ TEST(WanConfigTest, ErrorsNameTheField) {
       {R"({"image_dim": 1280})", "'image_dim' (1280) and 'added_kv_proj_dim' (0) must both"},
       {R"({"pos_embed_seq_len": 514})", "'pos_embed_seq_len' needs 'image_dim'"},
       {R"({"num_attention_heads": 100000, "attention_head_dim": 128})", "inner dim"},
+      // Overflows computed before validation (int64 now) are still refused.
+      {R"({"num_attention_heads": 1048576, "attention_head_dim": 1048576, "model_type": "i2v"})",
+       "inner dim"},
+      {R"({"patch_size": [1048576, 1048576, 1048576]})", "config: patch_size"},
+      {R"({"patch_size": [64, 64, 64], "in_channels": 16})", "exceeds 1048576"},
   };
   for (const Case& c : cases)
     EXPECT_THAT(ErrorOf(c.json), HasSubstr(c.message)) << c.json;
+  // A deeply nested value in an error message is shown shallowly (rendering
+  // it whole would recurse once per level and overflow the stack).
+  const std::string deep = R"({"num_layers": )" + std::string(100000, '[') +
+                           std::string(100000, ']') + "}";
+  EXPECT_THAT(ErrorOf(deep), HasSubstr("config field 'num_layers': expected an integer, got [[[...]]]"));
+  EXPECT_THAT(ErrorOf(R"({"patch_size": [1, [2, {"a": [3]}], 4, 5]})"),
+              HasSubstr(R"(got [1, [2, {...}], 4, 5])"));
 }
 
 }  // namespace

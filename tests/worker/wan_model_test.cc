@@ -512,6 +512,8 @@ TEST(EngineTest, StopsAtStepBoundary) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(calls, 1);
   p.deadline_unix_millis = 0;
+  // Agreed stops leave the data group (and so the engine) usable.
+  EXPECT_FALSE((*engine)->broken());
   auto warm = (*engine)->Warmup(p.latent, 3);
   ASSERT_TRUE(warm.ok()) << warm.status();
   EXPECT_GE(*warm, 0.0);
