@@ -369,6 +369,7 @@ struct Group {
   Clock::time_point last_dispatch;
   std::string failure;
   Clock::time_point failed_at;  // when state became FAILED
+  int64_t max_tokens = 0;       // its ranks' --max-tokens (0: no limit)
 };
 
 struct ModelEntry {
@@ -472,7 +473,11 @@ class Coordinator::Impl {
   void RejectRequest(RequestSink& sink, const std::string& model_label,
                      grpc::Status status);
   Group* FindGroup(const RankLink& link);
-  Group* IdleGroupFor(const std::string& model);
+  // The least recently used READY group of `model` that takes `tokens`.
+  Group* IdleGroupFor(const std::string& model, int64_t tokens);
+  // The largest max_tokens over the model's live groups (groups may be
+  // started with different --max-tokens); the model entry's when none.
+  int64_t ModelMaxTokens(const std::string& model) const;
   bool ModelServed(const std::string& model) const;
   void UpdateHealthAndGauges();
   void Tick();
@@ -932,7 +937,9 @@ void Coordinator::Impl::Submit(v1::GenerateRequest request,
     return;
   }
   ModelEntry& model = mit->second;
-  absl::StatusOr<ResolvedRequest> resolved = ValidateRequest(request, model.info);
+  v1::ModelInfo limits = model.info;
+  limits.set_max_tokens(ModelMaxTokens(request.model()));
+  absl::StatusOr<ResolvedRequest> resolved = ValidateRequest(request, limits);
   if (!resolved.ok()) {
     RejectRequest(*sink, request.model(), ToGrpcStatus(resolved.status()));
     return;
@@ -946,7 +953,7 @@ void Coordinator::Impl::Submit(v1::GenerateRequest request,
                                             client_ids_.at(client_id))));
     return;
   }
-  if (IdleGroupFor(request.model()) == nullptr &&
+  if (IdleGroupFor(request.model(), resolved->tokens) == nullptr &&
       static_cast<int>(model.queue.size()) >= options_.max_queue) {
     const int64_t retry_ms = RetryAfterMillis(request.model());
     sink->Trailer(kRetryAfterMetadata, absl::StrCat(retry_ms));
@@ -1091,10 +1098,23 @@ int64_t Coordinator::Impl::RetryAfterMillis(const std::string& model) const {
   return std::clamp<int64_t>(static_cast<int64_t>(soonest * 1e3), 100, 30000);
 }
 
-Group* Coordinator::Impl::IdleGroupFor(const std::string& model) {
+int64_t Coordinator::Impl::ModelMaxTokens(const std::string& model) const {
+  int64_t most = -1;
+  for (const auto& [name, g] : groups_) {
+    if (g->model != model || g->state == v1::GROUP_STATE_FAILED) continue;
+    if (g->max_tokens <= 0) return 0;  // one group without a limit
+    most = std::max(most, g->max_tokens);
+  }
+  if (most >= 0) return most;
+  auto it = models_.find(model);
+  return it == models_.end() ? 0 : it->second.info.max_tokens();
+}
+
+Group* Coordinator::Impl::IdleGroupFor(const std::string& model, int64_t tokens) {
   Group* best = nullptr;
   for (auto& [name, g] : groups_) {
     if (g->model != model || g->state != v1::GROUP_STATE_READY) continue;
+    if (g->max_tokens > 0 && tokens > g->max_tokens) continue;  // too big for it
     if (best == nullptr || g->last_dispatch < best->last_dispatch) {
       best = g.get();
     }
@@ -1106,9 +1126,10 @@ void Coordinator::Impl::Dispatch() {
   if (shutting_down_) return;
   for (auto& [name, model] : models_) {
     while (!model.queue.empty()) {
-      Group* group = IdleGroupFor(name);
-      if (group == nullptr) break;
+      // In order: the head waits for a group that takes it (no overtaking).
       std::shared_ptr<Request> req = model.queue.begin()->second;
+      Group* group = IdleGroupFor(name, req->resolved.tokens);
+      if (group == nullptr) break;
       if (req->deadline_unix_ms > 0 && UnixMillisNow() >= req->deadline_unix_ms) {
         req->cancel_code = absl::StatusCode::kDeadlineExceeded;
         FinishRequest(req, grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
@@ -1407,6 +1428,7 @@ void Coordinator::Impl::HandleHello(const std::shared_ptr<RankLink>& link,
     g->config_hash = hello.model().config_hash();
     g->backend = hello.backend();
     g->generation = hello.generation();
+    g->max_tokens = info.max_tokens();
     g->world_size = hello.world_size();
     g->store_prefix = StorePrefix(g->name, g->generation);
     g->ranks.resize(static_cast<size_t>(g->world_size));
@@ -1705,6 +1727,7 @@ grpc::Status Coordinator::Impl::ListModels(v1::ListModelsResponse* resp) {
     if (!ModelServed(name)) continue;
     v1::ModelInfo* info = resp->add_models();
     *info = m.info;
+    info->set_max_tokens(ModelMaxTokens(name));
     int ready = 0;
     for (const auto& [gname, g] : groups_) {
       if (g->model == name && (g->state == v1::GROUP_STATE_READY ||

@@ -70,7 +70,7 @@ class ScriptedRank {
  public:
   ScriptedRank(const std::string& target, const std::string& group, int rank,
                int world, int64_t generation, const std::string& secret = "",
-               const std::string& config_hash = "c0ffee")
+               const std::string& config_hash = "c0ffee", int64_t max_tokens = 100000)
       : stub_(vi::WorkerControl::NewStub(grpc::CreateCustomChannel(
             target, grpc::InsecureChannelCredentials(), LargeMessages()))) {
     ctx_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
@@ -84,6 +84,7 @@ class ScriptedRank {
     h->mutable_model()->set_name("tiny");
     h->mutable_model()->set_config_hash(config_hash);
     *h->mutable_model()->mutable_info() = TinyInfo();
+    h->mutable_model()->mutable_info()->set_max_tokens(max_tokens);
     h->set_backend("cpu");
     h->set_host("test");
     h->set_device("scripted");
@@ -851,6 +852,42 @@ TEST_F(CoordinatorTest, LeaveRemovesTheGroupAnUnannouncedEndFailsIt) {
   ASSERT_EQ(info->groups_size(), 1) << "group a is gone";
   EXPECT_EQ(info->groups(0).name(), "b");
   b.Finish();
+}
+
+// Groups of one model started with different --max-tokens: admission takes
+// the largest, and a request runs only on a group that takes it (it waits for
+// the big group rather than failing on the small one).
+TEST_F(ReadyGroupTest, RequestsRunOnGroupsThatTakeTheirTokens) {
+  SetUpGroup();  // "g": max_tokens 100000
+  ScriptedRank small(coord_->target, "small", 0, 1, 1, "", "c0ffee", /*max_tokens=*/16);
+  ASSERT_TRUE(small.welcomed());
+  small.Ready();
+  WaitState("small", v1::GROUP_STATE_READY);
+  absl::StatusOr<v1::ListModelsResponse> models = client_->ListModels();
+  ASSERT_TRUE(models.ok());
+  EXPECT_EQ(models->models(0).max_tokens(), 100000);
+  // 32 tokens (latent 2x8x8, patch 1x2x2): only "g" takes them.
+  Call first(*client_, TinyRequest(5, 64, 64, 2, 1));
+  std::optional<vi::Job> job1 = rank_->NextJob();
+  ASSERT_TRUE(job1.has_value());
+  Call second(*client_, TinyRequest(5, 64, 64, 2, 2));
+  second.accepted.get_future().wait();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(GroupState("small").value_or(v1::GROUP_STATE_UNSPECIFIED),
+            v1::GROUP_STATE_READY) << "the small group must not take 32 tokens";
+  rank_->Result(job1->request_id(), 0, &*job1);
+  EXPECT_TRUE(first.Status().ok());
+  std::optional<vi::Job> job2 = rank_->NextJob();
+  ASSERT_TRUE(job2.has_value());
+  rank_->Result(job2->request_id(), 0, &*job2);
+  EXPECT_TRUE(second.Status().ok()) << second.Status();
+  // A request of 16 tokens or fewer runs on either: here the small group,
+  // the least recently used.
+  Call tiny(*client_, TinyRequest(1, 32, 32, 2, 3));  // latent 1x4x4: 4 tokens
+  std::optional<vi::Job> job3 = small.NextJob();
+  ASSERT_TRUE(job3.has_value());
+  small.Result(job3->request_id(), 0, &*job3);
+  EXPECT_TRUE(tiny.Status().ok()) << tiny.Status();
 }
 
 TEST_F(ReadyGroupTest, MismatchingModelConfigIsRefused) {
