@@ -99,24 +99,28 @@ comm::UlyssesLayout LayoutOf(const Shape& seq, int world, DType dtype) {
 
 }  // namespace
 
+absl::Status OpContract::Layout(const Shape& seq, int world, const char* op,
+                                const char* what) const {
+  const absl::Status valid = LayoutOf(seq, world, compute_).Validate();
+  if (!valid.ok())
+    return absl::Status(valid.code(), absl::StrCat(backend_, " ", op, ": tensor '", what,
+                                                    "' ", ShapeString(seq), ": ",
+                                                    valid.message()));
+  return absl::OkStatus();
+}
+
 absl::Status OpContract::SeqSharded(const Tensor& seq, int world, const char* op,
                                     const char* what) const {
   if (seq.rank() != 4) return ShapeError(op, what, seq, "[B, S, H, d]");
-  const absl::Status valid = LayoutOf(seq.shape(), world, compute_).Validate();
-  if (!valid.ok())
-    return absl::Status(valid.code(), absl::StrCat(backend_, " ", op, ": tensor '", what,
-                                                    "' ", ShapeString(seq.shape()), ": ",
-                                                    valid.message()));
-  return absl::OkStatus();
+  return Layout(seq.shape(), world, op, what);
 }
 
 absl::Status OpContract::HeadSharded(const Tensor& head, int world, const char* op,
                                      const char* what) const {
   if (head.rank() != 4 || world <= 0 || head.dim(1) % world != 0)
     return ShapeError(op, what, head, absl::StrCat("[B, P*S, h, d] with P = ", world));
-  const Tensor seq = head.View(
-      {head.dim(0), head.dim(1) / world, head.dim(2) * world, head.dim(3)});
-  return SeqSharded(seq, world, op, what);
+  return Layout({head.dim(0), head.dim(1) / world, head.dim(2) * world, head.dim(3)}, world,
+                op, what);
 }
 
 // --- memory --------------------------------------------------------------------
@@ -243,7 +247,7 @@ absl::Status OpContract::RmsNormRopePackQkv(const Tensor& q, const Tensor& k,
   DN_RETURN_IF_ERROR(ShapeIs(v, q.shape(), kOp, "v"));
   const int64_t b = q.dim(0), s = q.dim(1), d = q.dim(2);
   DN_RETURN_IF_ERROR(HeadsSplitD(heads, d, kOp));
-  DN_RETURN_IF_ERROR(SeqSharded(q.View({b, s, heads, d / heads}), world, kOp, "q"));
+  DN_RETURN_IF_ERROR(Layout({b, s, heads, d / heads}, world, kOp, "q"));
   DN_RETURN_IF_ERROR(NumelIs(q_weight, d, kOp, "q_weight"));
   DN_RETURN_IF_ERROR(NumelIs(k_weight, d, kOp, "k_weight"));
   DN_RETURN_IF_ERROR(ShapeIs(rope, {s, d / heads / 2, 2}, kOp, "rope"));

@@ -81,6 +81,10 @@ class OpContract {
   absl::Status ModRows(const Tensor& mod, const Tensor& x, const char* op,
                        const char* index_name, int index) const;
   absl::Status HeadsSplitD(int heads, int64_t d, const char* op) const;
+  // The Ulysses layout of sequence-sharded shape [B, S, H, d] is valid for
+  // `world` (no tensor views are made: these run on every op call).
+  absl::Status Layout(const Shape& seq, int world, const char* op,
+                      const char* what) const;
   // `seq` is sequence-sharded [B, S, H, d] and its layout valid for `world`.
   absl::Status SeqSharded(const Tensor& seq, int world, const char* op,
                           const char* what) const;

@@ -211,10 +211,7 @@ class CoordinatorTest : public ::testing::Test {
     client_ = std::make_unique<DenoiserClient>(coord_->target);
   }
   std::vector<MetricSample> Scrape() {
-    absl::StatusOr<std::string> text =
-        HttpGet(coord_->metrics, "/metrics", std::chrono::seconds(5));
-    EXPECT_TRUE(text.ok()) << text.status();
-    return text.ok() ? ParseMetricsText(*text) : std::vector<MetricSample>{};
+    return ::dn::server::testing::Scrape(coord_->metrics);
   }
   absl::StatusOr<v1::GroupState> GroupState(const std::string& name) {
     absl::StatusOr<v1::ServerInfo> info = client_->GetServerInfo();
