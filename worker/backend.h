@@ -160,6 +160,10 @@ class Backend {
   // body's host code again (CUDA graphs): markers placed by the body then
   // time nothing on replays. False when Replay just runs the body (CPU).
   virtual bool replay_skips_host() const = 0;
+  // Token rows per rank are padded to a multiple of this (docs/ENGINE.md,
+  // "Rank invariance"): the CPU backend computes every GEMM in calls of
+  // exactly this many rows aligned to global token positions.
+  virtual int64_t shard_alignment() const { return 1; }
 };
 
 struct BackendOptions {

@@ -217,7 +217,8 @@ absl::Status WanModel::Plan(const ModelShape& shape) {
   const int64_t b = shape.batch;
   const int64_t l = shape.tokens();
   const int64_t p = world_;
-  const int64_t s = (l + p - 1) / p;
+  const int64_t align = std::max<int64_t>(1, backend_.shard_alignment());
+  const int64_t s = ((l + p - 1) / p + align - 1) / align * align;
   const int64_t d = config_.inner_dim();
   const int64_t heads = config_.num_attention_heads;
   const int64_t hd = config_.attention_head_dim;

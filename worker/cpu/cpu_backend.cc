@@ -175,7 +175,8 @@ CpuBackend::CpuBackend(int threads)
     : threads_(threads > 0 ? threads
                            : std::max(1u, std::thread::hardware_concurrency())),
       memory_(std::make_shared<MemoryCounter>()) {
-  openblas_set_num_threads(threads_);
+  // Each GEMM call is single-threaded; the pool runs row tiles in parallel.
+  openblas_set_num_threads(1);
   pool_ = std::make_unique<ThreadPool>(threads_ - 1);
 }
 
@@ -324,10 +325,22 @@ absl::Status CpuBackend::Linear(const Tensor& x, const Tensor& w,
   if (k == 0) {
     std::memset(out, 0, static_cast<size_t>(m * n) * 4);
   } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m),
-                static_cast<int>(n), static_cast<int>(k), 1.0f,
-                x.data_as<float>(), static_cast<int>(k), w.data_as<float>(),
-                static_cast<int>(k), 0.0f, out, static_cast<int>(n));
+    // Row tiles of kRowTile rows from row 0 (docs/ENGINE.md, rank invariance).
+    const float* xp = x.data_as<float>();
+    const float* wp = w.data_as<float>();
+    const int64_t tiles = (m + kRowTile - 1) / kRowTile;
+    auto tile = [&](int64_t t) {
+      const int64_t r0 = t * kRowTile, rows = std::min(kRowTile, m - r0);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows),
+                  static_cast<int>(n), static_cast<int>(k), 1.0f, xp + r0 * k,
+                  static_cast<int>(k), wp, static_cast<int>(k), 0.0f,
+                  out + r0 * n, static_cast<int>(n));
+    };
+    if (tiles == 1 || pool_->workers() == 0) {
+      for (int64_t t = 0; t < tiles; ++t) tile(t);
+    } else {
+      pool_->Run(static_cast<int>(tiles), [&](int t) { tile(t); });
+    }
   }
   if (bias == nullptr && act == Activation::kNone) return absl::OkStatus();
   const float* b = bias != nullptr ? bias->data_as<float>() : nullptr;
@@ -499,47 +512,49 @@ absl::Status CpuBackend::Attention(const Tensor& q, const Tensor& k,
   const int64_t b = q.dim(0), sq = q.dim(1), h = q.dim(2), d = q.dim(3);
   const int64_t skv = k.dim(1);
   if (sq == 0 || b == 0 || h == 0) return absl::OkStatus();
-  // Query rows per chunk so the score block stays around 16 MiB.
-  const int64_t rows = std::max<int64_t>(
-      1, std::min<int64_t>(sq, (int64_t{1} << 22) / kv_len));
-  if (static_cast<int64_t>(scores_.size()) < rows * kv_len)
-    scores_.resize(static_cast<size_t>(rows * kv_len));
-  float* scores = scores_.data();
+  // Query rows in tiles of kRowTile from row 0 (row index = global token
+  // position for self-attention; a multiple-of-tile shard start for
+  // cross-attention), one (batch, head) per task, each task single-threaded
+  // with its own score block.
   const int ld = static_cast<int>(h * d);
-  for (int64_t bi = 0; bi < b; ++bi) {
-    for (int64_t hi = 0; hi < h; ++hi) {
-      const float* kp = k.data_as<float>() + (bi * skv * h + hi) * d;
-      const float* vp = v.data_as<float>() + (bi * skv * h + hi) * d;
-      for (int64_t r0 = 0; r0 < sq; r0 += rows) {
-        const int64_t m = std::min(rows, sq - r0);
-        const float* qp = q.data_as<float>() + ((bi * sq + r0) * h + hi) * d;
-        float* op = o->data_as<float>() + ((bi * sq + r0) * h + hi) * d;
-        // scores[m, kv_len] = scale * q k^T
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans,
-                    static_cast<int>(m), static_cast<int>(kv_len),
-                    static_cast<int>(d), scale, qp, ld, kp, ld, 0.0f, scores,
-                    static_cast<int>(kv_len));
-        ParallelFor(m, kv_len * 8, [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
-            float* row = scores + r * kv_len;
-            float mx = row[0];
-            for (int64_t j = 1; j < kv_len; ++j) mx = std::max(mx, row[j]);
-            double sum = 0.0;
-            for (int64_t j = 0; j < kv_len; ++j) {
-              row[j] = std::exp(row[j] - mx);
-              sum += row[j];
-            }
-            const float inv = static_cast<float>(1.0 / sum);
-            for (int64_t j = 0; j < kv_len; ++j) row[j] *= inv;
-          }
-        });
-        // o[m, d] = P v
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans,
-                    static_cast<int>(m), static_cast<int>(d),
-                    static_cast<int>(kv_len), 1.0f, scores,
-                    static_cast<int>(kv_len), vp, ld, 0.0f, op, ld);
+  const int64_t rows = kRowTile;
+  auto task = [&](int64_t bh) {
+    const int64_t bi = bh / h, hi = bh % h;
+    thread_local std::vector<float> block;
+    if (static_cast<int64_t>(block.size()) < rows * kv_len)
+      block.resize(static_cast<size_t>(rows * kv_len));
+    float* scores = block.data();
+    const float* kp = k.data_as<float>() + (bi * skv * h + hi) * d;
+    const float* vp = v.data_as<float>() + (bi * skv * h + hi) * d;
+    for (int64_t r0 = 0; r0 < sq; r0 += rows) {
+      const int64_t m = std::min(rows, sq - r0);
+      const float* qp = q.data_as<float>() + ((bi * sq + r0) * h + hi) * d;
+      float* op = o->data_as<float>() + ((bi * sq + r0) * h + hi) * d;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m),
+                  static_cast<int>(kv_len), static_cast<int>(d), scale, qp, ld,
+                  kp, ld, 0.0f, scores, static_cast<int>(kv_len));
+      for (int64_t r = 0; r < m; ++r) {
+        float* row = scores + r * kv_len;
+        float mx = row[0];
+        for (int64_t j = 1; j < kv_len; ++j) mx = std::max(mx, row[j]);
+        double sum = 0.0;
+        for (int64_t j = 0; j < kv_len; ++j) {
+          row[j] = std::exp(row[j] - mx);
+          sum += row[j];
+        }
+        const float inv = static_cast<float>(1.0 / sum);
+        for (int64_t j = 0; j < kv_len; ++j) row[j] *= inv;
       }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m),
+                  static_cast<int>(d), static_cast<int>(kv_len), 1.0f, scores,
+                  static_cast<int>(kv_len), vp, ld, 0.0f, op, ld);
     }
+  };
+  const int64_t tasks = b * h;
+  if (tasks == 1 || pool_->workers() == 0) {
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+  } else {
+    pool_->Run(static_cast<int>(tasks), [&](int t) { task(t); });
   }
   return absl::OkStatus();
 }

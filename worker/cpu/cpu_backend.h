@@ -84,6 +84,11 @@ class CpuBackend : public Backend {
   absl::Status UnpackOut(const Tensor& recv, int world, Tensor* o) override;
 
   absl::Status Synchronize() override { return absl::OkStatus(); }
+  // GEMM row tile: every GEMM runs in single-threaded calls of kRowTile rows
+  // (the last call of a tensor may be shorter), so a token row's arithmetic
+  // does not depend on the shard size, the thread count or the rank count.
+  static constexpr int64_t kRowTile = 64;
+  int64_t shard_alignment() const override { return kRowTile; }
   absl::StatusOr<std::unique_ptr<Marker>> Mark() override;
   absl::StatusOr<double> ElapsedSeconds(const Marker& a,
                                         const Marker& b) override;
