@@ -138,6 +138,9 @@ function projectChecks(docs, file) {
         fail(where, `volume ${v.name}: no PersistentVolumeClaim ${v.persistentVolumeClaim.claimName}`);
     }
     const volumeNames = new Set((spec.volumes ?? []).map((v) => v.name));
+    // A LeaderWorkerSet's volumeClaimTemplates become volumes of its pods.
+    if (w.obj.kind === "LeaderWorkerSet")
+      for (const t of w.obj.spec?.leaderWorkerTemplate?.volumeClaimTemplates ?? []) volumeNames.add(t.metadata?.name);
     for (const c of [...(spec.initContainers ?? []), ...(spec.containers ?? [])]) {
       const cw = `${where} container ${c.name}`;
       for (const kind of ["requests", "limits"])
@@ -149,7 +152,11 @@ function projectChecks(docs, file) {
         fail(cw, "nvidia.com/gpu requests and limits differ (extended resources need them equal)");
       if (c.securityContext?.allowPrivilegeEscalation !== false) fail(cw, "allowPrivilegeEscalation must be false");
       for (const m of c.volumeMounts ?? []) if (!volumeNames.has(m.name)) fail(cw, `volumeMount ${m.name}: no such volume`);
-      const env = {};
+      // LWS injects these into every container of its pods.
+      const env =
+        w.obj.kind === "LeaderWorkerSet"
+          ? { LWS_LEADER_ADDRESS: "(LWS)", LWS_GROUP_SIZE: "(LWS)", LWS_WORKER_INDEX: "(LWS)" }
+          : {};
       for (const ef of c.envFrom ?? []) {
         if (ef.configMapRef) {
           const cm = byKind("ConfigMap").find((d) => d.metadata?.name === ef.configMapRef.name);
