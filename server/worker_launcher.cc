@@ -365,12 +365,21 @@ int RunLauncher(const LauncherOptions& options) {
                         << " failed or a peer slice restarted); restarting ranks "
                         << o.first_rank << ".." << o.first_rank + o.ranks - 1;
         moved_on = true;
-      } else if (st->missing_ranks().empty()) {
+        continue;
+      }
+      // Only peer slices count against --slice-timeout: this launcher's own
+      // ranks that fail to start are restarted with backoff, as always (and a
+      // launcher of a whole group never times out).
+      std::vector<int> peers_missing;
+      for (int r : st->missing_ranks()) {
+        if (r < o.first_rank || r >= o.first_rank + o.ranks) peers_missing.push_back(r);
+      }
+      if (peers_missing.empty()) {
         waiting_since = Clock::now();
       } else if (Clock::now() - waiting_since >= slice_timeout) {
         DN_LOG(ERROR) << "giving up: group " << name << " generation "
                       << generation << " has missed ranks "
-                      << Ranks(st->missing_ranks()) << " of " << o.group_size
+                      << RankList(peers_missing) << " of " << o.group_size
                       << " for --slice-timeout " << o.slice_timeout_s << " s"
                       << (st->unclaimed_ranks().empty()
                               ? std::string(" (their launchers started them but "
