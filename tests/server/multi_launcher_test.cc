@@ -34,6 +34,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/client.h"
+#include "server/group_slices.h"
 #include "server/process.h"
 #include "tests/server/service_test_util.h"
 
@@ -358,6 +359,57 @@ TEST(MultiLauncherTest, OutOfBoundsHelloAndSliceAreRefused) {
                          std::chrono::seconds(60)).ok())
       << ReadFile((*c)->log);
   EXPECT_EQ(group.Stop(), 0);
+}
+
+// The slice book itself (no processes): how launchers agree on generations.
+TEST(SliceRegistryTest, LaunchersAgreeOnTheGenerationTheCoordinatorAssigns) {
+  SliceRegistry reg;
+  auto now = SliceRegistry::Clock::now();
+  auto sync = [&](const std::string& id, int first, int64_t gen, const LiveGroupView& live) {
+    return reg.Sync({"g", 4, first, 2, id, gen, "h", false}, live, now);
+  };
+  LiveGroupView none;
+  // A starts: generation 1. B joins it while it forms.
+  ASSERT_EQ(sync("A", 0, 0, none)->generation, 1);
+  ASSERT_EQ(sync("B", 2, 0, none)->generation, 1);
+  LiveGroupView ready{true, 1, false, false, 4, {true, true, true, true}};
+  absl::StatusOr<SliceAnswer> a = sync("A", 0, 1, ready);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->generation, 1);
+  EXPECT_TRUE(a->missing_ranks.empty());
+  // B's rank fails: the group FAILED; B restarts first and opens generation
+  // 2 (nothing left to fail), A learns it on its next sync and joins it.
+  LiveGroupView failed{true, 1, false, true, 4, {true, true, false, true}};
+  a = sync("B", 2, 0, failed);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->generation, 2);
+  EXPECT_EQ(a->fail_generation, 0);
+  EXPECT_EQ(sync("A", 0, 1, failed)->generation, 2);
+  EXPECT_EQ(sync("A", 0, 0, failed)->generation, 2);
+  EXPECT_EQ(reg.ExpectedFor("g", now)->generation, 2);
+  // A restarts its slice while generation 2 forms: generation 3, and 2 is
+  // failed by the coordinator.
+  LiveGroupView forming{true, 2, true, false, 4, {true, true, false, false}};
+  a = sync("A", 0, 0, forming);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->generation, 3);
+  EXPECT_EQ(a->fail_generation, 2);
+  // B has not started in 3 yet: it is told 3; its claim was dropped at the
+  // new generation and comes back.
+  a = sync("B", 2, 2, forming);
+  EXPECT_EQ(a->generation, 3);
+  EXPECT_TRUE(a->unclaimed_ranks.empty());
+  // Another size, or claimed ranks, are refused while A and B are live.
+  EXPECT_EQ(reg.Sync({"g", 8, 4, 4, "C", 0, "h", false}, forming, now).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(reg.Sync({"g", 4, 1, 2, "C", 0, "h", false}, forming, now).status().code(),
+            absl::StatusCode::kAlreadyExists);
+  // Once their leases run out, a launcher with a new size may take the name.
+  now += std::chrono::milliseconds(kSliceLeaseMs + 1);
+  EXPECT_FALSE(reg.ExpectedFor("g", now).has_value());
+  a = reg.Sync({"g", 8, 0, 8, "C", 0, "h", false}, none, now);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->generation, 4) << "generations never go back";
 }
 
 }  // namespace
