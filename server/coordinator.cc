@@ -32,6 +32,8 @@
 #include "grpcpp/grpcpp.h"
 #include "server/auth.h"
 #include "server/event_loop.h"
+#include "server/group_slices.h"
+#include "server/hello_validation.h"
 #include "server/metrics.h"
 #include "server/process.h"
 #include "server/proto_convert.h"
@@ -444,6 +446,8 @@ class Coordinator::Impl {
   // Returns true when the call was answered now; false when it waits.
   bool StoreGet(const vi::StoreGetRequest& req, vi::StoreGetResponse* resp,
                 grpc::ServerUnaryReactor* reactor, grpc::Status* status);
+  // A launcher's slice of a group (server/group_slices.h).
+  grpc::Status SyncSlice(const vi::SliceRequest& req, vi::SliceStatus* resp);
 
   std::string address_, worker_address_, metrics_address_;
 
@@ -510,6 +514,7 @@ class Coordinator::Impl {
   std::map<std::string, std::string> client_ids_;  // client id -> id
   std::map<std::string, std::string> store_;
   std::vector<StoreWaiter> store_waiters_;
+  SliceRegistry slices_;
   std::set<std::string> known_model_labels_;
   bool serving_ = false;
   Clock::time_point last_heartbeat_check_ = Clock::now();
@@ -716,6 +721,13 @@ class WorkerControlServiceImpl final
                                      const vi::StoreGetRequest* request,
                                      vi::StoreGetResponse* response) override {
     return new StoreGetReactor(core_, request, response);
+  }
+  grpc::ServerUnaryReactor* SyncSlice(grpc::CallbackServerContext*,
+                                      const vi::SliceRequest* request,
+                                      vi::SliceStatus* response) override {
+    return new LoopUnaryReactor(core_->loop(), [this, request, response] {
+      return core_->SyncSlice(*request, response);
+    });
   }
 
  private:
@@ -1364,24 +1376,21 @@ void Coordinator::Impl::HandleHello(const std::shared_ptr<RankLink>& link,
     return reject(grpc::StatusCode::UNAVAILABLE, "coordinator shutting down");
   }
   const v1::ModelInfo& info = hello.model().info();
-  if (hello.group().empty() || absl::StrContains(hello.group(), "/")) {
-    return reject(grpc::StatusCode::INVALID_ARGUMENT,
-                  "Hello.group: must be non-empty without '/'");
+  if (absl::Status v = ValidateHello(hello); !v.ok()) {
+    return reject(grpc::StatusCode::INVALID_ARGUMENT, std::string(v.message()));
   }
-  if (hello.world_size() < 1 || hello.rank() < 0 ||
-      hello.rank() >= hello.world_size()) {
-    return reject(grpc::StatusCode::INVALID_ARGUMENT,
-                  absl::StrCat("Hello.rank/world_size: rank ", hello.rank(),
-                               " of ", hello.world_size()));
-  }
-  if (hello.model().name().empty() || hello.model().config_hash().empty() ||
-      info.in_channels() < 1 || info.text_dim() < 1) {
-    return reject(grpc::StatusCode::INVALID_ARGUMENT,
-                  "Hello.model: name, config_hash and info are required");
-  }
-  if (hello.backend() != "cpu" && hello.backend() != "cuda") {
-    return reject(grpc::StatusCode::INVALID_ARGUMENT,
-                  "Hello.backend: must be cpu or cuda");
+  // A group whose launchers sync their slices runs the generation and size
+  // they agreed on (docs/SERVICE.md, "Groups across hosts").
+  if (std::optional<SliceRegistry::Expected> want =
+          slices_.ExpectedFor(hello.group(), Clock::now());
+      want.has_value() && (hello.generation() != want->generation ||
+                           hello.world_size() != want->group_size)) {
+    return reject(grpc::StatusCode::FAILED_PRECONDITION,
+                  absl::StrCat("Hello.generation/world_size: generation ",
+                               hello.generation(), " of ", hello.world_size(),
+                               " ranks, but the launchers of group ",
+                               hello.group(), " run generation ",
+                               want->generation, " of ", want->group_size));
   }
   const std::string& model_name = hello.model().name();
   if (auto mit = models_.find(model_name);
@@ -1716,6 +1725,56 @@ bool Coordinator::Impl::StoreGet(const vi::StoreGetRequest& req,
   store_waiters_.push_back(
       {req.key(), Clock::now() + std::chrono::milliseconds(wait), reactor, resp});
   return false;
+}
+
+// ---------------------------------------------------------------------------
+// Launcher slices (the bookkeeping is server/group_slices.*)
+// ---------------------------------------------------------------------------
+
+grpc::Status Coordinator::Impl::SyncSlice(const vi::SliceRequest& req,
+                                          vi::SliceStatus* resp) {
+  if (!SecretMatches(options_.secret, req.secret())) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        "SliceRequest.secret does not match the coordinator's --secret");
+  }
+  if (shutting_down_) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "coordinator shutting down");
+  }
+  SliceSync sync{req.group(),       req.group_size(), req.first_rank(),
+                 req.local_ranks(), req.launcher_id(), req.generation(),
+                 req.host(),        req.leaving()};
+  LiveGroupView live;
+  auto git = groups_.find(req.group());
+  if (git != groups_.end()) {
+    const Group& g = *git->second;
+    live.exists = true;
+    live.generation = g.generation;
+    live.forming = g.state == v1::GROUP_STATE_FORMING;
+    live.failed = g.state == v1::GROUP_STATE_FAILED;
+    live.world_size = g.world_size;
+    for (const auto& link : g.ranks) {
+      live.attached.push_back(link != nullptr && !link->ended);
+    }
+  }
+  absl::StatusOr<SliceAnswer> a = slices_.Sync(sync, live, Clock::now());
+  if (!a.ok()) {
+    DN_LOG(WARNING) << "refused the launcher slice of group '" << req.group()
+                    << "' from " << req.host() << ": " << a.status().message();
+    return grpc::Status(static_cast<grpc::StatusCode>(a.status().code()),
+                        std::string(a.status().message()));
+  }
+  if (a->fail_generation != 0 && git != groups_.end() &&
+      git->second->generation == a->fail_generation) {
+    FailGroup(*git->second, a->fail_reason);
+  }
+  resp->set_generation(a->generation);
+  git = groups_.find(req.group());
+  resp->set_state(git != groups_.end() && git->second->generation == a->generation
+                      ? git->second->state
+                      : v1::GROUP_STATE_UNSPECIFIED);
+  for (int r : a->missing_ranks) resp->add_missing_ranks(r);
+  for (int r : a->unclaimed_ranks) resp->add_unclaimed_ranks(r);
+  return grpc::Status::OK;
 }
 
 // ---------------------------------------------------------------------------
