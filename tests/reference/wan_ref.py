@@ -384,7 +384,17 @@ def gelu_exact(x):
     return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64))
 
 
-def image_embed(cfg, W, image_embeds):
+def lora_linear(v, W, name, lora=None):
+    """Linear `name` of W on v, plus every unmerged adapter of `lora` on it (see forward)."""
+    y = linear(v, W[name + ".weight"], W[name + ".bias"])
+    for A, Bm, factor, bias_delta in (lora or {}).get(name, ()):
+        y = y + factor * ((v @ A.T) @ Bm.T)
+        if bias_delta is not None:
+            y = y + bias_delta
+    return y
+
+
+def image_embed(cfg, W, image_embeds, lora=None):
     """MODELS.md §4: LN(eps 1e-5) -> Linear -> exact GELU -> Linear -> LN(eps 1e-5), per token.
     image_embeds [B, N, image_dim] -> [B, N', D] (N' = 2N with FLF2V's pos_embed)."""
     c = np.asarray(image_embeds, dtype=np.float64)
@@ -393,12 +403,12 @@ def image_embed(cfg, W, image_embeds):
         B, n, di = c.shape
         c = c.reshape(-1, 2 * n, di) + W[ie + "pos_embed"]
     u = layer_norm(c, 1e-5, W[ie + "norm1.weight"], W[ie + "norm1.bias"])
-    u = gelu_exact(linear(u, W[ie + "ff.net.0.proj.weight"], W[ie + "ff.net.0.proj.bias"]))
-    u = linear(u, W[ie + "ff.net.2.weight"], W[ie + "ff.net.2.bias"])
+    u = gelu_exact(lora_linear(u, W, ie + "ff.net.0.proj", lora))
+    u = lora_linear(u, W, ie + "ff.net.2", lora)
     return layer_norm(u, 1e-5, W[ie + "norm2.weight"], W[ie + "norm2.bias"])
 
 
-def time_embeddings(cfg, W, t):
+def time_embeddings(cfg, W, t, lora=None):
     """(temb, tproj) for timestep values t of any shape S: [*S, D] and [*S, 6, D] (W §3.3-4, MODELS.md §5).
     The embedder runs once on the distinct values of t (one GEMM over them, sorted) and rows are gathered,
     so equal timesteps give bit-identical embeddings whatever the shape of t."""
@@ -406,9 +416,9 @@ def time_embeddings(cfg, W, t):
     uniq, idx = np.unique(t.reshape(-1), return_inverse=True)
     ce = "condition_embedder."
     s = timestep_sinusoid(uniq, cfg.freq_dim)
-    temb = linear(silu(linear(s, W[ce + "time_embedder.linear_1.weight"], W[ce + "time_embedder.linear_1.bias"])),
-                  W[ce + "time_embedder.linear_2.weight"], W[ce + "time_embedder.linear_2.bias"])
-    tproj = linear(silu(temb), W[ce + "time_proj.weight"], W[ce + "time_proj.bias"])
+    temb = lora_linear(silu(lora_linear(s, W, ce + "time_embedder.linear_1", lora)), W,
+                       ce + "time_embedder.linear_2", lora)
+    tproj = lora_linear(silu(temb), W, ce + "time_proj", lora)
     D = cfg.dim
     return temb[idx].reshape(*t.shape, D), tproj[idx].reshape(*t.shape, 6, D)
 
@@ -432,12 +442,7 @@ def forward(cfg, W, x, t, ctx, return_intermediates=False, image_embeds=None, lo
     lora = lora or {}
 
     def lin(v, name):
-        y = linear(v, W[name + ".weight"], W[name + ".bias"])
-        for A, Bm, factor, bias_delta in lora.get(name, ()):
-            y = y + factor * ((v @ A.T) @ Bm.T)
-            if bias_delta is not None:
-                y = y + bias_delta
-        return y
+        return lora_linear(v, W, name, lora)
 
     # 2. patch embedding (Conv3d with kernel = stride = patch) as a GEMM.
     tokens, grid = patchify(x, cfg.patch_size)
@@ -454,13 +459,13 @@ def forward(cfg, W, x, t, ctx, return_intermediates=False, image_embeds=None, lo
         tt = t
     else:
         tt = np.broadcast_to(t.reshape(-1), (B,))[:, None]
-    temb, tproj = time_embeddings(cfg, W, tt)  # [B, L|1, D], [B, L|1, 6, D]
+    temb, tproj = time_embeddings(cfg, W, tt, lora)  # [B, L|1, D], [B, L|1, 6, D]
 
     # 5. text embedding (+ image tokens, MODELS.md §4).
     ce = "condition_embedder."
     c2 = lin(gelu_tanh(lin(ctx, ce + "text_embedder.linear_1")), ce + "text_embedder.linear_2")
     T = c2.shape[1]
-    img = image_embed(cfg, W, image_embeds) if image_embeds is not None else None
+    img = image_embed(cfg, W, image_embeds, lora) if image_embeds is not None else None
 
     inter = {"temb": temb, "tproj": tproj, "ctx": c2, "img": img, "x_embed": X.copy()}
     # 6. blocks.
