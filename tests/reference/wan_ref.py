@@ -4,6 +4,8 @@ Written from /work/shared/docs/wan-spec.md only (section numbers below refer to 
   §1 config fields, §2 state-dict names/shapes (+ original-name renames), §3 forward pass
   (patch embed, sinusoid, time/text embedders, blocks with modulation, RMS-across-heads q/k norm,
   3-axis interleaved-pair RoPE, cross-attention, output head, unpatchify).
+Extended from docs/MODELS.md (issue 15): the Wan2.1-I2V image embedder and image cross-attention (§4),
+36/48-channel inputs, per-token timesteps of Wan2.2-TI2V-5B (§5) and unmerged LoRA on any Linear (§6).
 Everything is computed in float64; weights of any stored dtype are widened to float64.
 """
 
@@ -37,6 +39,7 @@ class WanConfig:
     vae_stride: tuple = (4, 8, 8)
     image_dim: object = None
     added_kv_proj_dim: object = None
+    pos_embed_seq_len: object = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -77,7 +80,7 @@ def parse_config(src):
         hd = int(req("attention_head_dim"))
         cin = int(req("in_channels"))
         cout = int(c.get("out_channels") or cin)
-    else:  # original Wan2.1 naming
+    else:  # original Wan naming (text_dim and patch_size are not saved by WanModel: class defaults)
         dim = int(req("dim"))
         nh = int(req("num_heads"))
         if dim % nh:
@@ -91,6 +94,10 @@ def parse_config(src):
     vae = tuple(int(v) for v in (c.get("vae_stride") or (4, 8, 8)))
     if len(vae) != 3:
         raise ValueError(f"config: vae_stride must have 3 entries, got {vae}")
+    text_dim = c.get("text_dim")
+    if text_dim is None and not ("num_attention_heads" in c or "attention_head_dim" in c):
+        text_dim = 4096  # MODELS.md §1: absent from original config.json files
+    c["text_dim"] = text_dim
     qk = c.get("qk_norm", "rms_norm_across_heads")
     if qk is True:
         qk = "rms_norm_across_heads"
@@ -102,11 +109,19 @@ def parse_config(src):
         num_layers=int(req("num_layers")), patch_size=patch, eps=float(c.get("eps", 1e-6)),
         cross_attn_norm=bool(c.get("cross_attn_norm", True)), qk_norm=qk,
         rope_max_seq_len=int(c.get("rope_max_seq_len", 1024)), vae_stride=vae,
-        image_dim=c.get("image_dim"), added_kv_proj_dim=c.get("added_kv_proj_dim"), extra=c)
+        image_dim=c.get("image_dim"), added_kv_proj_dim=c.get("added_kv_proj_dim"),
+        pos_embed_seq_len=c.get("pos_embed_seq_len"), extra=c)
     if cfg.freq_dim % 2:
         raise ValueError("config: freq_dim must be even")
     if cfg.head_dim % 2:
         raise ValueError("config: attention_head_dim must be even")
+    if (cfg.image_dim is None) != (cfg.added_kv_proj_dim is None):
+        raise ValueError("config: image_dim and added_kv_proj_dim must be both set or both null")
+    if cfg.added_kv_proj_dim is not None and int(cfg.added_kv_proj_dim) != cfg.dim:
+        # add_k_proj/add_v_proj read the image embedder's output, which has D channels (MODELS.md §2).
+        raise ValueError(f"config: added_kv_proj_dim {cfg.added_kv_proj_dim} != inner dim {cfg.dim}")
+    if cfg.pos_embed_seq_len is not None and cfg.image_dim is None:
+        raise ValueError("config: pos_embed_seq_len needs image_dim")
     return cfg
 
 
@@ -135,6 +150,11 @@ _RENAMES = [  # original Wan2.1 -> diffusers (§2), applied to the whole name
     (r"^blocks\.(\d+)\.cross_attn\.k_img\.", r"blocks.\1.attn2.add_k_proj."),
     (r"^blocks\.(\d+)\.cross_attn\.v_img\.", r"blocks.\1.attn2.add_v_proj."),
     (r"^blocks\.(\d+)\.cross_attn\.norm_k_img\.", r"blocks.\1.attn2.norm_added_k."),
+    (r"^img_emb\.proj\.0\.", "condition_embedder.image_embedder.norm1."),
+    (r"^img_emb\.proj\.1\.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    (r"^img_emb\.proj\.3\.", "condition_embedder.image_embedder.ff.net.2."),
+    (r"^img_emb\.proj\.4\.", "condition_embedder.image_embedder.norm2."),
+    (r"^img_emb\.emb_pos$", "condition_embedder.image_embedder.pos_embed"),
     (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
     (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
     # Norm swap trap: original norm3 is the affine cross-attn LN = diffusers norm2.
@@ -201,13 +221,38 @@ def expected_shapes(cfg):
         s[b + "ffn.net.0.proj.bias"] = (Fd,)
         s[b + "ffn.net.2.weight"] = (D, Fd)
         s[b + "ffn.net.2.bias"] = (D,)
+        if cfg.image_dim is not None:  # MODELS.md §2: image K/V per block
+            kv = int(cfg.added_kv_proj_dim)
+            for p in ("add_k_proj", "add_v_proj"):
+                s[f"{b}attn2.{p}.weight"] = (D, kv)
+                s[f"{b}attn2.{p}.bias"] = (D,)
+            s[b + "attn2.norm_added_k.weight"] = (D,)
+    if cfg.image_dim is not None:  # MODELS.md §2: image embedder
+        ie, di = "condition_embedder.image_embedder.", int(cfg.image_dim)
+        s[ie + "norm1.weight"] = (di,)
+        s[ie + "norm1.bias"] = (di,)
+        s[ie + "ff.net.0.proj.weight"] = (di, di)
+        s[ie + "ff.net.0.proj.bias"] = (di,)
+        s[ie + "ff.net.2.weight"] = (D, di)
+        s[ie + "ff.net.2.bias"] = (D,)
+        s[ie + "norm2.weight"] = (D,)
+        s[ie + "norm2.bias"] = (D,)
+        if cfg.pos_embed_seq_len is not None:
+            s[ie + "pos_embed"] = (1, int(cfg.pos_embed_seq_len), di)
     return s
+
+
+def linear_module_names(cfg):
+    """Diffusers names of every Linear (the modules a LoRA may target), MODELS.md §6."""
+    return sorted(n[:-len(".weight")] for n, shp in expected_shapes(cfg).items()
+                  if n.endswith(".weight") and len(shp) == 2 and not n.startswith("patch_embedding"))
 
 
 def check_state_dict(cfg, state):
     """List of human-readable problems (missing/unexpected/mis-shaped tensors); empty when OK."""
     exp = expected_shapes(cfg)
     problems = []
+    state = {n: v for n, v in state.items() if ".norm_added_q." not in n}  # ignored by diffusers (MODELS.md §2)
     for n, shp in exp.items():
         if n not in state:
             problems.append(f"missing tensor {n}")
@@ -330,10 +375,60 @@ def unpatchify(y, grid, patch, c_out):
 
 
 # -------------------------------------------------------------------------------------------- forward
-def forward(cfg, W, x, t, ctx, return_intermediates=False):
-    """Wan2.1 T2V DiT forward (§3).
-    x [B, C_in, F, H, W], t [B] (timestep values as fed to the model), ctx [B, T, text_dim] (used as is:
-    any zero padding must already be in ctx). Returns the flow velocity [B, C_out, F, H, W] (float64)."""
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def gelu_exact(x):
+    """erf GELU (nn.GELU() default), used by the I2V image embedder only (MODELS.md §4)."""
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64))
+
+
+def lora_linear(v, W, name, lora=None):
+    """Linear `name` of W on v, plus every unmerged adapter of `lora` on it (see forward)."""
+    y = linear(v, W[name + ".weight"], W[name + ".bias"])
+    for A, Bm, factor, bias_delta in (lora or {}).get(name, ()):
+        y = y + factor * ((v @ A.T) @ Bm.T)
+        if bias_delta is not None:
+            y = y + bias_delta
+    return y
+
+
+def image_embed(cfg, W, image_embeds, lora=None):
+    """MODELS.md §4: LN(eps 1e-5) -> Linear -> exact GELU -> Linear -> LN(eps 1e-5), per token.
+    image_embeds [B, N, image_dim] -> [B, N', D] (N' = 2N with FLF2V's pos_embed)."""
+    c = np.asarray(image_embeds, dtype=np.float64)
+    ie = "condition_embedder.image_embedder."
+    if ie + "pos_embed" in W:
+        B, n, di = c.shape
+        c = c.reshape(-1, 2 * n, di) + W[ie + "pos_embed"]
+    u = layer_norm(c, 1e-5, W[ie + "norm1.weight"], W[ie + "norm1.bias"])
+    u = gelu_exact(lora_linear(u, W, ie + "ff.net.0.proj", lora))
+    u = lora_linear(u, W, ie + "ff.net.2", lora)
+    return layer_norm(u, 1e-5, W[ie + "norm2.weight"], W[ie + "norm2.bias"])
+
+
+def time_embeddings(cfg, W, t, lora=None):
+    """(temb, tproj) for timestep values t of any shape S: [*S, D] and [*S, 6, D] (W §3.3-4, MODELS.md §5).
+    The embedder runs once on the distinct values of t (one GEMM over them, sorted) and rows are gathered,
+    so equal timesteps give bit-identical embeddings whatever the shape of t."""
+    t = np.asarray(t, dtype=np.float64)
+    uniq, idx = np.unique(t.reshape(-1), return_inverse=True)
+    ce = "condition_embedder."
+    s = timestep_sinusoid(uniq, cfg.freq_dim)
+    temb = lora_linear(silu(lora_linear(s, W, ce + "time_embedder.linear_1", lora)), W,
+                       ce + "time_embedder.linear_2", lora)
+    tproj = lora_linear(silu(temb), W, ce + "time_proj", lora)
+    D = cfg.dim
+    return temb[idx].reshape(*t.shape, D), tproj[idx].reshape(*t.shape, 6, D)
+
+
+def forward(cfg, W, x, t, ctx, return_intermediates=False, image_embeds=None, lora=None):
+    """Wan DiT forward (W §3 + MODELS.md §4-6).
+    x [B, C_in, F, H, W]; t [B] (one timestep per sample) or [B, L] (one per token, TI2V-5B); ctx [B, T, text_dim]
+    (used as is: any zero padding must already be in ctx); image_embeds [B, N, image_dim] iff cfg.image_dim;
+    lora: optional {module name: [(A [r,in], B [out,r], factor, bias_delta or None), ...]} applied unmerged:
+    y = x W^T + b + sum factor * (x A^T) B^T (+ bias_delta). Returns the flow velocity [B, C_out, F, H, W]."""
     x = np.asarray(x, dtype=np.float64)
     ctx = np.asarray(ctx, dtype=np.float64)
     B = x.shape[0]
@@ -341,8 +436,13 @@ def forward(cfg, W, x, t, ctx, return_intermediates=False):
         raise ValueError(f"hidden_states shape {x.shape}, expected [B, {cfg.in_channels}, F, H, W]")
     if ctx.ndim != 3 or ctx.shape[0] != B or ctx.shape[2] != cfg.text_dim:
         raise ValueError(f"encoder_hidden_states shape {ctx.shape}, expected [{B}, T, {cfg.text_dim}]")
-    t = np.broadcast_to(np.asarray(t, dtype=np.float64).reshape(-1), (B,))
+    if (image_embeds is None) != (cfg.image_dim is None):
+        raise ValueError("image_embeds must be given exactly when the model has an image embedder (image_dim)")
     D, Nh, d, eps = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.eps
+    lora = lora or {}
+
+    def lin(v, name):
+        return lora_linear(v, W, name, lora)
 
     # 2. patch embedding (Conv3d with kernel = stride = patch) as a GEMM.
     tokens, grid = patchify(x, cfg.patch_size)
@@ -351,52 +451,60 @@ def forward(cfg, W, x, t, ctx, return_intermediates=False):
     # 1./7. RoPE angles for the grid.
     ang = rope_angles(d, grid, max_pos=cfg.rope_max_seq_len)
 
-    # 3./4. time embedding.
-    s = timestep_sinusoid(t, cfg.freq_dim)
+    # 3./4. time embedding: per sample [B, 1, .] or per token [B, L, .] (MODELS.md §5).
+    t = np.asarray(t, dtype=np.float64)
+    if t.ndim == 2:
+        if t.shape != (B, L):
+            raise ValueError(f"per-token timestep shape {t.shape}, expected [{B}, {L}]")
+        tt = t
+    else:
+        tt = np.broadcast_to(t.reshape(-1), (B,))[:, None]
+    temb, tproj = time_embeddings(cfg, W, tt, lora)  # [B, L|1, D], [B, L|1, 6, D]
+
+    # 5. text embedding (+ image tokens, MODELS.md §4).
     ce = "condition_embedder."
-    temb = linear(silu(linear(s, W[ce + "time_embedder.linear_1.weight"], W[ce + "time_embedder.linear_1.bias"])),
-                  W[ce + "time_embedder.linear_2.weight"], W[ce + "time_embedder.linear_2.bias"])
-    tproj = linear(silu(temb), W[ce + "time_proj.weight"], W[ce + "time_proj.bias"]).reshape(B, 6, D)
-
-    # 5. text embedding.
-    c2 = linear(gelu_tanh(linear(ctx, W[ce + "text_embedder.linear_1.weight"], W[ce + "text_embedder.linear_1.bias"])),
-                W[ce + "text_embedder.linear_2.weight"], W[ce + "text_embedder.linear_2.bias"])
+    c2 = lin(gelu_tanh(lin(ctx, ce + "text_embedder.linear_1")), ce + "text_embedder.linear_2")
     T = c2.shape[1]
+    img = image_embed(cfg, W, image_embeds, lora) if image_embeds is not None else None
 
-    inter = {"temb": temb, "tproj": tproj, "ctx": c2, "x_embed": X.copy()}
+    inter = {"temb": temb, "tproj": tproj, "ctx": c2, "img": img, "x_embed": X.copy()}
     # 6. blocks.
     for i in range(cfg.num_layers):
         p = f"blocks.{i}."
-        e = W[p + "scale_shift_table"] + tproj  # [B, 6, D]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (e[:, j][:, None, :] for j in range(6))
+        e = W[p + "scale_shift_table"][0] + tproj  # [B, L|1, 6, D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (e[:, :, j] for j in range(6))
         h = layer_norm(X, eps) * (1.0 + scale1) + shift1
         a1 = p + "attn1."
-        q = rms_norm(linear(h, W[a1 + "to_q.weight"], W[a1 + "to_q.bias"]), W[a1 + "norm_q.weight"], eps)
-        k = rms_norm(linear(h, W[a1 + "to_k.weight"], W[a1 + "to_k.bias"]), W[a1 + "norm_k.weight"], eps)
-        v = linear(h, W[a1 + "to_v.weight"], W[a1 + "to_v.bias"])
+        q = rms_norm(lin(h, a1 + "to_q"), W[a1 + "norm_q.weight"], eps)
+        k = rms_norm(lin(h, a1 + "to_k"), W[a1 + "norm_k.weight"], eps)
+        v = lin(h, a1 + "to_v")
         q = apply_rope(q.reshape(B, L, Nh, d), ang)
         k = apply_rope(k.reshape(B, L, Nh, d), ang)
         a = attention(q, k, v.reshape(B, L, Nh, d))
-        X = X + linear(a, W[a1 + "to_out.0.weight"], W[a1 + "to_out.0.bias"]) * gate1
+        X = X + lin(a, a1 + "to_out.0") * gate1
 
         h2 = layer_norm(X, eps, W[p + "norm2.weight"], W[p + "norm2.bias"]) if cfg.cross_attn_norm else X
         a2 = p + "attn2."
-        qc = rms_norm(linear(h2, W[a2 + "to_q.weight"], W[a2 + "to_q.bias"]), W[a2 + "norm_q.weight"], eps)
-        kc = rms_norm(linear(c2, W[a2 + "to_k.weight"], W[a2 + "to_k.bias"]), W[a2 + "norm_k.weight"], eps)
-        vc = linear(c2, W[a2 + "to_v.weight"], W[a2 + "to_v.bias"])
-        ac = attention(qc.reshape(B, L, Nh, d), kc.reshape(B, T, Nh, d), vc.reshape(B, T, Nh, d))
-        X = X + linear(ac, W[a2 + "to_out.0.weight"], W[a2 + "to_out.0.bias"])
+        qc = rms_norm(lin(h2, a2 + "to_q"), W[a2 + "norm_q.weight"], eps).reshape(B, L, Nh, d)
+        kc = rms_norm(lin(c2, a2 + "to_k"), W[a2 + "norm_k.weight"], eps)
+        vc = lin(c2, a2 + "to_v")
+        ac = attention(qc, kc.reshape(B, T, Nh, d), vc.reshape(B, T, Nh, d))
+        if img is not None:  # separate softmax over the image tokens, summed before to_out (MODELS.md §4)
+            Ni = img.shape[1]
+            ki = rms_norm(lin(img, a2 + "add_k_proj"), W[a2 + "norm_added_k.weight"], eps)
+            vi = lin(img, a2 + "add_v_proj")
+            ac = ac + attention(qc, ki.reshape(B, Ni, Nh, d), vi.reshape(B, Ni, Nh, d))
+        X = X + lin(ac, a2 + "to_out.0")
 
         h3 = layer_norm(X, eps) * (1.0 + scale2) + shift2
-        f = linear(gelu_tanh(linear(h3, W[p + "ffn.net.0.proj.weight"], W[p + "ffn.net.0.proj.bias"])),
-                   W[p + "ffn.net.2.weight"], W[p + "ffn.net.2.bias"])
+        f = lin(gelu_tanh(lin(h3, p + "ffn.net.0.proj")), p + "ffn.net.2")
         X = X + f * gate2
         inter[f"block{i}"] = X.copy()
 
-    # 8. head: modulation from temb (pre-SiLU), shift first then scale.
-    hm = W["scale_shift_table"] + temb[:, None, :]
-    shift, scale = hm[:, 0][:, None, :], hm[:, 1][:, None, :]
-    Y = linear(layer_norm(X, eps) * (1.0 + scale) + shift, W["proj_out.weight"], W["proj_out.bias"])
+    # 8. head: modulation from temb (pre-SiLU), shift first then scale; per token for TI2V.
+    hm = W["scale_shift_table"][0] + temb[:, :, None, :]  # [B, L|1, 2, D]
+    shift, scale = hm[:, :, 0], hm[:, :, 1]
+    Y = lin(layer_norm(X, eps) * (1.0 + scale) + shift, "proj_out")
     # 9. unpatchify.
     out = unpatchify(Y, grid, cfg.patch_size, cfg.out_channels)
     if return_intermediates:
