@@ -111,8 +111,6 @@ class CpuBackend : public Backend {
   int threads_;
   std::unique_ptr<ThreadPool> pool_;
   std::shared_ptr<MemoryCounter> memory_;
-  // Attention score workspace (grown on first use for a shape, then reused).
-  std::vector<float> scores_;
 };
 
 }  // namespace dn::worker
