@@ -352,6 +352,7 @@ int GenerateMain(int argc, char** argv) {
   int latent_frames = 0, latent_height = 0, latent_width = 0;
   int steps = 50, priority = 0, text_len = 512, step_interval = 1;
   double guidance = 5.0, shift = 3.0, deadline_s = 0;
+  double guidance_2 = -1;  // < 0: unset
   uint64_t seed = 0;
   bool progress = true;
   FlagSet flags("denoised generate",
@@ -367,6 +368,9 @@ int GenerateMain(int argc, char** argv) {
   flags.Int("latent-width", &latent_width, "latent width");
   flags.Int("steps", &steps, "denoising steps");
   flags.Double("guidance", &guidance, "CFG scale (CFG on iff > 1)");
+  flags.Double("guidance-2", &guidance_2,
+               "two-expert models: CFG scale of the low-noise expert "
+               "(guidance_scale_2); unset = --guidance");
   flags.Double("shift", &shift, "flow shift");
   flags.String("scheduler", &scheduler, "unipc | euler");
   flags.Uint64("seed", &seed, "seed of the noise (and of random embeddings)");
@@ -460,6 +464,7 @@ int GenerateMain(int argc, char** argv) {
   }
   req.set_steps(steps);
   req.set_guidance_scale(static_cast<float>(guidance));
+  if (guidance_2 >= 0) req.set_guidance_scale_2(static_cast<float>(guidance_2));
   req.set_shift(static_cast<float>(shift));
   req.set_scheduler(*sched);
   req.set_seed(seed);

@@ -1,5 +1,6 @@
 #include "server/hello_validation.h"
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -76,7 +77,8 @@ absl::Status ValidateHello(const ::denoised::v1::internal::Hello& h) {
         {"model.info.num_heads", info.num_heads(), 0, 1024},
         {"model.info.head_dim", info.head_dim(), 0, 4096},
         {"model.info.max_tokens", info.max_tokens(), 0, int64_t{1} << 40},
-        {"model.info.max_axis_tokens", info.max_axis_tokens(), 0, 1 << 24}}) {
+        {"model.info.max_axis_tokens", info.max_axis_tokens(), 0, 1 << 24},
+        {"model.info.experts", info.experts(), 0, 2}}) {
     if (absl::Status s = CheckRange(field, v, lo, hi); !s.ok()) return s;
   }
   for (const auto& [field, list] :
@@ -89,6 +91,12 @@ absl::Status ValidateHello(const ::denoised::v1::internal::Hello& h) {
     for (int v : *list) {
       if (absl::Status s = CheckRange(field, v, 1, 64); !s.ok()) return s;
     }
+  }
+  if (!std::isfinite(info.boundary_ratio()) || info.boundary_ratio() < 0 ||
+      info.boundary_ratio() >= 1 || ((info.experts() == 2) != (info.boundary_ratio() > 0))) {
+    return Invalid("model.info.boundary_ratio",
+                   absl::StrCat("must be in (0, 1) with 2 experts and 0 otherwise, got ",
+                                info.boundary_ratio(), " with ", info.experts(), " experts"));
   }
   if (h.backend() != "cpu" && h.backend() != "cuda") {
     return Invalid("backend", "must be cpu or cuda");

@@ -103,6 +103,8 @@ v1::ModelInfo ModelInfoFromConfig(const worker::WanConfig& config,
   for (int p : config.patch_size) info.add_patch_size(p);
   info.set_max_tokens(max_tokens);
   info.set_max_axis_tokens(config.rope_max_seq_len);
+  info.set_experts(config.num_experts());
+  info.set_boundary_ratio(config.boundary_ratio);
   return info;
 }
 
@@ -120,6 +122,7 @@ absl::StatusOr<worker::GenerateParams> ParamsFromJob(const vi::Job& job) {
   p.latent = LatentFromProto(job.latent_shape());
   p.steps = r.steps();
   p.guidance = r.guidance_scale();
+  if (r.has_guidance_scale_2()) p.guidance_2 = r.guidance_scale_2();
   p.scheduler = SchedulerFromProto(r.scheduler());
   p.shift = r.shift();
   p.seed = r.seed();

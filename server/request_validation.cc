@@ -173,6 +173,17 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
                                                   in.guidance_scale()));
   }
   if (r.guidance_scale() == 0) r.set_guidance_scale(kDefaultGuidance);
+  if (in.has_guidance_scale_2()) {
+    if (model.experts() < 2)
+      return Invalid("guidance_scale_2",
+                     "is for two-expert models (Wan2.2 A14B); model '" +
+                         model.name() + "' has one transformer");
+    if (!std::isfinite(r.guidance_scale_2()) || r.guidance_scale_2() < 0 ||
+        r.guidance_scale_2() > worker::kMaxGuidance)
+      return Invalid("guidance_scale_2",
+                     absl::StrCat("must be finite and in [0, ", worker::kMaxGuidance,
+                                  "], got ", in.guidance_scale_2()));
+  }
   if (!std::isfinite(r.shift()) || r.shift() < 0 || r.shift() > worker::kMaxShift) {
     return Invalid("shift", absl::StrCat("must be finite and in (0, ", worker::kMaxShift,
                                          "] (0: the default), got ", in.shift()));

@@ -343,13 +343,135 @@ RandomInit PresetInit(const WanConfig& config, const std::string& name,
   return InitForSpec(config, TensorSpec{name, {}}, seed);
 }
 
+namespace {
+
+// The two experts of a Wan2.2 A14B pipeline (docs/MODELS.md §3).
+class TwoExpertWeights : public WeightSource {
+ public:
+  TwoExpertWeights(std::unique_ptr<WeightSource> high,
+                   std::unique_ptr<WeightSource> low, double boundary_ratio)
+      : high_(std::move(high)), low_(std::move(low)) {
+    config_ = high_->config();
+    config_.boundary_ratio = boundary_ratio;
+    description_ = absl::StrCat("two experts, boundary_ratio ", boundary_ratio,
+                                ": high-noise ", high_->description(),
+                                "; low-noise ", low_->description());
+  }
+  const WanConfig& config() const override { return config_; }
+  std::string description() const override { return description_; }
+  // As a plain source it is the high-noise expert.
+  absl::Status ReadF32(const std::string& name, float* dst) const override {
+    return high_->ReadF32(name, dst);
+  }
+  const RandomInit* random_init(const std::string& name) const override {
+    return high_->random_init(name);
+  }
+  const WeightSource& expert(int i) const override {
+    return i == 0 ? *high_ : *low_;
+  }
+
+ private:
+  std::unique_ptr<WeightSource> high_, low_;
+  WanConfig config_;
+  std::string description_;
+};
+
+absl::StatusOr<std::unique_ptr<WeightSource>> OpenTransformer(
+    const std::string& dir_in);
+
+// model_index.json's `boundary_ratio` (0 when absent or null).
+absl::StatusOr<double> ReadBoundaryRatio(const std::string& path) {
+  DN_ASSIGN_OR_RETURN(std::string text, ReadSmallFile(path));
+  Json j;
+  try {
+    j = Json::parse(text);
+  } catch (const Json::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": not valid JSON: ", e.what()));
+  }
+  if (!j.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
+  auto it = j.find("boundary_ratio");
+  if (it == j.end() || it->is_null()) return 0.0;
+  if (!it->is_number() || !std::isfinite(it->get<double>()) ||
+      it->get<double>() <= 0 || it->get<double>() >= 1)
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": field 'boundary_ratio' must be a number in (0, 1) or null, got ",
+        it->dump()));
+  return it->get<double>();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<WeightSource>> MakeTwoExpertWeights(
+    std::unique_ptr<WeightSource> high, std::unique_ptr<WeightSource> low,
+    double boundary_ratio) {
+  if (high == nullptr || low == nullptr)
+    return absl::InvalidArgumentError("two experts: an expert is missing");
+  if (!(boundary_ratio > 0 && boundary_ratio < 1))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "two experts: boundary_ratio ", boundary_ratio, " must be in (0, 1)"));
+  const std::string a = high->config().TransformerOnly().ToJson();
+  const std::string b = low->config().TransformerOnly().ToJson();
+  if (a != b)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "two experts: the high-noise expert (", high->description(),
+        ") and the low-noise expert (", low->description(),
+        ") have different transformer configs:\n", a, "vs\n", b));
+  return std::unique_ptr<WeightSource>(std::make_unique<TwoExpertWeights>(
+      std::move(high), std::move(low), boundary_ratio));
+}
+
 absl::StatusOr<std::unique_ptr<WeightSource>> OpenCheckpoint(
     const std::string& dir_in) {
   std::string dir = dir_in;
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
-  // A diffusers pipeline folder keeps the DiT under transformer/.
-  if (!IsFile(dir + "/config.json") && IsFile(dir + "/transformer/config.json"))
-    dir += "/transformer";
+  // Original Wan2.2 A14B layout: no boundary in the files; the Wan2.2
+  // configs use 0.875 (T2V) and 0.9 (I2V, 36 input channels).
+  if (!IsFile(dir + "/config.json") &&
+      IsFile(dir + "/high_noise_model/config.json") &&
+      IsFile(dir + "/low_noise_model/config.json")) {
+    DN_ASSIGN_OR_RETURN(std::unique_ptr<WeightSource> high,
+                        OpenTransformer(dir + "/high_noise_model"));
+    DN_ASSIGN_OR_RETURN(std::unique_ptr<WeightSource> low,
+                        OpenTransformer(dir + "/low_noise_model"));
+    const double ratio = high->config().in_channels == 36 ? 0.9 : 0.875;
+    return MakeTwoExpertWeights(std::move(high), std::move(low), ratio);
+  }
+  // A diffusers pipeline folder keeps the DiT under transformer/ (and the
+  // low-noise expert of a two-expert pipeline under transformer_2/).
+  if (!IsFile(dir + "/config.json") && IsFile(dir + "/transformer/config.json")) {
+    double ratio = 0;
+    if (IsFile(dir + "/model_index.json")) {
+      DN_ASSIGN_OR_RETURN(ratio, ReadBoundaryRatio(dir + "/model_index.json"));
+    }
+    const bool second = IsFile(dir + "/transformer_2/config.json");
+    if (second && ratio == 0)
+      return absl::InvalidArgumentError(absl::StrCat(
+          dir, ": has transformer_2/ but model_index.json has no boundary_ratio "
+               "(which expert runs when is unknown)"));
+    DN_ASSIGN_OR_RETURN(std::unique_ptr<WeightSource> high,
+                        OpenTransformer(dir + "/transformer"));
+    if (!second) {
+      // A boundary without a second transformer (the diffusers converter
+      // writes one for Wan2.1 too): one transformer, as the files say.
+      if (ratio > 0)
+        DN_LOG(INFO) << dir << ": model_index.json has boundary_ratio " << ratio
+                     << " but there is no transformer_2/: one transformer";
+      return high;
+    }
+    DN_ASSIGN_OR_RETURN(std::unique_ptr<WeightSource> low,
+                        OpenTransformer(dir + "/transformer_2"));
+    return MakeTwoExpertWeights(std::move(high), std::move(low), ratio);
+  }
+  return OpenTransformer(dir);
+}
+
+namespace {
+
+absl::StatusOr<std::unique_ptr<WeightSource>> OpenTransformer(
+    const std::string& dir_in) {
+  std::string dir = dir_in;
   const std::string config_path = dir + "/config.json";
   if (!IsFile(config_path))
     return absl::NotFoundError(absl::StrCat(
@@ -363,6 +485,8 @@ absl::StatusOr<std::unique_ptr<WeightSource>> OpenCheckpoint(
     return absl::InvalidArgumentError(
         absl::StrCat(config_path, ": ", s.message()));
 
+  // A transformer folder is one transformer, whatever pipeline field it has.
+  *config = config->TransformerOnly();
   auto weights = std::make_unique<CheckpointWeights>();
   weights->config_ = *config;
   weights->dir_ = dir;
@@ -469,9 +593,16 @@ absl::StatusOr<std::unique_ptr<WeightSource>> OpenCheckpoint(
   return std::unique_ptr<WeightSource>(std::move(weights));
 }
 
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<WeightSource>> MakePresetWeights(
     const WanConfig& config, uint64_t seed) {
   if (absl::Status s = config.Validate(); !s.ok()) return s;
+  if (config.num_experts() == 2)
+    return MakeTwoExpertWeights(
+        std::make_unique<PresetWeights>(config.TransformerOnly(), seed),
+        std::make_unique<PresetWeights>(config.TransformerOnly(), seed + 1),
+        config.boundary_ratio);
   return std::unique_ptr<WeightSource>(
       std::make_unique<PresetWeights>(config, seed));
 }
@@ -490,6 +621,22 @@ absl::Status WriteCheckpointWithOptions(const WeightSource& source,
                                         const CheckpointWriteOptions& options) {
   const WanConfig& config = source.config();
   DN_RETURN_IF_ERROR(config.Validate());
+  if (config.num_experts() == 2) {
+    // A pipeline folder: each expert a transformer folder of its own.
+    const bool orig = options.names == NameLayout::kWanOriginal;
+    const char* sub[2] = {orig ? "high_noise_model" : "transformer",
+                          orig ? "low_noise_model" : "transformer_2"};
+    for (int e = 0; e < 2; ++e)
+      DN_RETURN_IF_ERROR(WriteCheckpointWithOptions(
+          source.expert(e), absl::StrCat(dir, "/", sub[e]), options));
+    if (orig) return absl::OkStatus();  // the original layout has no index
+    Json index = Json::object();
+    index["_class_name"] = "WanPipeline";
+    index["boundary_ratio"] = config.boundary_ratio;
+    index["transformer"] = {"diffusers", "WanTransformer3DModel"};
+    index["transformer_2"] = {"diffusers", "WanTransformer3DModel"};
+    return WriteTextFile(dir + "/model_index.json", index.dump(2) + "\n");
+  }
   if (options.max_shard_bytes <= 0)
     return absl::InvalidArgumentError(absl::StrCat(
         "max_shard_bytes must be positive (got ", options.max_shard_bytes, ")"));

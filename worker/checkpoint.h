@@ -11,6 +11,12 @@
 //   are mapped to diffusers names (spec §2, including the norm2/norm3 swap).
 //   A missing, extra or mis-shaped tensor is an error naming the tensor, its
 //   expected and its actual shape.
+//   Two-expert pipelines (Wan2.2 A14B, docs/MODELS.md §3): a folder with
+//   model_index.json (`boundary_ratio`) and transformer/ (high-noise expert)
+//   + transformer_2/ (low-noise expert), or the original layout
+//   high_noise_model/ + low_noise_model/ (boundary 0.9 for 36 input
+//   channels, else 0.875, as the Wan2.2 configs say). Both experts must have
+//   the same transformer config.
 // - MakePresetWeights: seeded random weights computed on demand; Backends can
 //   produce the same numbers on the device (Backend::FillNormal with
 //   init.seed/init.stream), which is how `--preset` avoids any file.
@@ -71,16 +77,35 @@ class WeightSource {
     (void)name;
     return nullptr;
   }
+  // Two-expert models (config().boundary_ratio > 0): expert 0 is the
+  // high-noise `transformer`, expert 1 the low-noise `transformer_2`; each
+  // expert's own config() has boundary_ratio 0. One-transformer models have
+  // one expert, the source itself.
+  int num_experts() const { return config().num_experts(); }
+  virtual const WeightSource& expert(int i) const {
+    (void)i;
+    return *this;
+  }
 };
 
 absl::StatusOr<std::unique_ptr<WeightSource>> OpenCheckpoint(
     const std::string& dir);
+// A two-expert config (boundary_ratio > 0) gets two experts: the high-noise
+// one with `seed`, the low-noise one with `seed + 1`.
 absl::StatusOr<std::unique_ptr<WeightSource>> MakePresetWeights(
     const WanConfig& config, uint64_t seed);
 
+// Two-expert sources: `high` and `low` must have equal transformer configs;
+// the result's config is theirs with `boundary_ratio` set.
+absl::StatusOr<std::unique_ptr<WeightSource>> MakeTwoExpertWeights(
+    std::unique_ptr<WeightSource> high, std::unique_ptr<WeightSource> low,
+    double boundary_ratio);
+
 // Writes a diffusers-layout checkpoint (config.json + safetensors, split into
 // shards of at most `max_shard_bytes` with an index when larger) of `source`'s
-// tensors in `dtype`.
+// tensors in `dtype`. A two-expert source becomes a pipeline folder:
+// model_index.json + transformer/ + transformer_2/ (original names:
+// high_noise_model/ + low_noise_model/).
 absl::Status WriteCheckpoint(const WeightSource& source,
                              const std::string& dir, DType dtype,
                              int64_t max_shard_bytes = int64_t{4} << 30);

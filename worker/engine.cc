@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "comm/base/log.h"
 #include "comm/base/status_macros.h"
+#include "worker/expert_schedule.h"
 #include "worker/noise.h"
 #include "worker/wan_model.h"
 
@@ -77,16 +78,19 @@ int64_t UnixMillis() {
 
 class EngineImpl : public Engine {
  public:
-  EngineImpl(std::unique_ptr<WanModel> model, Backend& backend,
+  EngineImpl(const WanConfig& config, std::unique_ptr<WanModel> model,
+             std::unique_ptr<WanModel> low_noise, Backend& backend,
              comm::ProcessGroup& data, comm::ProcessGroup& control,
              const EngineOptions& options)
-      : model_(std::move(model)),
+      : config_(config),
+        model_(std::move(model)),
+        low_noise_(std::move(low_noise)),
         backend_(backend),
         data_(data),
         control_(control),
         options_(options) {}
 
-  const WanConfig& config() const override { return model_->config(); }
+  const WanConfig& config() const override { return config_; }
   absl::Status Validate(const GenerateParams& params) const override;
   absl::StatusOr<Tensor> Generate(const GenerateParams& params,
                                   const StepCallback& on_step,
@@ -106,12 +110,20 @@ class EngineImpl : public Engine {
   absl::Status Setup(const GenerateParams& params, bool cfg);
   // sampled: eager forward with all-to-all markers; else the graph (when
   // use_graphs) and the latest sampled all-to-all time.
-  absl::Status RunStep(int i, Sampler& sampler, bool cfg, float guidance,
-                       bool sampled, double* step_seconds,
-                       double* alltoall_seconds);
+  absl::Status RunStep(int i, Sampler& sampler, bool cfg,
+                       const GenerateParams& params, bool sampled,
+                       double* step_seconds, double* alltoall_seconds);
+  // Expert e (0 = the only / high-noise transformer, 1 = low-noise).
+  WanModel& expert(int e) { return e == 0 ? *model_ : *low_noise_; }
+  int num_experts() const { return low_noise_ != nullptr ? 2 : 1; }
   void Unpatchify(const float* gathered, int batch_index, float* v) const;
 
+  WanConfig config_;  // the model's (with boundary_ratio for two experts)
+  // The only transformer, or the high-noise expert; low_noise_ is the
+  // low-noise expert of a two-expert model (null otherwise). Both resident;
+  // they share one set of activation buffers (WanModel::ShareBuffers).
   std::unique_ptr<WanModel> model_;
+  std::unique_ptr<WanModel> low_noise_;
   Backend& backend_;
   comm::ProcessGroup& data_;
   comm::ProcessGroup& control_;
@@ -138,6 +150,18 @@ absl::Status EngineImpl::Validate(const GenerateParams& p) const {
     return absl::InvalidArgumentError(absl::StrCat("guidance ", p.guidance,
                                                    " must be finite and in [0, ", kMaxGuidance,
                                                    "] (CFG on iff > 1)"));
+  if (p.guidance_2.has_value()) {
+    if (num_experts() < 2)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "guidance_scale_2 ", *p.guidance_2,
+          " is for two-expert models (Wan2.2 A14B); this model has one "
+          "transformer"));
+    if (!std::isfinite(*p.guidance_2) || *p.guidance_2 < 0 ||
+        *p.guidance_2 > kMaxGuidance)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "guidance_scale_2 ", *p.guidance_2, " must be finite and in [0, ",
+          kMaxGuidance, "]"));
+  }
   if (!std::isfinite(p.shift) || p.shift <= 0 || p.shift > kMaxShift)
     return absl::InvalidArgumentError(absl::StrCat(
         "shift ", p.shift, " must be finite and in (0, ", kMaxShift, "]"));
@@ -206,7 +230,12 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
   shape.grid_f = p.latent.frames / ps[0];
   shape.grid_h = p.latent.height / ps[1];
   shape.grid_w = p.latent.width / ps[2];
+  // The low-noise expert shares the high-noise expert's buffers: drop its
+  // reference first so a new shape never holds two sets.
+  if (low_noise_ != nullptr && !(model_->shape() == shape))
+    low_noise_->ShareBuffers(nullptr);
   DN_RETURN_IF_ERROR(model_->Plan(shape));
+  if (low_noise_ != nullptr) low_noise_->ShareBuffers(model_.get());
   const int64_t world = data_.size();
   const Shape gshape = {world, shape.batch, model_->shard(), model_->patch_out()};
   if (world > 1 && (!gathered_.defined() || gathered_.shape() != gshape)) {
@@ -233,7 +262,9 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
       embeds.push_back(&zero_negative_);
     }
   }
-  DN_RETURN_IF_ERROR(model_->SetContext(embeds));
+  // Each expert has its own text embedder and cross-attention K/V.
+  for (int e = 0; e < num_experts(); ++e)
+    DN_RETURN_IF_ERROR(expert(e).SetContext(embeds));
 
   if (p.initial_latents.defined()) {
     std::memcpy(x_.data(), p.initial_latents.data(), n * sizeof(float));
@@ -274,23 +305,31 @@ void EngineImpl::Unpatchify(const float* gathered, int batch_index,
 }
 
 absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
-                                 float guidance, bool sampled,
+                                 const GenerateParams& params, bool sampled,
                                  double* step_seconds,
                                  double* alltoall_seconds) {
   const int world = data_.size();
   markers_.clear();
+  const double t = sampler.timesteps()[static_cast<size_t>(i)];
+  // Two experts: the timestep picks the expert and its guidance scale; the
+  // sampler (and its multistep history) is shared across the switch.
+  const int e = ExpertForTimestep(t, config_.boundary_ratio);
+  WanModel& model = expert(e);
+  const float guidance = static_cast<float>(
+      e == 1 && params.guidance_2.has_value() ? *params.guidance_2 : params.guidance);
   DN_ASSIGN_OR_RETURN(std::unique_ptr<Marker> start, backend_.Mark());
-  DN_RETURN_IF_ERROR(model_->UploadInputs(x_.data(), sampler.timesteps()[i]));
+  DN_RETURN_IF_ERROR(model.UploadInputs(x_.data(), t));
+  // A graph is captured per expert at its first non-sampled step.
   const bool graph = options_.use_graphs && !sampled;
-  DN_RETURN_IF_ERROR(model_->Forward(world > 1 ? &data_ : nullptr,
-                                     graph ? nullptr : &markers_, graph));
+  DN_RETURN_IF_ERROR(model.Forward(world > 1 ? &data_ : nullptr,
+                                   graph ? nullptr : &markers_, graph));
   if (world > 1) {
-    const Tensor& out = model_->output();
+    const Tensor& out = model.output();
     DN_RETURN_IF_ERROR(data_.AllGather(out.data(), gathered_.data(), out.nbytes()));
     DN_RETURN_IF_ERROR(backend_.CopyToHost(gathered_, gathered_host_.data()));
   } else {
     DN_RETURN_IF_ERROR(
-        backend_.CopyToHost(model_->output(), gathered_host_.data()));
+        backend_.CopyToHost(model.output(), gathered_host_.data()));
   }
   Unpatchify(gathered_host_.data(), 0, v_cond_.data());
   const float* v = v_cond_.data();
@@ -364,16 +403,21 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
   // all-to-alls from the markers (CUDA); where a replay runs the body again
   // (CPU), every step is timed.
   const bool replays = options_.use_graphs && backend_.replay_skips_host();
+  // The first step of the low-noise expert (two experts) runs eagerly too,
+  // like step 0: its graph is captured after an eager forward.
+  const int switch_step =
+      num_experts() == 2 ? HighNoiseSteps(sampler->timesteps(), config_.boundary_ratio)
+                         : -1;
   for (int i = 0; i < steps; ++i) {
     double step_seconds = 0, a2a_seconds = 0;
     // Step 0 of every request runs eagerly (plans, NCCL connections); with
     // P > 1 step 1 too (the first all-to-all of a size may set up
     // connections, so step 1 gives the timing), then every `every`-th step.
     const bool sampled = !replays || i == 0 || (data_.size() > 1 && i == 1) ||
-                         (every > 0 && i % every == 0);
+                         i == switch_step || (every > 0 && i % every == 0);
     if (local.ok())
-      local = RunStep(i, *sampler, cfg, static_cast<float>(params.guidance),
-                      sampled, &step_seconds, &a2a_seconds);
+      local = RunStep(i, *sampler, cfg, params, sampled, &step_seconds,
+                      &a2a_seconds);
     if (!local.ok()) AbortData();  // peers in a data collective with us fail promptly
     double words[kControlWords] = {0, 0, 0, 0, 0};
     if (stop != nullptr && stop->code() != absl::StatusCode::kOk)
@@ -508,8 +552,18 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   if (options.timing_every < 0)
     return absl::InvalidArgumentError(absl::StrCat(
         "timing_every ", options.timing_every, " must be >= 0"));
-  DN_ASSIGN_OR_RETURN(std::unique_ptr<WanModel> model,
-                      WanModel::Load(weights, backend, data.size(), data.rank()));
+  // Two experts (Wan2.2 A14B): both resident, loaded one after the other.
+  DN_ASSIGN_OR_RETURN(
+      std::unique_ptr<WanModel> model,
+      WanModel::Load(weights.expert(0), backend, data.size(), data.rank()));
+  std::unique_ptr<WanModel> low_noise;
+  if (c.num_experts() == 2) {
+    DN_ASSIGN_OR_RETURN(
+        low_noise, WanModel::Load(weights.expert(1), backend, data.size(), data.rank()));
+    DN_LOG(INFO) << "engine: two experts, boundary_ratio " << c.boundary_ratio
+                 << " (high-noise for t >= " << c.boundary_ratio * kNumTrainTimesteps
+                 << ")";
+  }
   const EngineOptions effective = WithEnvironment(options);
   DN_LOG(INFO) << "engine: graphs " << (effective.use_graphs ? "on" : "off")
                << (effective.use_graphs && data.size() > 1
@@ -519,7 +573,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
                << ", fused q/k norm+RoPE+pack "
                << (model->fused_qkv_pack() ? "on" : "off");
   return std::unique_ptr<Engine>(std::make_unique<EngineImpl>(
-      std::move(model), backend, data, control, effective));
+      c, std::move(model), std::move(low_noise), backend, data, control, effective));
 }
 
 }  // namespace dn::worker

@@ -1,7 +1,7 @@
 // File: worker/engine.h
 //
-// The denoising engine of one rank of a worker group: the Wan2.1 DiT on a
-// Backend, sharded over a Ulysses process group, driven by a sampler with
+// The denoising engine of one rank of a worker group: the Wan DiT (one
+// transformer, or the two experts of Wan2.2 A14B) on a Backend, sharded over a Ulysses process group, driven by a sampler with
 // classifier-free guidance. No gRPC here: the service (server/) and the
 // `denoised run` command both drive this class.
 //
@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -56,6 +57,10 @@ struct GenerateParams {
   LatentShape latent;
   int steps = 50;
   double guidance = 5.0;  // CFG on iff > 1
+  // Two-expert models: the low-noise expert's scale (guidance_scale_2);
+  // unset = `guidance`. CFG on/off follows `guidance` alone (diffusers).
+  // Setting it for a one-transformer model is INVALID_ARGUMENT.
+  std::optional<double> guidance_2;
   SchedulerKind scheduler = SchedulerKind::kUniPC;
   double shift = 3.0;
   uint64_t seed = 0;

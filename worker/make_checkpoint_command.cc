@@ -25,7 +25,10 @@ int MakeCheckpointCommand(int argc, char** argv) {
   int64_t max_shard_bytes = int64_t{4} << 30;
   bool prompt_table = false;
   flags.String("preset", &preset,
-               "tiny | demo-pixel | wan2.1-t2v-1.3b | wan2.1-t2v-14b");
+               "tiny | demo-pixel | wan2.1-t2v-1.3b | wan2.1-t2v-14b | "
+               "wan2.2-t2v-a14b | tiny-t2v-a14b (two experts: a pipeline folder "
+               "with transformer/ and transformer_2/, the low-noise expert "
+               "seeded with --seed + 1)");
   flags.Uint64("seed", &seed, "seed of the random weights");
   flags.String("out", &out, "output folder (created if missing)");
   flags.String("dtype", &dtype_name, "stored dtype: f32 | bf16 | f16");
@@ -101,10 +104,12 @@ int MakeCheckpointCommand(int argc, char** argv) {
   int64_t params = 0;
   const std::vector<TensorSpec> specs = ExpectedTensors(*config);
   for (const TensorSpec& spec : specs) params += NumElements(spec.shape);
-  std::printf("wrote %s: preset %s, %d layers, seed %llu, %zu tensors, %lld "
-              "parameters, %s%s%s, config %s\n",
-              out.c_str(), preset.c_str(), config->num_layers,
-              static_cast<unsigned long long>(seed), specs.size(),
+  params *= config->num_experts();
+  std::printf("wrote %s: preset %s, %d expert(s), %d layers, seed %llu, %zu "
+              "tensors, %lld parameters, %s%s%s, config %s\n",
+              out.c_str(), preset.c_str(), config->num_experts(), config->num_layers,
+              static_cast<unsigned long long>(seed),
+              specs.size() * static_cast<size_t>(config->num_experts()),
               static_cast<long long>(params), DTypeName(dtype),
               original_names ? ", original Wan2.1 names" : "",
               prompt_table ? ", random prompt table" : "",

@@ -37,8 +37,17 @@ namespace {
 class LayerLimitedWeights : public WeightSource {
  public:
   LayerLimitedWeights(std::unique_ptr<WeightSource> inner, int layers)
-      : inner_(std::move(inner)), config_(inner_->config()) {
+      : LayerLimitedWeights(inner.get(), layers) {
+    owned_ = std::move(inner);
+  }
+  // Non-owning: `inner` outlives this.
+  LayerLimitedWeights(const WeightSource* inner, int layers)
+      : inner_(inner), config_(inner->config()) {
     config_.num_layers = layers;
+    if (inner->num_experts() == 2)  // each expert cut down alike
+      for (int e = 0; e < 2; ++e)
+        experts_.push_back(
+            std::make_unique<LayerLimitedWeights>(&inner->expert(e), layers));
   }
   const WanConfig& config() const override { return config_; }
   std::string description() const override {
@@ -51,10 +60,15 @@ class LayerLimitedWeights : public WeightSource {
   const RandomInit* random_init(const std::string& name) const override {
     return inner_->random_init(name);
   }
+  const WeightSource& expert(int i) const override {
+    return experts_.empty() ? *this : *experts_[static_cast<size_t>(i)];
+  }
 
  private:
-  std::unique_ptr<WeightSource> inner_;
+  std::unique_ptr<WeightSource> owned_;
+  const WeightSource* inner_;
   WanConfig config_;
+  std::vector<std::unique_ptr<LayerLimitedWeights>> experts_;
 };
 
 struct RunFlags {
@@ -63,6 +77,7 @@ struct RunFlags {
   int width = 0;
   int steps = 50;
   double guidance = 5.0;
+  double guidance_2 = -1;  // < 0: unset (two experts: = guidance)
   double shift = 3.0;
   std::string scheduler = "unipc";
   uint64_t seed = 0;
@@ -84,6 +99,9 @@ void AddRunFlags(FlagSet& flags, RunFlags* f) {
   flags.Int("width", &f->width, "width in pixels (multiple of 16 for Wan)");
   flags.Int("steps", &f->steps, "denoising steps");
   flags.Double("guidance", &f->guidance, "CFG scale (CFG on iff > 1)");
+  flags.Double("guidance-2", &f->guidance_2,
+               "two-expert models: CFG scale of the low-noise expert "
+               "(guidance_scale_2); unset = --guidance");
   flags.Double("shift", &f->shift, "flow shift of the sigma schedule");
   flags.String("scheduler", &f->scheduler, "unipc | euler");
   flags.Uint64("seed", &f->seed, "seed of the initial noise (and random embeddings)");
@@ -177,6 +195,7 @@ absl::Status RunRank(const RankOptions& ro, const RunFlags& rf) {
                       LatentFromPixels(config, rf.frames, rf.height, rf.width));
   p.steps = rf.steps;
   p.guidance = rf.guidance;
+  if (rf.guidance_2 >= 0) p.guidance_2 = rf.guidance_2;
   p.shift = rf.shift;
   p.scheduler = rf.scheduler == "euler" ? SchedulerKind::kEuler : SchedulerKind::kUniPC;
   p.seed = rf.seed;
@@ -242,6 +261,7 @@ absl::Status RunRank(const RankOptions& ro, const RunFlags& rf) {
       {"steps", std::to_string(rf.steps)},
       {"shift", shift.str()},
       {"guidance", guidance.str()},
+      {"guidance_2", rf.guidance_2 >= 0 ? absl::StrCat(rf.guidance_2) : "unset"},
       {"model_config_hash", config.Hash()},
       {"model", session->weights->description()},
       {"ranks", std::to_string(ro.ranks)},

@@ -202,6 +202,17 @@ absl::StatusOr<WanConfig> WanConfig::FromJson(const std::string& json) {
   if (patch) c.patch_size = *patch;
   if (stride) c.vae_stride = *stride;
 
+  if (auto it = root.find("boundary_ratio"); it != root.end()) {
+    // Pipeline field (model_index.json; our own config.json of a two-expert
+    // preset). null = one transformer.
+    if (it->is_null()) {
+      c.boundary_ratio = 0;
+    } else if (it->is_number()) {
+      c.boundary_ratio = it->get<double>();
+    } else {
+      return FieldError("boundary_ratio", "expected a number in (0, 1) or null", *it);
+    }
+  }
   if (auto it = root.find("cross_attn_norm"); it != root.end()) {
     if (!it->is_boolean())
       return FieldError("cross_attn_norm", "expected true or false", *it);
@@ -257,6 +268,7 @@ std::string WanConfig::ToJson() const {
   j["added_kv_proj_dim"] =
       added_kv_proj_dim > 0 ? Json(added_kv_proj_dim) : Json(nullptr);
   j["attention_head_dim"] = attention_head_dim;
+  if (boundary_ratio > 0) j["boundary_ratio"] = boundary_ratio;
   j["cross_attn_norm"] = cross_attn_norm;
   j["eps"] = eps;
   j["ffn_dim"] = ffn_dim;
@@ -346,6 +358,10 @@ absl::Status WanConfig::Validate() const {
     return absl::InvalidArgumentError(
         "config field 'cross_attn_norm' must be true (every Wan2.1 model has "
         "the affine cross-attention norm)");
+  if (!std::isfinite(boundary_ratio) || boundary_ratio < 0 || boundary_ratio >= 1)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config field 'boundary_ratio' must be in (0, 1) (two experts) or unset "
+        "(got ", boundary_ratio, ")"));
   DN_RETURN_IF_ERROR(CheckMin("image_dim", image_dim, 0));
   DN_RETURN_IF_ERROR(CheckMin("added_kv_proj_dim", added_kv_proj_dim, 0));
   DN_RETURN_IF_ERROR(CheckMin("pos_embed_seq_len", pos_embed_seq_len, 0));
@@ -394,10 +410,23 @@ absl::StatusOr<WanConfig> PresetConfig(const std::string& name) {
     c.attention_head_dim = 128;
     c.ffn_dim = 13824;
     c.num_layers = 40;
+  } else if (name == "wan2.2-t2v-a14b") {
+    // Two experts of the Wan2.1-14B shape (docs/MODELS.md §1, §3).
+    c.num_attention_heads = 40;
+    c.attention_head_dim = 128;
+    c.ffn_dim = 13824;
+    c.num_layers = 40;
+    c.boundary_ratio = 0.875;
+  } else if (name == "tiny-t2v-a14b") {
+    // The two-expert pipeline on two tiny transformers (CI).
+    WanConfig t = *PresetConfig("tiny");
+    t.boundary_ratio = 0.875;
+    return t;
   } else {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown preset '", name,
-        "' (known: tiny, demo-pixel, wan2.1-t2v-1.3b, wan2.1-t2v-14b)"));
+        "' (known: tiny, demo-pixel, wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
+        "wan2.2-t2v-a14b, tiny-t2v-a14b)"));
   }
   return c;
 }

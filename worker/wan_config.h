@@ -35,9 +35,22 @@ struct WanConfig {
   // latents. Wan: (4, 8, 8). A pixel-space model declares (1, 1, 1). Read
   // from "vae_stride" in config.json when present.
   std::array<int, 3> vae_stride = {4, 8, 8};
+  // Not a transformer field either: the pipeline's `boundary_ratio`
+  // (model_index.json). > 0 = two experts (Wan2.2 A14B): the high-noise
+  // `transformer` runs for timesteps t >= boundary_ratio * 1000, the
+  // low-noise `transformer_2` after (docs/MODELS.md §3). 0 = one transformer.
+  // Written to / read from JSON only when set, so it changes no Wan2.1 hash.
+  double boundary_ratio = 0;
 
   int inner_dim() const { return num_attention_heads * attention_head_dim; }
   bool is_i2v() const { return added_kv_proj_dim > 0 || image_dim > 0; }
+  int num_experts() const { return boundary_ratio > 0 ? 2 : 1; }
+  // The config of one expert's transformer (pipeline fields cleared).
+  WanConfig TransformerOnly() const {
+    WanConfig c = *this;
+    c.boundary_ratio = 0;
+    return c;
+  }
 
   // Parses a diffusers config.json (unknown keys ignored; "_class_name", if
   // present, must be WanTransformer3DModel, or WanModel as original Wan2.1
@@ -56,7 +69,9 @@ struct WanConfig {
 // Presets: "tiny" (the built-in demo/test model: 2 layers, 4 heads of 16,
 // in/out 16 channels, text_dim 32, ffn 128, freq_dim 256, VAE stride 4,8,8), "demo-pixel" (the
 // demo model's architecture: 4 layers, 4 heads of 32, RGB in/out, text_dim 64, ffn 512, pixel
-// space, VAE stride 1,1,1), "wan2.1-t2v-1.3b", "wan2.1-t2v-14b".
+// space, VAE stride 1,1,1), "wan2.1-t2v-1.3b", "wan2.1-t2v-14b",
+// "wan2.2-t2v-a14b" (two 14B experts, boundary_ratio 0.875) and its CI-sized
+// twin "tiny-t2v-a14b" (two tiny experts, boundary_ratio 0.875).
 absl::StatusOr<WanConfig> PresetConfig(const std::string& name);
 
 }  // namespace dn::worker

@@ -297,6 +297,21 @@ absl::Status WanModel::Plan(const ModelShape& shape) {
   return backend_.Synchronize();
 }
 
+void WanModel::ShareBuffers(const WanModel* donor) {
+  if (donor == nullptr) {
+    graph_.reset();
+    buf_.reset();
+    shape_ = ModelShape();
+    shard_ = 0;
+    return;
+  }
+  if (buf_ == donor->buf_ && shape_ == donor->shape_) return;
+  graph_.reset();  // the graph reads the old buffers
+  buf_ = donor->buf_;
+  shape_ = donor->shape_;
+  shard_ = donor->shard_;
+}
+
 absl::Status WanModel::SetContext(const std::vector<const Tensor*>& embeds) {
   if (embeds.empty())
     return absl::InvalidArgumentError("model context: no text embeddings");

@@ -75,6 +75,12 @@ class WanModel {
   const ModelShape& shape() const { return shape_; }
   int64_t shard() const { return shard_; }  // S
 
+  // Two-expert models run one expert at a time, so the experts share one set
+  // of activation buffers: this model takes `donor`'s plan (shape, buffers)
+  // and drops its graph if the buffers change; donor == nullptr drops this
+  // model's plan (its reference to the buffers) without allocating.
+  void ShareBuffers(const WanModel* donor);
+
   // Per-request text: embeds[b] is host f32 [T_b, text_dim] for batch b of
   // the plan (embeds.size() == batch). Runs the text embedder and caches the
   // cross-attention K/V of every layer on the backend.
@@ -148,7 +154,7 @@ class WanModel {
 
   ModelShape shape_;
   int64_t shard_ = 0;
-  std::unique_ptr<Buffers> buf_;
+  std::shared_ptr<Buffers> buf_;  // shared between experts (ShareBuffers)
   std::unique_ptr<Context> ctx_;
   std::unique_ptr<Graph> graph_;
   comm::ProcessGroup* graph_group_ = nullptr;  // the group graph_ captured

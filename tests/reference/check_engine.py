@@ -195,6 +195,131 @@ CASES = [
 SINGLE_RANK_TWIN = {"e_ranks2_unipc4_cfg4.5": "b_unipc4_cfg4.5", "e2_ranks2_euler1_g1": "a_forward_euler1_g1"}
 
 
+# ------------------------------------------------------------------- two experts (Wan2.2 A14B, MODELS.md §3)
+A14B_BOUNDARY = 0.875
+A14B_CASES = [
+    # name, checkpoint, scheduler, steps, guidance, guidance_2 (None = unset), shift, ranks
+    ("x_a14b_unipc6_g4_g2_3", "a14b", "unipc", 6, 4.0, 3.0, 5.0, (1, 2, 4)),
+    ("x_a14b_euler5_g1_shift12", "a14b", "euler", 5, 1.0, None, 12.0, (1,)),
+    ("x_a14b_orignames_unipc4_g4", "a14b_orig", "unipc", 4, 4.0, None, 3.0, (1,)),
+]
+
+
+def make_two_expert_checkpoints(binary, work, timeout):
+    dirs = {}
+    for name, extra in (("a14b", []), ("a14b_orig", ["--original-names"])):
+        d = os.path.join(work, "ck_" + name)
+        run_cmd([binary, "make-checkpoint", "--preset", "tiny-t2v-a14b", "--seed", str(SEED), "--out", d,
+                 "--dtype", "f32"] + extra, timeout)
+        dirs[name] = d
+    return dirs
+
+
+def load_two_experts(d):
+    """(cfg, W_high, W_low, boundary) of a pipeline folder, diffusers or original layout."""
+    if os.path.isdir(os.path.join(d, "transformer_2")):
+        idx = json.load(open(os.path.join(d, "model_index.json")))
+        boundary = idx.get("boundary_ratio")
+        sub = ("transformer", "transformer_2")
+    else:
+        boundary = A14B_BOUNDARY  # the original layout carries no boundary (Wan2.2 T2V config: 0.875)
+        sub = ("high_noise_model", "low_noise_model")
+    cfg_h, W_h = wr.load_model(os.path.join(d, sub[0]))
+    cfg_l, W_l = wr.load_model(os.path.join(d, sub[1]))
+    if cfg_h != cfg_l:
+        raise Failure(f"{d}: the two experts have different configs")
+    return cfg_h, W_h, W_l, boundary
+
+
+def check_two_expert_checkpoints(dirs):
+    models = {name: load_two_experts(d) for name, d in dirs.items()}
+    cfg, W_h, W_l, boundary = models["a14b"]
+    if boundary != A14B_BOUNDARY:
+        raise Failure(f"model_index.json boundary_ratio {boundary}, expected {A14B_BOUNDARY}")
+    if all(np.array_equal(W_h[n], W_l[n]) for n in W_h):
+        raise Failure("the two experts have identical weights: the expert switch would be untestable")
+    _, O_h, O_l, _ = models["a14b_orig"]
+    for n in W_h:
+        if not (np.array_equal(W_h[n], O_h[n]) and np.array_equal(W_l[n], O_l[n])):
+            raise Failure(f"original-names two-expert checkpoint: tensor {n} differs from the diffusers one")
+    print(f"two-expert checkpoints ok: transformer/ + transformer_2/ (diffusers) and high_noise_model/ + "
+          f"low_noise_model/ (original) hold the same weights, boundary_ratio {boundary}")
+    return models
+
+
+def reference_two_experts(cfg, W_h, W_l, boundary, lat, emb, neg, scheduler, steps, shift, g, g2, trace=None):
+    def expert(W):
+        return lambda x, t, ctx, img: wr.forward(cfg, W, x, t, ctx)
+    sig, t = sr.make_schedule(scheduler, steps, shift)
+    model = sr.pipeline_model([expert(W_h), expert(W_l)], emb, neg, g, guidance_2=g2, boundary_ratio=boundary,
+                              trace=trace)
+    if scheduler == "unipc":
+        return sr.unipc_sample(model, lat, sig, t)
+    return sr.euler_sample(model, lat, sig, t)
+
+
+def run_two_expert_cases(binary, work, timeout, only, paths, lat, emb, neg, failures):
+    try:
+        models = check_two_expert_checkpoints(make_two_expert_checkpoints(binary, work, timeout))
+    except (Failure, ValueError, OSError) as e:
+        print(f"FAIL two-expert checkpoints: {e}", flush=True)
+        failures.append("two-expert checkpoints")
+        return
+    for name, ck, sched, steps, g, g2, shift, ranks_list in A14B_CASES:
+        if only and not any(name.startswith(p) for p in only.split(",")):
+            continue
+        try:
+            check_timestep_margins(sched, steps, shift)
+            cfg, W_h, W_l, boundary = models[ck]
+            _, t = sr.make_schedule(sched, steps, shift)
+            k = sr.expert_steps(t, boundary)
+            if not 0 < k < steps:
+                raise Failure(f"case setup: the expert does not switch ({k} of {steps} steps high-noise)")
+            trace = []
+            ref = reference_two_experts(cfg, W_h, W_l, boundary, lat, emb, neg, sched, steps, shift, g, g2, trace)
+            # Guards against a vacuous comparison: each expert alone, and the wrong low-noise scale,
+            # must be far from the two-expert result.
+            alone_h = reference_two_experts(cfg, W_h, W_h, boundary, lat, emb, neg, sched, steps, shift, g, g2)
+            alone_l = reference_two_experts(cfg, W_l, W_l, boundary, lat, emb, neg, sched, steps, shift, g, g2)
+            sens = {"high-only": rel_l2(alone_h, ref), "low-only": rel_l2(alone_l, ref)}
+            if g2 is not None and g2 != g and g > 1:
+                sens["g2=g"] = rel_l2(reference_two_experts(cfg, W_h, W_l, boundary, lat, emb, neg, sched, steps,
+                                                            shift, g, None), ref)
+            if min(sens.values()) < 100 * REL_L2_BOUND:
+                raise Failure(f"case setup: alternative readings are too close to the reference: {sens}")
+            outs = {}
+            for ranks in ranks_list:
+                out_path = os.path.join(work, f"{name}.r{ranks}.out.safetensors")
+                cmd = [binary, "run", "--model", os.path.join(work, "ck_" + ck), "--ranks", str(ranks),
+                       "--backend", "cpu", "--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH),
+                       "--steps", str(steps), "--guidance", repr(g), "--shift", repr(shift),
+                       "--scheduler", sched, "--seed", str(SEED), "--embeds", paths["embeds"],
+                       "--negative-embeds", paths["neg"], "--latents", paths["latents"], "--out", out_path]
+                if g2 is not None:
+                    cmd += ["--guidance-2", repr(g2)]
+                _, secs = run_cmd(cmd, timeout)
+                got = st.load_file(out_path)["latents"].astype(np.float64)
+                if got.shape != lat.shape or not np.all(np.isfinite(got)):
+                    raise Failure(f"output shape {got.shape} (expected {lat.shape}) or non-finite values")
+                outs[ranks] = got
+                err, mx = rel_l2(got, ref), float(np.abs(got - ref).max())
+                extra = ""
+                ok = err < REL_L2_BOUND
+                if ranks != ranks_list[0]:
+                    same = np.array_equal(got, outs[ranks_list[0]])
+                    extra = f" bitwise == ranks {ranks_list[0]}: {same}"
+                    ok = ok and same
+                print(f"{'ok  ' if ok else 'FAIL'} {name:26s} ranks={ranks} ckpt={ck} high-noise steps {k}/{steps} "
+                      f"max_abs={mx:.3e} rel_l2={err:.3e} (bound {REL_L2_BOUND:g}) engine {secs:.1f}s "
+                      f"[alternatives: " + ", ".join(f"{a} {v:.1e}" for a, v in sens.items()) + "]" + extra,
+                      flush=True)
+                if not ok:
+                    failures.append(name)
+        except (Failure, ValueError, OSError, KeyError) as e:
+            failures.append(name)
+            print(f"FAIL {name}: {e}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True, help="path to the denoised binary")
@@ -275,6 +400,7 @@ def main():
             except (Failure, ValueError, OSError) as e:
                 failures.append(name)
                 print(f"FAIL {name}: {e}", flush=True)
+        run_two_expert_cases(binary, work, a.timeout, a.only, paths, lat, emb, neg, failures)
     finally:
         if not a.keep and not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
