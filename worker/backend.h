@@ -82,6 +82,10 @@ class Backend {
                               Tensor* y) = 0;
   // y = x * sigmoid(x), elementwise; compute dtype.
   virtual absl::Status Silu(const Tensor& x, Tensor* y) = 0;
+  // y = GELU_tanh(x), elementwise (the Linear epilogue's activation, applied
+  // on its own: the LoRA path adds its delta before the activation);
+  // compute dtype; y may be x.
+  virtual absl::Status GeluTanh(const Tensor& x, Tensor* y) = 0;
   // out[B,k,D] (f32) = table[k,D] (f32) + proj, where proj (compute dtype) is
   // [B, k*D] (one row of D per k) or [B, D] (broadcast to every k).
   virtual absl::Status AddModulation(const Tensor& table, const Tensor& proj,

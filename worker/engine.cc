@@ -85,6 +85,7 @@ class EngineImpl : public Engine {
       : config_(config),
         model_(std::move(model)),
         low_noise_(std::move(low_noise)),
+        loras_(options.lora_dir),
         backend_(backend),
         data_(data),
         control_(control),
@@ -98,6 +99,7 @@ class EngineImpl : public Engine {
   absl::StatusOr<double> Warmup(const LatentShape& shape,
                                 int text_len) override;
   bool broken() const override { return broken_; }
+  std::vector<std::string> ListLoras() const override { return loras_.List(); }
 
  private:
   // Aborts the data group so peers blocked in a data collective with this
@@ -124,6 +126,7 @@ class EngineImpl : public Engine {
   // they share one set of activation buffers (WanModel::ShareBuffers).
   std::unique_ptr<WanModel> model_;
   std::unique_ptr<WanModel> low_noise_;
+  LoraLibrary loras_;
   Backend& backend_;
   comm::ProcessGroup& data_;
   comm::ProcessGroup& control_;
@@ -216,6 +219,23 @@ absl::Status EngineImpl::Validate(const GenerateParams& p) const {
           "initial_latents must be host f32 ", ShapeString(want), ", got ",
           p.initial_latents.DebugString()));
   }
+  if (p.loras.size() > kMaxLorasPerRequest)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "lora: ", p.loras.size(), " LoRAs, more than ", kMaxLorasPerRequest));
+  for (size_t i = 0; i < p.loras.size(); ++i) {
+    const LoraRef& l = p.loras[i];
+    if (l.name.empty() || l.name.find('/') != std::string::npos || l.name == "." ||
+        l.name == ".." || l.name.find('\0') != std::string::npos)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "lora[", i, "].name '", l.name, "' must be a file name of the LoRA directory"));
+    if (!std::isfinite(l.scale) || std::abs(l.scale) > kMaxLoraScale)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "lora[", i, "].scale ", l.scale, " must be finite with |scale| <= ", kMaxLoraScale));
+    if (l.expert < -1 || l.expert >= num_experts())
+      return absl::InvalidArgumentError(absl::StrCat(
+          "lora[", i, "].expert ", l.expert, ": the model has ", num_experts(),
+          " expert(s) (-1 = all, 0 = high-noise, 1 = low-noise)"));
+  }
   if (p.deadline_unix_millis < 0)
     return absl::InvalidArgumentError(absl::StrCat(
         "deadline_unix_millis ", p.deadline_unix_millis, " is negative"));
@@ -261,6 +281,22 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
         zero_negative_ = Tensor::Host(p.prompt_embeds.shape());
       embeds.push_back(&zero_negative_);
     }
+  }
+  // LoRAs (before the context: the text embedder and cross K/V may be
+  // targets). Files are read here, so a bad or missing file fails Setup on
+  // every rank alike and the group keeps serving.
+  {
+    std::vector<std::pair<const LoraFile*, double>> per_expert[2];
+    std::vector<std::shared_ptr<const LoraFile>> keep;
+    for (const LoraRef& ref : p.loras) {
+      DN_ASSIGN_OR_RETURN(std::shared_ptr<const LoraFile> file,
+                          loras_.Load(ref.name, config_.TransformerOnly()));
+      keep.push_back(file);
+      for (int e = 0; e < num_experts(); ++e)
+        if (ref.expert < 0 || ref.expert == e) per_expert[e].emplace_back(file.get(), ref.scale);
+    }
+    for (int e = 0; e < num_experts(); ++e)
+      DN_RETURN_IF_ERROR(expert(e).SetLora(CombineLoras(per_expert[e])));
   }
   // Each expert has its own text embedder and cross-attention K/V.
   for (int e = 0; e < num_experts(); ++e)

@@ -18,12 +18,14 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "comm/process_group.h"
 #include "worker/backend.h"
 #include "worker/checkpoint.h"
+#include "worker/lora.h"
 #include "worker/sampler.h"
 #include "worker/tensor.h"
 #include "worker/wan_config.h"
@@ -67,6 +69,10 @@ struct GenerateParams {
   Tensor prompt_embeds;    // host f32 [T, text_dim]
   Tensor negative_embeds;  // host f32 [T', text_dim]; undefined -> zeros [T, text_dim]
   Tensor initial_latents;  // host f32 [C,F,H,W]; undefined -> seeded noise
+  // LoRAs of this request, by file name in the engine's LoRA directory, with
+  // their scales (combined additively). Empty = none: the base model,
+  // bit-identical whatever ran before.
+  std::vector<LoraRef> loras;
   // Absolute deadline in unix milliseconds; 0 = none. Checked at every step
   // boundary (collectively).
   int64_t deadline_unix_millis = 0;
@@ -108,7 +114,12 @@ struct EngineOptions {
   // all-to-all markers; the other steps report the latest sampled all-to-all
   // time. 0 = only the first step of each request.
   int timing_every = 10;
+  // Directory of LoRA files (*.safetensors) requests may name; empty = none.
+  // Listed and read at each request, so files added later are usable.
+  std::string lora_dir;
 };
+inline constexpr size_t kMaxLorasPerRequest = 16;
+inline constexpr double kMaxLoraScale = 100;
 // `options` after the environment, as Engine::Create applies it:
 // DN_CUDA_GRAPHS=0 turns use_graphs off, DN_A2A_SAMPLE_EVERY=N sets
 // timing_every.
@@ -140,6 +151,8 @@ class Engine {
   // step, or a collective failed): every later Generate fails, so the rank
   // must be restarted. A stop or a setup failure leaves it usable.
   virtual bool broken() const = 0;
+  // Names of the LoRA files now in the LoRA directory.
+  virtual std::vector<std::string> ListLoras() const = 0;
   // Measures seconds per step at `shape` (collective), after building any
   // per-shape plans; used for warm-up and admission estimates.
   virtual absl::StatusOr<double> Warmup(const LatentShape& shape,

@@ -1,16 +1,82 @@
 #include "worker/make_checkpoint_command.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <map>
+#include <optional>
 #include <cstdio>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "comm/base/flags.h"
 #include "worker/checkpoint.h"
+#include "worker/lora.h"
+#include "worker/noise.h"
+#include "worker/safetensors.h"
 #include "worker/checkpoint_format.h"
 #include "worker/prompt_table.h"
 #include "worker/wan_config.h"
 
 namespace dn::worker {
+namespace {
+
+// --lora-out: a seeded random LoRA of `config` on every block Linear (attn1
+// q/k/v/o, attn2 q/k/v/o, ffn up/down), in one of the file formats of
+// docs/MODELS.md §6, for tests. down ~ N(0, 1/in), up ~ N(0, 1/rank).
+absl::Status WriteRandomLora(const WanConfig& config, uint64_t seed, int rank,
+                             double alpha, const std::string& format,
+                             const std::string& path) {
+  if (rank < 1) return absl::InvalidArgumentError("--lora-rank must be >= 1");
+  if (format != "diffusers" && format != "original" && format != "kohya")
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--lora-format '", format, "' must be diffusers, original or kohya"));
+  std::vector<std::string> names;
+  std::vector<std::vector<float>> data;
+  std::vector<Shape> shapes;
+  for (const auto& [mod, shape] : LoraTargets(config)) {
+    if (mod.rfind("blocks.", 0) != 0) continue;
+    const auto [out, in] = shape;
+    std::string base = mod, down = ".lora_A.weight", up = ".lora_B.weight";
+    if (format != "diffusers") {
+      std::optional<std::string> o = DiffusersToWanOriginal(mod + ".weight");
+      if (!o) return absl::InternalError(absl::StrCat("no original name for ", mod));
+      base = o->substr(0, o->size() - 7);
+      down = ".lora_down.weight";
+      up = ".lora_up.weight";
+      if (format == "kohya") {
+        std::replace(base.begin(), base.end(), '.', '_');
+        base = "lora_unet_" + base;
+      } else {
+        base = "diffusion_model." + base;
+      }
+    } else {
+      base = "transformer." + mod;
+    }
+    const uint64_t stream = TensorNameStream(mod);
+    std::vector<float> a(static_cast<size_t>(rank * in)), b(static_cast<size_t>(out * rank));
+    FillNormal(seed, stream, 0, 0.0f, static_cast<float>(1.0 / std::sqrt(double(in))),
+               a.data(), a.size());
+    FillNormal(seed, stream + 1, 0, 0.0f, static_cast<float>(1.0 / std::sqrt(double(rank))),
+               b.data(), b.size());
+    names.push_back(base + down), shapes.push_back({rank, in}), data.push_back(std::move(a));
+    names.push_back(base + up), shapes.push_back({out, rank}), data.push_back(std::move(b));
+    if (format != "diffusers") {
+      names.push_back(base + ".alpha"), shapes.push_back({}),
+          data.push_back({static_cast<float>(alpha)});
+    }
+  }
+  std::vector<SafetensorsTensorRef> refs;
+  for (size_t i = 0; i < names.size(); ++i)
+    refs.push_back({names[i], DType::kF32, shapes[i], data[i].data()});
+  std::map<std::string, std::string> metadata = {{"format", "pt"}};
+  if (format == "diffusers")  // PEFT LoraConfig as a pipeline save writes it
+    metadata["lora_adapter_metadata"] = absl::StrCat(
+        "{\"transformer.r\": ", rank, ", \"transformer.lora_alpha\": ", alpha, "}");
+  return WriteSafetensors(path, refs, metadata);
+}
+
+}  // namespace
 
 int MakeCheckpointCommand(int argc, char** argv) {
   FlagSet flags("denoised make-checkpoint",
@@ -24,6 +90,9 @@ int MakeCheckpointCommand(int argc, char** argv) {
   bool original_names = false;
   int64_t max_shard_bytes = int64_t{4} << 30;
   bool prompt_table = false;
+  std::string lora_out, lora_format = "diffusers";
+  int lora_rank = 4;
+  double lora_alpha = 0;
   flags.String("preset", &preset,
                "tiny | demo-pixel | wan2.1-t2v-1.3b | wan2.1-t2v-14b | "
                "wan2.2-t2v-a14b | tiny-t2v-a14b (two experts: a pipeline folder "
@@ -41,7 +110,31 @@ int MakeCheckpointCommand(int argc, char** argv) {
   flags.Bool("prompt-table", &prompt_table,
              "also write OUT/prompts.safetensors: seeded random vectors for "
              "the demo vocabulary (a stand-in for tools/demo_model)");
+  flags.String("lora-out", &lora_out,
+               "instead of a checkpoint, write a seeded random LoRA of the preset "
+               "(every block Linear) to this .safetensors file (tests)");
+  flags.Int("lora-rank", &lora_rank, "rank of --lora-out");
+  flags.Double("lora-alpha", &lora_alpha, "alpha of --lora-out (0: = rank)");
+  flags.String("lora-format", &lora_format,
+               "names of --lora-out: diffusers (PEFT lora_A/lora_B, alpha in the "
+               "metadata) | original (diffusion_model.*.lora_down/lora_up/alpha) | "
+               "kohya (lora_unet_*)");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
+  if (!lora_out.empty()) {
+    absl::StatusOr<WanConfig> c = PresetConfig(preset);
+    absl::Status s = c.ok() ? WriteRandomLora(c->TransformerOnly(), seed, lora_rank,
+                                              lora_alpha > 0 ? lora_alpha : lora_rank,
+                                              lora_format, lora_out)
+                            : c.status();
+    if (!s.ok()) {
+      std::fprintf(stderr, "make-checkpoint: %s\n", std::string(s.message()).c_str());
+      return 1;
+    }
+    std::printf("wrote LoRA %s: preset %s, rank %d, format %s, seed %llu\n", lora_out.c_str(),
+                preset.c_str(), lora_rank, lora_format.c_str(),
+                static_cast<unsigned long long>(seed));
+    return 0;
+  }
 
   if (out.empty()) {
     std::fprintf(stderr, "make-checkpoint: --out is required\n");

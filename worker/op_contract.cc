@@ -153,6 +153,12 @@ absl::Status OpContract::Linear(const Tensor& x, const Tensor& w, const Tensor* 
   return absl::OkStatus();
 }
 
+absl::Status OpContract::GeluTanh(const Tensor& x, const Tensor& y) const {
+  DN_RETURN_IF_ERROR(Act(x, "GeluTanh", "x"));
+  DN_RETURN_IF_ERROR(Act(y, "GeluTanh", "y"));
+  return NumelIs(y, x.numel(), "GeluTanh", "y");
+}
+
 absl::Status OpContract::Silu(const Tensor& x, const Tensor& y) const {
   DN_RETURN_IF_ERROR(Act(x, "Silu", "x"));
   DN_RETURN_IF_ERROR(Act(y, "Silu", "y"));

@@ -35,6 +35,7 @@ class OpContract {
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias,
                       const Tensor& y) const;
   absl::Status Silu(const Tensor& x, const Tensor& y) const;
+  absl::Status GeluTanh(const Tensor& x, const Tensor& y) const;
   absl::Status AddModulation(const Tensor& table, const Tensor& proj,
                              const Tensor& out) const;
   absl::Status LayerNormModulate(const Tensor& x, const Tensor& mod,

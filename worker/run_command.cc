@@ -18,6 +18,8 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "comm/base/log.h"
 #include "comm/base/status_macros.h"
 #include "worker/noise.h"
@@ -71,6 +73,32 @@ class LayerLimitedWeights : public WeightSource {
   std::vector<std::unique_ptr<LayerLimitedWeights>> experts_;
 };
 
+// "NAME[:SCALE[:EXPERT]]" (EXPERT: all | high | low) -> LoraRef.
+absl::StatusOr<std::vector<LoraRef>> ParseLoraFlags(const std::string& list) {
+  std::vector<LoraRef> out;
+  if (list.empty()) return out;
+  for (const std::string& spec : std::vector<std::string>(absl::StrSplit(list, ','))) {
+    std::vector<std::string> parts = absl::StrSplit(spec, ':');
+    LoraRef r;
+    r.name = parts[0];
+    if (parts.size() > 3 || r.name.empty())
+      return absl::InvalidArgumentError(
+          absl::StrCat("--lora '", spec, "': expected NAME[:SCALE[:EXPERT]]"));
+    if (parts.size() > 1 && !absl::SimpleAtod(parts[1], &r.scale))
+      return absl::InvalidArgumentError(
+          absl::StrCat("--lora '", spec, "': scale '", parts[1], "' is not a number"));
+    if (parts.size() > 2) {
+      if (parts[2] == "high") r.expert = 0;
+      else if (parts[2] == "low") r.expert = 1;
+      else if (parts[2] != "all")
+        return absl::InvalidArgumentError(
+            absl::StrCat("--lora '", spec, "': expert '", parts[2], "' must be all, high or low"));
+    }
+    out.push_back(r);
+  }
+  return out;
+}
+
 struct RunFlags {
   int frames = 0;
   int height = 0;
@@ -86,6 +114,7 @@ struct RunFlags {
   int text_len = 512;
   std::string latents;
   std::string out;
+  std::string loras;  // --lora NAME[:SCALE[:EXPERT]][,...]
   // Testing: at step `fault_step` (0-based, after its stats), rank
   // `fault_rank` requests a cancel ("cancel") or dies ("exit").
   int fault_rank = -1;
@@ -116,6 +145,9 @@ void AddRunFlags(FlagSet& flags, RunFlags* f) {
                "safetensors file with tensor latents [C, F, H, W] to start "
                "from instead of seeded noise");
   flags.String("out", &f->out, "output safetensors file (tensor latents)");
+  flags.String("lora", &f->loras,
+                   "LoRA of --lora-dir: NAME[:SCALE[:EXPERT]] (scale 1; expert all, "
+                   "or high / low for two-expert models); comma-separated list");
   flags.Int("fault-rank", &f->fault_rank, "testing: rank that injects --fault");
   flags.Int("fault-step", &f->fault_step, "testing: step index of --fault");
   flags.String("fault", &f->fault,
@@ -199,6 +231,7 @@ absl::Status RunRank(const RankOptions& ro, const RunFlags& rf) {
   p.shift = rf.shift;
   p.scheduler = rf.scheduler == "euler" ? SchedulerKind::kEuler : SchedulerKind::kUniPC;
   p.seed = rf.seed;
+  DN_ASSIGN_OR_RETURN(p.loras, ParseLoraFlags(rf.loras));
   if (!rf.embeds.empty()) {
     DN_ASSIGN_OR_RETURN(p.prompt_embeds,
                         ReadEmbeds(rf.embeds, {"prompt_embeds"}, "--embeds",
@@ -306,6 +339,8 @@ void AddRankFlags(FlagSet& flags, RankOptions* o) {
   flags.Int("timeout-s", &o->timeout_s,
             "rendezvous and collective timeout in seconds");
   flags.Int64("max-tokens", &o->max_tokens, "admission limit on tokens");
+  flags.String("lora-dir", &o->lora_dir,
+               "directory of LoRA files (*.safetensors) that --lora may name");
   flags.Bool("graphs", &o->graphs,
              "capture each step as a CUDA graph (all-to-alls inside) and "
              "replay it; DN_CUDA_GRAPHS=0 also turns it off");
@@ -379,6 +414,7 @@ absl::StatusOr<std::unique_ptr<RankSession>> OpenRankSession(
   EngineOptions eo;
   eo.max_tokens = o.max_tokens;
   eo.use_graphs = o.graphs;
+  eo.lora_dir = o.lora_dir;
   DN_ASSIGN_OR_RETURN(s->engine, Engine::Create(*s->weights, *s->backend,
                                                 *s->data, *s->control, eo));
   return s;

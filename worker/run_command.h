@@ -45,6 +45,7 @@ struct RankOptions {
   int threads = 0;                   // per rank; 0 = cores / ranks
   int timeout_s = 120;               // rendezvous and collective timeout
   int64_t max_tokens = 80000;
+  std::string lora_dir;  // --lora-dir: LoRA files requests may name
   int layers = 0;                    // > 0: keep only the first `layers` blocks
   bool graphs = true;                // EngineOptions::use_graphs (--graphs)
   // Set by SpawnRanks for each child.

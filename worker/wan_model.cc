@@ -166,6 +166,7 @@ absl::Status WanModel::LoadWeights(const WeightSource& source) {
   blocks_.resize(static_cast<size_t>(c.num_layers));
   for (int i = 0; i < c.num_layers; ++i) {
     Block& b = blocks_[static_cast<size_t>(i)];
+    b.name = BlockName(i, "");
     auto n = [&](const std::string& rest) { return BlockName(i, rest); };
     DN_RETURN_IF_ERROR(f32(&b.sst, n("scale_shift_table"), {1, 6, d}));
     DN_RETURN_IF_ERROR(gemm(&b.q_w, n("attn1.to_q.weight"), {d, d}));
@@ -312,6 +313,69 @@ void WanModel::ShareBuffers(const WanModel* donor) {
   shard_ = donor->shard_;
 }
 
+absl::Status WanModel::SetLora(const std::map<std::string, LoraLowRank>& lora) {
+  if (lora.empty() && lora_.empty()) return absl::OkStatus();  // keeps the graph
+  graph_.reset();  // the graph holds the old set's ops (or none)
+  lora_.clear();
+  lora_t_ = Tensor();
+  lora_d_ = Tensor();
+  if (lora.empty()) return absl::OkStatus();
+  const auto targets = LoraTargets(config_);
+  std::map<std::string, LoraWeights> loaded;
+  for (const auto& [mod, l] : lora) {
+    auto it = targets.find(mod);
+    if (it == targets.end())
+      return absl::InvalidArgumentError(
+          absl::StrCat("LoRA module ", mod, " is not a Linear of the model"));
+    if (l.out != it->second.first || l.in != it->second.second || l.rank < 1 ||
+        static_cast<int64_t>(l.down.size()) != l.rank * l.in ||
+        static_cast<int64_t>(l.up.size()) != l.out * l.rank ||
+        (!l.bias.empty() && static_cast<int64_t>(l.bias.size()) != l.out))
+      return absl::InvalidArgumentError(absl::StrCat(
+          "LoRA module ", mod, ": factors of rank ", l.rank, " for [", l.out, ", ", l.in,
+          "] do not fit the model's [", it->second.first, ", ", it->second.second, "]"));
+    LoraWeights w;
+    DN_ASSIGN_OR_RETURN(w.down, backend_.Empty({l.rank, l.in}, act_));
+    DN_RETURN_IF_ERROR(backend_.CopyFromHost(l.down.data(), &w.down));
+    DN_ASSIGN_OR_RETURN(w.up, backend_.Empty({l.out, l.rank}, act_));
+    DN_RETURN_IF_ERROR(backend_.CopyFromHost(l.up.data(), &w.up));
+    if (!l.bias.empty()) {
+      DN_ASSIGN_OR_RETURN(w.bias, backend_.Empty({l.out}, act_));
+      DN_RETURN_IF_ERROR(backend_.CopyFromHost(l.bias.data(), &w.bias));
+    }
+    loaded.emplace(mod, std::move(w));
+  }
+  lora_ = std::move(loaded);
+  return backend_.Synchronize();
+}
+
+absl::Status WanModel::Lin(const std::string& module, const Tensor& x, const Tensor& w,
+                           const Tensor* bias, Activation act, Tensor* y) {
+  if (lora_.empty()) return backend_.Linear(x, w, bias, act, y);
+  auto it = lora_.find(module);
+  if (it == lora_.end()) return backend_.Linear(x, w, bias, act, y);
+  const LoraWeights& l = it->second;
+  const int64_t in = w.dim(1), out = w.dim(0), r = l.down.dim(0);
+  const int64_t m = x.numel() / in;
+  // Scratch grows on eager calls only: the first forward of a set (and
+  // SetContext) is never captured.
+  if (!lora_t_.defined() || lora_t_.numel() < m * r) {
+    DN_ASSIGN_OR_RETURN(lora_t_, backend_.Empty({m * r}, act_));
+  }
+  if (!lora_d_.defined() || lora_d_.numel() < m * out) {
+    DN_ASSIGN_OR_RETURN(lora_d_, backend_.Empty({m * out}, act_));
+  }
+  Tensor t = lora_t_.Rows(0, m * r).View({m, r});
+  Tensor d = lora_d_.Rows(0, m * out).View(y->shape());
+  DN_RETURN_IF_ERROR(backend_.Linear(x, w, bias, Activation::kNone, y));
+  DN_RETURN_IF_ERROR(backend_.Linear(x, l.down, nullptr, Activation::kNone, &t));
+  DN_RETURN_IF_ERROR(backend_.Linear(t, l.up, l.bias.defined() ? &l.bias : nullptr,
+                                     Activation::kNone, &d));
+  DN_RETURN_IF_ERROR(backend_.AddInPlace(y, d));
+  if (act == Activation::kGeluTanh) return backend_.GeluTanh(*y, y);
+  return absl::OkStatus();
+}
+
 absl::Status WanModel::SetContext(const std::vector<const Tensor*>& embeds) {
   if (embeds.empty())
     return absl::InvalidArgumentError("model context: no text embeddings");
@@ -363,19 +427,19 @@ absl::Status WanModel::SetContext(const std::vector<const Tensor*>& embeds) {
     DN_RETURN_IF_ERROR(backend_.CopyFromHost(embeds[b]->data_as<float>(), &rows));
   }
   // ctx' = Linear_2(GELU_tanh(Linear_1(ctx)))  (spec §3 step 5)
-  DN_RETURN_IF_ERROR(backend_.Linear(c.in, txt1_w_, &txt1_b_,
+  DN_RETURN_IF_ERROR(Lin("condition_embedder.text_embedder.linear_1", c.in, txt1_w_, &txt1_b_,
                                      Activation::kGeluTanh, &c.hidden));
   DN_RETURN_IF_ERROR(
-      backend_.Linear(c.hidden, txt2_w_, &txt2_b_, Activation::kNone, &c.ctx));
+      Lin("condition_embedder.text_embedder.linear_2", c.hidden, txt2_w_, &txt2_b_, Activation::kNone, &c.ctx));
   const float eps = static_cast<float>(config_.eps);
   for (size_t i = 0; i < blocks_.size(); ++i) {
     const Block& blk = blocks_[i];
     // kc = RMS_D(ctx' Wk2^T + b) * g_k2 ; vc = ctx' Wv2^T + b
     DN_RETURN_IF_ERROR(
-        backend_.Linear(c.ctx, blk.k2_w, &blk.k2_b, Activation::kNone, &c.tmp));
+        Lin(BlockName(static_cast<int>(i), "attn2.to_k"), c.ctx, blk.k2_w, &blk.k2_b, Activation::kNone, &c.tmp));
     DN_RETURN_IF_ERROR(backend_.RmsNorm(c.tmp, blk.norm_k2, eps, &c.k[i]));
     DN_RETURN_IF_ERROR(
-        backend_.Linear(c.ctx, blk.v2_w, &blk.v2_b, Activation::kNone, &c.v[i]));
+        Lin(BlockName(static_cast<int>(i), "attn2.to_v"), c.ctx, blk.v2_w, &blk.v2_b, Activation::kNone, &c.v[i]));
   }
   return absl::OkStatus();
 }
@@ -496,21 +560,21 @@ absl::Status WanModel::SelfAttention(const Block& blk, comm::ProcessGroup* data,
   Tensor o4 = b.attn.View(seq4);
   if (world_ > 1 && fused_qkv_pack_) {
     // Projections, then norm + RoPE + destination-major pack in one pass.
-    DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.q_w, &blk.q_b, Activation::kNone, &b.q));
-    DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.k_w, &blk.k_b, Activation::kNone, &b.k));
-    DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.v_w, &blk.v_b, Activation::kNone, &b.v));
+    DN_RETURN_IF_ERROR(Lin(blk.name + "attn1.to_q", b.h, blk.q_w, &blk.q_b, Activation::kNone, &b.q));
+    DN_RETURN_IF_ERROR(Lin(blk.name + "attn1.to_k", b.h, blk.k_w, &blk.k_b, Activation::kNone, &b.k));
+    DN_RETURN_IF_ERROR(Lin(blk.name + "attn1.to_v", b.h, blk.v_w, &blk.v_b, Activation::kNone, &b.v));
     DN_RETURN_IF_ERROR(backend_.RmsNormRopePackQkv(
         b.q, b.k, b.v, blk.norm_q, blk.norm_k, b.rope, static_cast<int>(heads),
         eps, world_, &b.send));
     return AttendPacked(data, markers, &o4);
   }
-  DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.q_w, &blk.q_b, Activation::kNone, &b.tmp));
+  DN_RETURN_IF_ERROR(Lin(blk.name + "attn1.to_q", b.h, blk.q_w, &blk.q_b, Activation::kNone, &b.tmp));
   DN_RETURN_IF_ERROR(backend_.RmsNormRope(b.tmp, blk.norm_q, b.rope,
                                           static_cast<int>(heads), eps, &b.q));
-  DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.k_w, &blk.k_b, Activation::kNone, &b.tmp));
+  DN_RETURN_IF_ERROR(Lin(blk.name + "attn1.to_k", b.h, blk.k_w, &blk.k_b, Activation::kNone, &b.tmp));
   DN_RETURN_IF_ERROR(backend_.RmsNormRope(b.tmp, blk.norm_k, b.rope,
                                           static_cast<int>(heads), eps, &b.k));
-  DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.v_w, &blk.v_b, Activation::kNone, &b.v));
+  DN_RETURN_IF_ERROR(Lin(blk.name + "attn1.to_v", b.h, blk.v_w, &blk.v_b, Activation::kNone, &b.v));
   if (world_ == 1) {
     return backend_.Attention(b.q.View(seq4), b.k.View(seq4), b.v.View(seq4),
                               shape_.tokens(), scale, &o4);
@@ -548,12 +612,12 @@ absl::Status WanModel::RunForward(comm::ProcessGroup* data,
 
   // Patch embed (step 2) and time embedding (steps 3-4).
   DN_RETURN_IF_ERROR(backend_.Linear(b.tokens, patch_w_, &patch_b_, kNone, &b.x));
-  DN_RETURN_IF_ERROR(backend_.Linear(b.sinus, te1_w_, &te1_b_, kNone, &b.temb_h));
+  DN_RETURN_IF_ERROR(Lin("condition_embedder.time_embedder.linear_1", b.sinus, te1_w_, &te1_b_, kNone, &b.temb_h));
   DN_RETURN_IF_ERROR(backend_.Silu(b.temb_h, &b.temb_silu));
-  DN_RETURN_IF_ERROR(backend_.Linear(b.temb_silu, te2_w_, &te2_b_, kNone, &b.temb));
+  DN_RETURN_IF_ERROR(Lin("condition_embedder.time_embedder.linear_2", b.temb_silu, te2_w_, &te2_b_, kNone, &b.temb));
   DN_RETURN_IF_ERROR(backend_.Silu(b.temb, &b.temb_silu));
   DN_RETURN_IF_ERROR(
-      backend_.Linear(b.temb_silu, tproj_w_, &tproj_b_, kNone, &b.tproj));
+      Lin("condition_embedder.time_proj", b.temb_silu, tproj_w_, &tproj_b_, kNone, &b.tproj));
 
   for (size_t i = 0; i < blocks_.size(); ++i) {
     const Block& blk = blocks_[i];
@@ -562,12 +626,12 @@ absl::Status WanModel::RunForward(comm::ProcessGroup* data,
     // Self-attention with gated residual.
     DN_RETURN_IF_ERROR(backend_.LayerNormModulate(b.x, b.mod, 0, 1, eps, &b.h));
     DN_RETURN_IF_ERROR(SelfAttention(blk, data, markers));
-    DN_RETURN_IF_ERROR(backend_.Linear(b.attn, blk.o_w, &blk.o_b, kNone, &b.tmp));
+    DN_RETURN_IF_ERROR(Lin(blk.name + "attn1.to_out.0", b.attn, blk.o_w, &blk.o_b, kNone, &b.tmp));
     DN_RETURN_IF_ERROR(backend_.GatedResidual(&b.x, b.tmp, b.mod, 2));
     // Cross-attention (local, cached text K/V, no RoPE, no gate).
     DN_RETURN_IF_ERROR(
         backend_.LayerNormAffine(b.x, blk.norm2_w, blk.norm2_b, eps, &b.h));
-    DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.q2_w, &blk.q2_b, kNone, &b.tmp));
+    DN_RETURN_IF_ERROR(Lin(blk.name + "attn2.to_q", b.h, blk.q2_w, &blk.q2_b, kNone, &b.tmp));
     DN_RETURN_IF_ERROR(backend_.RmsNorm(b.tmp, blk.norm_q2, eps, &b.q));
     for (int64_t bi = 0; bi < bs; ++bi) {
       const int64_t t = c.lengths[static_cast<size_t>(bi)];
@@ -578,20 +642,20 @@ absl::Status WanModel::RunForward(comm::ProcessGroup* data,
       Tensor v1 = c.v[i].Rows(off, off + t).View({1, t, heads, hd});
       DN_RETURN_IF_ERROR(backend_.Attention(q1, k1, v1, t, scale, &o1));
     }
-    DN_RETURN_IF_ERROR(backend_.Linear(b.attn, blk.o2_w, &blk.o2_b, kNone, &b.tmp));
+    DN_RETURN_IF_ERROR(Lin(blk.name + "attn2.to_out.0", b.attn, blk.o2_w, &blk.o2_b, kNone, &b.tmp));
     DN_RETURN_IF_ERROR(backend_.AddInPlace(&b.x, b.tmp));
     // FFN with gated residual.
     DN_RETURN_IF_ERROR(backend_.LayerNormModulate(b.x, b.mod, 3, 4, eps, &b.h));
-    DN_RETURN_IF_ERROR(backend_.Linear(b.h, blk.ffn1_w, &blk.ffn1_b,
+    DN_RETURN_IF_ERROR(Lin(blk.name + "ffn.net.0.proj", b.h, blk.ffn1_w, &blk.ffn1_b,
                                        Activation::kGeluTanh, &b.ffn));
-    DN_RETURN_IF_ERROR(backend_.Linear(b.ffn, blk.ffn2_w, &blk.ffn2_b, kNone, &b.tmp));
+    DN_RETURN_IF_ERROR(Lin(blk.name + "ffn.net.2", b.ffn, blk.ffn2_w, &blk.ffn2_b, kNone, &b.tmp));
     DN_RETURN_IF_ERROR(backend_.GatedResidual(&b.x, b.tmp, b.mod, 5));
   }
 
   // Head (step 8): shift, scale = sst + temb (pre-SiLU); proj_out.
   DN_RETURN_IF_ERROR(backend_.AddModulation(head_sst_, b.temb, &b.head_mod));
   DN_RETURN_IF_ERROR(backend_.LayerNormModulate(b.x, b.head_mod, 0, 1, eps, &b.h));
-  return backend_.Linear(b.h, proj_w_, &proj_b_, kNone, &b.out);
+  return Lin("proj_out", b.h, proj_w_, &proj_b_, kNone, &b.out);
 }
 
 }  // namespace dn::worker

@@ -18,6 +18,7 @@
 #define DN_WORKER_WAN_MODEL_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -27,6 +28,7 @@
 #include "comm/process_group.h"
 #include "worker/backend.h"
 #include "worker/checkpoint.h"
+#include "worker/lora.h"
 #include "worker/tensor.h"
 #include "worker/wan_config.h"
 
@@ -81,6 +83,15 @@ class WanModel {
   // model's plan (its reference to the buffers) without allocating.
   void ShareBuffers(const WanModel* donor);
 
+  // Per-request LoRA (worker/lora.h): every Linear named in `lora` gets the
+  // unmerged low-rank term y += (x downᵀ) upᵀ + bias (before its activation);
+  // the base weights are untouched. An empty map turns LoRA off (the forward
+  // is then exactly the plain one). Call before SetContext (the text
+  // embedder and cross K/V may be LoRA targets); drops the graph when the
+  // set changes. INVALID_ARGUMENT for a module the model does not have or a
+  // shape that does not fit.
+  absl::Status SetLora(const std::map<std::string, LoraLowRank>& lora);
+
   // Per-request text: embeds[b] is host f32 [T_b, text_dim] for batch b of
   // the plan (embeds.size() == batch). Runs the text embedder and caches the
   // cross-attention K/V of every layer on the backend.
@@ -112,6 +123,7 @@ class WanModel {
 
  private:
   struct Block {
+    std::string name;  // "blocks.i." (LoRA module prefix)
     Tensor sst;  // f32 [1, 6, D]
     Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;
     Tensor norm_q, norm_k;  // f32 [D]
@@ -129,6 +141,9 @@ class WanModel {
                                     const std::string& name, const Shape& shape,
                                     bool f32);
   absl::Status RunForward(comm::ProcessGroup* data, MarkerList* markers);
+  // backend_.Linear plus the LoRA term of `module` when one is set.
+  absl::Status Lin(const std::string& module, const Tensor& x, const Tensor& w,
+                   const Tensor* bias, Activation act, Tensor* y);
   absl::Status SelfAttention(const Block& blk, comm::ProcessGroup* data,
                              MarkerList* markers);
   // send (packed q/k/v) -> all-to-all -> attention -> all-to-all -> o4.
@@ -159,6 +174,12 @@ class WanModel {
   std::unique_ptr<Graph> graph_;
   comm::ProcessGroup* graph_group_ = nullptr;  // the group graph_ captured
   bool fused_qkv_pack_ = true;
+
+  struct LoraWeights {
+    Tensor down, up, bias;  // [r, in], [out, r] (scaled), [out] or undefined
+  };
+  std::map<std::string, LoraWeights> lora_;  // by diffusers module name
+  Tensor lora_t_, lora_d_;                   // flat scratch: x downᵀ, delta
 };
 
 }  // namespace dn::worker

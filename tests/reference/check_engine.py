@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import safetensors_np as st  # noqa: E402
 import samplers_ref as sr  # noqa: E402
+import lora_ref as lr  # noqa: E402
 import wan_ref as wr  # noqa: E402
 
 REL_L2_BOUND = 1e-4          # engine (fp32) vs reference (float64), per case
@@ -320,6 +321,113 @@ def run_two_expert_cases(binary, work, timeout, only, paths, lat, emb, neg, fail
             print(f"FAIL {name}: {e}", flush=True)
 
 
+# ------------------------------------------------------------------------ per-request LoRA (MODELS.md §6)
+LORA_FILES = {"dif": ("diffusers", 7, 4, 2.0), "orig": ("original", 8, 3, 1.5), "koh": ("kohya", 9, 2, 0.0)}
+
+
+def make_loras(binary, work, timeout, preset="tiny"):
+    d = os.path.join(work, "loras_" + preset)
+    os.makedirs(d, exist_ok=True)
+    for name, (fmt, seed, rank, alpha) in LORA_FILES.items():
+        cmd = [binary, "make-checkpoint", "--preset", preset, "--seed", str(seed), "--lora-out",
+               os.path.join(d, name + ".safetensors"), "--lora-format", fmt, "--lora-rank", str(rank)]
+        if alpha:
+            cmd += ["--lora-alpha", repr(alpha)]
+        run_cmd(cmd, timeout)
+    return d
+
+
+def parse_lora_file(path, cfg):
+    header, _ = st.read_header(path)
+    return lr.parse_lora(st.load_file(path), header.get("__metadata__", {}), cfg, source=path)
+
+
+def run_engine(binary, model, work, name, paths, sched, steps, g, shift, ranks, extra, timeout):
+    out_path = os.path.join(work, f"{name}.r{ranks}.out.safetensors")
+    cmd = [binary, "run", "--model", model, "--ranks", str(ranks), "--backend", "cpu", "--frames", str(FRAMES),
+           "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", str(steps), "--guidance", repr(g),
+           "--shift", repr(shift), "--scheduler", sched, "--seed", str(SEED), "--embeds", paths["embeds"],
+           "--negative-embeds", paths["neg"], "--latents", paths["latents"], "--out", out_path] + extra
+    _, secs = run_cmd(cmd, timeout)
+    got = st.load_file(out_path)["latents"].astype(np.float64)
+    if not np.all(np.isfinite(got)):
+        raise Failure("non-finite output")
+    return got, secs
+
+
+def run_lora_cases(binary, work, timeout, only, paths, lat, emb, neg, models, dirs, failures):
+    if only and not any("l_".startswith(p) or p.startswith("l_") for p in only.split(",")):
+        return
+    try:
+        ldir = make_loras(binary, work, timeout)
+        cfg, W = models["f32"]
+        parsed = {n: parse_lora_file(os.path.join(ldir, n + ".safetensors"), cfg) for n in LORA_FILES}
+        request = [("dif", 0.8), ("orig", -0.6), ("koh", 1.3)]
+        lora = lr.as_forward_lora([(parsed[n], s) for n, s in request])
+        sched, steps, g, shift = "unipc", 3, 4.5, 3.0
+        check_timestep_margins(sched, steps, shift)
+        sig, t = sr.make_schedule(sched, steps, shift)
+
+        def ref_with(lo):
+            model = sr.guided_model(lambda x, tt, ctx: wr.forward(cfg, W, x, tt, ctx, lora=lo), emb, neg, g)
+            return sr.unipc_sample(model, lat, sig, t)
+        ref = ref_with(lora)
+        base = ref_with(None)
+        # Guards: each file matters (dropping one moves the result far beyond the bound).
+        sens = {"no LoRA": rel_l2(base, ref)}
+        for drop in LORA_FILES:
+            sens["without " + drop] = rel_l2(ref_with(lr.as_forward_lora(
+                [(parsed[n], s) for n, s in request if n != drop])), ref)
+        if min(sens.values()) < 100 * REL_L2_BOUND:
+            raise Failure(f"case setup: LoRA readings too close to the reference: {sens}")
+        spec = ",".join(f"{n}:{s!r}" for n, s in request)
+        outs = {}
+        for ranks in (1, 2, 4):
+            got, secs = run_engine(binary, dirs["f32"], work, "l_lora3", paths, sched, steps, g, shift, ranks,
+                                   ["--lora-dir", ldir, "--lora", spec], timeout)
+            outs[ranks] = got
+            err = rel_l2(got, ref)
+            ok = err < REL_L2_BOUND and (ranks == 1 or np.array_equal(got, outs[1]))
+            print(f"{'ok  ' if ok else 'FAIL'} l_lora3_{spec:24s} ranks={ranks} rel_l2={err:.3e} "
+                  f"(bound {REL_L2_BOUND:g}) engine {secs:.1f}s"
+                  + ("" if ranks == 1 else f" bitwise == ranks 1: {np.array_equal(got, outs[1])}")
+                  + " [guards: " + ", ".join(f"{k} {v:.1e}" for k, v in sens.items()) + "]", flush=True)
+            if not ok:
+                failures.append("l_lora3")
+        # Bad files: the error names the file and the tensor; nothing is written.
+        bad = {}
+        good = st.load_file(os.path.join(ldir, "dif.safetensors"))
+        k0 = sorted(k for k in good if k.endswith("lora_A.weight"))[0]
+        shape_bad = dict(good)
+        shape_bad[k0] = np.zeros((good[k0].shape[0], good[k0].shape[1] + 1), np.float32)
+        st.save_file(shape_bad, os.path.join(ldir, "bad_shape.safetensors"))
+        bad["bad_shape"] = ("INVALID_ARGUMENT", ["bad_shape.safetensors", k0])
+        unknown = dict(good)
+        unknown["transformer.blocks.99.attn1.to_q.lora_A.weight"] = good[k0]
+        st.save_file(unknown, os.path.join(ldir, "bad_module.safetensors"))
+        bad["bad_module"] = ("INVALID_ARGUMENT", ["bad_module.safetensors", "blocks.99.attn1.to_q"])
+        raw = open(os.path.join(ldir, "orig.safetensors"), "rb").read()
+        open(os.path.join(ldir, "truncated.safetensors"), "wb").write(raw[: len(raw) - 100])
+        bad["truncated"] = ("INVALID_ARGUMENT", ["truncated.safetensors"])
+        bad["missing"] = ("NOT_FOUND", ["missing"])
+        for name, (code, needles) in bad.items():
+            out_path = os.path.join(work, f"l_bad_{name}.out.safetensors")
+            p = subprocess.run([binary, "run", "--model", dirs["f32"], "--frames", str(FRAMES), "--height",
+                                str(HEIGHT), "--width", str(WIDTH), "--steps", "1", "--out", out_path,
+                                "--lora-dir", ldir, "--lora", name], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, timeout=timeout)
+            msg = p.stdout.decode(errors="replace").strip().splitlines()
+            last = msg[-1] if msg else ""
+            ok = p.returncode != 0 and code in last and all(n in last for n in needles) and \
+                not os.path.exists(out_path)
+            print(f"{'ok  ' if ok else 'FAIL'} l_bad_{name:20s} -> {last[:200]}", flush=True)
+            if not ok:
+                failures.append("l_bad_" + name)
+    except (Failure, ValueError, OSError, KeyError, lr.LoraError) as e:
+        failures.append("l_lora")
+        print(f"FAIL l_lora: {e}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True, help="path to the denoised binary")
@@ -401,6 +509,7 @@ def main():
                 failures.append(name)
                 print(f"FAIL {name}: {e}", flush=True)
         run_two_expert_cases(binary, work, a.timeout, a.only, paths, lat, emb, neg, failures)
+        run_lora_cases(binary, work, a.timeout, a.only, paths, lat, emb, neg, models, dirs, failures)
     finally:
         if not a.keep and not a.workdir:
             shutil.rmtree(work, ignore_errors=True)

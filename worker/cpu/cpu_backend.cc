@@ -105,7 +105,7 @@ class ThreadPool {
 
 namespace {
 
-inline float GeluTanh(float x) {
+inline float GeluTanhScalar(float x) {
   constexpr float kSqrt2OverPi = 0.7978845608028654f;
   return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
 }
@@ -351,9 +351,19 @@ absl::Status CpuBackend::Linear(const Tensor& x, const Tensor& w,
                   if (b != nullptr)
                     for (int64_t j = 0; j < n; ++j) row[j] += b[j];
                   if (act == Activation::kGeluTanh)
-                    for (int64_t j = 0; j < n; ++j) row[j] = GeluTanh(row[j]);
+                    for (int64_t j = 0; j < n; ++j) row[j] = GeluTanhScalar(row[j]);
                 }
               });
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::GeluTanh(const Tensor& x, Tensor* y) {
+  DN_RETURN_IF_ERROR(contract_.GeluTanh(x, *y));
+  const float* in = x.data_as<float>();
+  float* out = y->data_as<float>();
+  ParallelFor(x.numel(), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = GeluTanhScalar(in[i]);
+  });
   return absl::OkStatus();
 }
 

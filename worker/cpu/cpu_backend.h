@@ -52,6 +52,7 @@ class CpuBackend : public Backend {
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias,
                       Activation act, Tensor* y) override;
   absl::Status Silu(const Tensor& x, Tensor* y) override;
+  absl::Status GeluTanh(const Tensor& x, Tensor* y) override;
   absl::Status AddModulation(const Tensor& table, const Tensor& proj,
                              Tensor* out) override;
   absl::Status LayerNormModulate(const Tensor& x, const Tensor& mod,

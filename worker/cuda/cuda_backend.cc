@@ -175,6 +175,7 @@ class CudaBackend final : public Backend {
   absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias,
                       Activation act, Tensor* y) override;
   absl::Status Silu(const Tensor& x, Tensor* y) override;
+  absl::Status GeluTanh(const Tensor& x, Tensor* y) override;
   absl::Status AddModulation(const Tensor& table, const Tensor& proj,
                              Tensor* out) override;
   absl::Status LayerNormModulate(const Tensor& x, const Tensor& mod,
@@ -410,6 +411,11 @@ absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& w,
   return gemm_->Run(x.data(), w.data(),
                     bias != nullptr ? bias->data() : nullptr,
                     act == Activation::kGeluTanh, m, n, k, y->data(), s());
+}
+
+absl::Status CudaBackend::GeluTanh(const Tensor& x, Tensor* y) {
+  DN_RETURN_IF_ERROR(contract_.GeluTanh(x, *y));
+  return InvokeGeluTanh(x.data_as<bf16>(), y->data_as<bf16>(), x.numel(), s());
 }
 
 absl::Status CudaBackend::Silu(const Tensor& x, Tensor* y) {

@@ -358,6 +358,21 @@ __global__ void SiluKernel(const bf16* __restrict__ x, bf16* __restrict__ y,
 }
 
 template <int kVec>
+__global__ void GeluTanhKernel(const bf16* x, bf16* y, int64_t vectors) {
+  for (int64_t v = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; v < vectors;
+       v += int64_t{gridDim.x} * blockDim.x) {
+    float in[kVec], out[kVec];
+    LoadF<kVec>(x + v * kVec, in);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const float u = 0.7978845608028654f * (in[j] + 0.044715f * in[j] * in[j] * in[j]);
+      out[j] = 0.5f * in[j] * (1.0f + tanhf(u));
+    }
+    StoreF<kVec>(y + v * kVec, out);
+  }
+}
+
+template <int kVec>
 __global__ void AddInPlaceKernel(bf16* __restrict__ x,
                                  const bf16* __restrict__ y, int64_t vectors) {
   for (int64_t v = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; v < vectors;
@@ -686,6 +701,19 @@ absl::Status InvokeSilu(const bf16* x, bf16* y, int64_t n,
     SiluKernel<8><<<GridFor(n / 8), 256, 0, stream>>>(x, y, n / 8);
   } else {
     SiluKernel<1><<<GridFor(n), 256, 0, stream>>>(x, y, n);
+  }
+  DN_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+absl::Status InvokeGeluTanh(const bf16* x, bf16* y, int64_t n,
+                            cudaStream_t stream) {
+  if (n < 0) return absl::InvalidArgumentError("cuda GeluTanh: negative size");
+  if (n == 0) return absl::OkStatus();
+  if (n % 8 == 0 && Aligned16(x) && Aligned16(y)) {
+    GeluTanhKernel<8><<<GridFor(n / 8), 256, 0, stream>>>(x, y, n / 8);
+  } else {
+    GeluTanhKernel<1><<<GridFor(n), 256, 0, stream>>>(x, y, n);
   }
   DN_LAUNCH_CHECK();
   return absl::OkStatus();
