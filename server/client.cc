@@ -21,6 +21,7 @@
 #include "grpcpp/grpcpp.h"
 #include "server/auth.h"
 #include "server/clip_image.h"
+#include "worker/lora.h"
 #include "server/credentials.h"
 #include "server/demo_model.h"
 #include "server/proto_convert.h"
@@ -353,6 +354,7 @@ int GenerateMain(int argc, char** argv) {
   int steps = 50, priority = 0, text_len = 512, step_interval = 1;
   double guidance = 5.0, shift = 3.0, deadline_s = 0;
   double guidance_2 = -1;  // < 0: unset
+  std::string loras;
   uint64_t seed = 0;
   bool progress = true;
   FlagSet flags("denoised generate",
@@ -371,6 +373,8 @@ int GenerateMain(int argc, char** argv) {
   flags.Double("guidance-2", &guidance_2,
                "two-expert models: CFG scale of the low-noise expert "
                "(guidance_scale_2); unset = --guidance");
+  flags.String("lora", &loras,
+               "LoRAs of the worker's --lora-dir (ListModels): NAME[:SCALE[:high|low]][,...]");
   flags.Double("shift", &shift, "flow shift");
   flags.String("scheduler", &scheduler, "unipc | euler");
   flags.Uint64("seed", &seed, "seed of the noise (and of random embeddings)");
@@ -465,6 +469,19 @@ int GenerateMain(int argc, char** argv) {
   req.set_steps(steps);
   req.set_guidance_scale(static_cast<float>(guidance));
   if (guidance_2 >= 0) req.set_guidance_scale_2(static_cast<float>(guidance_2));
+  {
+    absl::StatusOr<std::vector<worker::LoraRef>> refs = worker::ParseLoraSpecs(loras, "--lora");
+    if (!refs.ok()) {
+      std::fprintf(stderr, "denoised generate: %s\n", std::string(refs.status().message()).c_str());
+      return 2;
+    }
+    for (const worker::LoraRef& r : *refs) {
+      v1::LoraRef* l = req.add_lora();
+      l->set_name(r.name);
+      l->set_scale(static_cast<float>(r.scale));
+      l->set_expert(r.expert + 1);
+    }
+  }
   req.set_shift(static_cast<float>(shift));
   req.set_scheduler(*sched);
   req.set_seed(seed);

@@ -361,6 +361,7 @@ struct Group {
   v1::GroupState state = v1::GROUP_STATE_FORMING;
   std::vector<std::shared_ptr<RankLink>> ranks;
   std::vector<bool> ready;
+  std::vector<std::string> loras;  // rank 0's latest heartbeat (ModelInfo.loras)
   std::shared_ptr<Request> running;
   int results_pending = 0;
   double seconds_per_token_step = 0;
@@ -1316,6 +1317,8 @@ void Coordinator::Impl::OnRankMessage(const std::shared_ptr<RankLink>& link,
   }
   switch (msg.msg_case()) {
     case vi::RankMessage::kHeartbeat:
+      if (link->rank == 0)  // the LoRA files of the group's --lora-dir
+        group->loras.assign(msg.heartbeat().loras().begin(), msg.heartbeat().loras().end());
       break;
     case vi::RankMessage::kLeave:
       DN_LOG(INFO) << "rank " << link->rank << " of group " << group->name
@@ -1795,6 +1798,13 @@ grpc::Status Coordinator::Impl::ListModels(v1::ListModelsResponse* resp) {
       }
     }
     info->set_ready_groups(ready);
+    // LoRAs: those of the model's live groups, as their heartbeats list them.
+    std::set<std::string> loras(info->loras().begin(), info->loras().end());
+    for (const auto& [gname, g] : groups_)
+      if (g->model == name && g->state != v1::GROUP_STATE_FAILED)
+        loras.insert(g->loras.begin(), g->loras.end());
+    info->clear_loras();
+    for (const std::string& l : loras) info->add_loras(l);
   }
   return grpc::Status::OK;
 }

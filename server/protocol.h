@@ -43,6 +43,7 @@ inline bool IsRequestLevelError(absl::StatusCode code) {
     case absl::StatusCode::kCancelled:
     case absl::StatusCode::kDeadlineExceeded:
     case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kNotFound:  // a request's LoRA the worker does not hold
     case absl::StatusCode::kFailedPrecondition:
     case absl::StatusCode::kOutOfRange:
     case absl::StatusCode::kResourceExhausted:

@@ -36,6 +36,7 @@
 #include "worker/backend.h"
 #include "worker/checkpoint.h"
 #include "worker/engine.h"
+#include "worker/lora.h"
 #include "worker/wan_config.h"
 #ifdef DENOISED_WITH_CUDA
 #include "comm/nccl_process_group.h"
@@ -123,6 +124,8 @@ absl::StatusOr<worker::GenerateParams> ParamsFromJob(const vi::Job& job) {
   p.steps = r.steps();
   p.guidance = r.guidance_scale();
   if (r.has_guidance_scale_2()) p.guidance_2 = r.guidance_scale_2();
+  for (const v1::LoraRef& l : r.lora())
+    p.loras.push_back({l.name(), l.has_scale() ? l.scale() : 1.0, l.expert() - 1});
   p.scheduler = SchedulerFromProto(r.scheduler());
   p.shift = r.shift();
   p.seed = r.seed();
@@ -397,6 +400,8 @@ int RunRank(const RankOptions& o) {
     h->mutable_model()->set_config_hash(config.Hash());
     *h->mutable_model()->mutable_info() =
         ModelInfoFromConfig(config, model_name, o.max_tokens);
+    for (const std::string& l : worker::LoraLibrary(o.lora_dir).List())
+      h->mutable_model()->mutable_info()->add_loras(l);
     h->set_backend((*backend)->name());
     char host[256] = {0};
     gethostname(host, sizeof(host) - 1);
@@ -464,6 +469,9 @@ int RunRank(const RankOptions& o) {
       std::this_thread::sleep_for(std::chrono::milliseconds(heartbeat_ms));
       vi::RankMessage m;
       m.mutable_heartbeat()->set_unix_millis(UnixMillisNow());
+      if (o.rank == 0 && !o.lora_dir.empty())
+        for (const std::string& l : worker::LoraLibrary(o.lora_dir).List())
+          m.mutable_heartbeat()->add_loras(l);
       conn.Write(m);
     }
   });
@@ -496,6 +504,7 @@ int RunRank(const RankOptions& o) {
   worker::EngineOptions eo;
   eo.max_tokens = o.max_tokens;
   eo.use_graphs = o.use_graphs;
+  eo.lora_dir = o.lora_dir;
   const auto t_load = std::chrono::steady_clock::now();
   absl::StatusOr<std::unique_ptr<worker::Engine>> engine = worker::Engine::Create(
       **weights, **backend, *pgs->data, *pgs->control, eo);
@@ -562,6 +571,7 @@ int WorkerRankMain(int argc, char** argv) {
   flags.String("host", &o.host, "address the rank's process groups listen on");
   flags.String("metrics-listen", &o.metrics_listen, "/metrics address HOST:PORT");
   flags.Int64("max-tokens", &o.max_tokens, "largest request, in tokens");
+  flags.String("lora-dir", &o.lora_dir, "directory of LoRA files (*.safetensors) requests may name");
   flags.Bool("graphs", &o.use_graphs, "capture steps as CUDA graphs");
   flags.String("warmup-latent", &o.warmup_latent, "warm-up latent size FxHxW");
   flags.Int("warmup-text-len", &o.warmup_text_len, "warm-up text tokens");

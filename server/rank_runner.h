@@ -41,6 +41,7 @@ struct RankOptions {
   std::string metrics_listen;       // empty = no /metrics
   std::string secret;
   int64_t max_tokens = 80000;
+  std::string lora_dir;  // --lora-dir: LoRA files requests may name
   bool use_graphs = true;
   std::string warmup_latent = "1x16x16";  // latent FxHxW
   int warmup_text_len = 32;

@@ -184,6 +184,25 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
                      absl::StrCat("must be finite and in [0, ", worker::kMaxGuidance,
                                   "], got ", in.guidance_scale_2()));
   }
+  if (r.lora_size() > static_cast<int>(worker::kMaxLorasPerRequest))
+    return Invalid("lora", absl::StrCat(r.lora_size(), " LoRAs, at most ",
+                                        worker::kMaxLorasPerRequest));
+  for (int i = 0; i < r.lora_size(); ++i) {
+    const v1::LoraRef& l = r.lora(i);
+    const std::string f = absl::StrCat("lora[", i, "]");
+    if (l.name().empty() || l.name().size() > 255 || l.name().find('/') != std::string::npos ||
+        l.name() == "." || l.name() == ".." || l.name().find('\0') != std::string::npos)
+      return Invalid(f + ".name", "must be a LoRA file name (ModelInfo.loras)");
+    if (l.has_scale() && (!std::isfinite(l.scale()) || std::abs(l.scale()) > worker::kMaxLoraScale))
+      return Invalid(f + ".scale", absl::StrCat("must be finite with |scale| <= ",
+                                                worker::kMaxLoraScale, ", got ", l.scale()));
+    if (l.expert() < 0 || l.expert() > std::max(1, model.experts()) ||
+        (l.expert() > 0 && model.experts() < 2))
+      return Invalid(f + ".expert", absl::StrCat("must be 0 (all)", model.experts() == 2
+                                                                      ? ", 1 (high-noise) or 2 (low-noise)"
+                                                                      : " for a one-transformer model",
+                                                 ", got ", l.expert()));
+  }
   if (!std::isfinite(r.shift()) || r.shift() < 0 || r.shift() > worker::kMaxShift) {
     return Invalid("shift", absl::StrCat("must be finite and in (0, ", worker::kMaxShift,
                                          "] (0: the default), got ", in.shift()));

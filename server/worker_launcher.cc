@@ -465,6 +465,9 @@ int WorkerMain(int argc, char** argv) {
                "(default 127.0.0.1; a discovered non-loopback address when "
                "the group spans launchers)");
   flags.Int64("max-tokens", &max_tokens, "largest request in tokens (0: default)");
+  std::string lora_dir;
+  flags.String("lora-dir", &lora_dir,
+               "directory of LoRA files (*.safetensors) requests may name (passed to the ranks)");
   flags.String("warmup-latent", &warmup_latent, "warm-up latent FxHxW");
   TlsFiles tls;
   AddTlsFlags(flags, "", &tls, "TLS to the coordinator's worker port (passed to the ranks)");
@@ -500,6 +503,9 @@ int WorkerMain(int argc, char** argv) {
   if (max_tokens > 0) {
     o.rank_flags.insert(o.rank_flags.end(),
                         {"--max-tokens", absl::StrCat(max_tokens)});
+  }
+  if (!lora_dir.empty()) {
+    o.rank_flags.insert(o.rank_flags.end(), {"--lora-dir", lora_dir});
   }
   if (!warmup_latent.empty()) {
     o.rank_flags.insert(o.rank_flags.end(), {"--warmup-latent", warmup_latent});

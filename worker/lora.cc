@@ -8,7 +8,9 @@
 #include <optional>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "comm/base/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "worker/checkpoint.h"
@@ -270,6 +272,33 @@ std::map<std::string, LoraLowRank> CombineLoras(
     l.rank = 1;
     l.down.assign(static_cast<size_t>(l.in), 0.0f);
     l.up.assign(static_cast<size_t>(l.out), 0.0f);
+  }
+  return out;
+}
+
+// "NAME[:SCALE[:EXPERT]]" (EXPERT: all | high | low) -> LoraRef.
+absl::StatusOr<std::vector<LoraRef>> ParseLoraSpecs(const std::string& list,
+                                                   const std::string& flag) {
+  std::vector<LoraRef> out;
+  if (list.empty()) return out;
+  for (const std::string& spec : std::vector<std::string>(absl::StrSplit(list, ','))) {
+    std::vector<std::string> parts = absl::StrSplit(spec, ':');
+    LoraRef r;
+    r.name = parts[0];
+    if (parts.size() > 3 || r.name.empty())
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, " '", spec, "': expected NAME[:SCALE[:EXPERT]]"));
+    if (parts.size() > 1 && !absl::SimpleAtod(parts[1], &r.scale))
+      return absl::InvalidArgumentError(
+          absl::StrCat(flag, " '", spec, "': scale '", parts[1], "' is not a number"));
+    if (parts.size() > 2) {
+      if (parts[2] == "high") r.expert = 0;
+      else if (parts[2] == "low") r.expert = 1;
+      else if (parts[2] != "all")
+        return absl::InvalidArgumentError(
+            absl::StrCat(flag, " '", spec, "': expert '", parts[2], "' must be all, high or low"));
+    }
+    out.push_back(r);
   }
   return out;
 }

@@ -38,6 +38,11 @@ struct LoraRef {
   int expert = -1;
 };
 
+// "NAME[:SCALE[:EXPERT]][,...]" (EXPERT: all | high | low) -> LoraRefs, for
+// the --lora flags of `run` and `generate`; errors name `flag`.
+absl::StatusOr<std::vector<LoraRef>> ParseLoraSpecs(const std::string& list,
+                                                   const std::string& flag);
+
 // The adapter of one Linear module, f32 host copies.
 struct LoraModule {
   int64_t rank = 0;        // 0 = a bias delta only (diff_b)

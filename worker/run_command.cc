@@ -73,32 +73,6 @@ class LayerLimitedWeights : public WeightSource {
   std::vector<std::unique_ptr<LayerLimitedWeights>> experts_;
 };
 
-// "NAME[:SCALE[:EXPERT]]" (EXPERT: all | high | low) -> LoraRef.
-absl::StatusOr<std::vector<LoraRef>> ParseLoraFlags(const std::string& list) {
-  std::vector<LoraRef> out;
-  if (list.empty()) return out;
-  for (const std::string& spec : std::vector<std::string>(absl::StrSplit(list, ','))) {
-    std::vector<std::string> parts = absl::StrSplit(spec, ':');
-    LoraRef r;
-    r.name = parts[0];
-    if (parts.size() > 3 || r.name.empty())
-      return absl::InvalidArgumentError(
-          absl::StrCat("--lora '", spec, "': expected NAME[:SCALE[:EXPERT]]"));
-    if (parts.size() > 1 && !absl::SimpleAtod(parts[1], &r.scale))
-      return absl::InvalidArgumentError(
-          absl::StrCat("--lora '", spec, "': scale '", parts[1], "' is not a number"));
-    if (parts.size() > 2) {
-      if (parts[2] == "high") r.expert = 0;
-      else if (parts[2] == "low") r.expert = 1;
-      else if (parts[2] != "all")
-        return absl::InvalidArgumentError(
-            absl::StrCat("--lora '", spec, "': expert '", parts[2], "' must be all, high or low"));
-    }
-    out.push_back(r);
-  }
-  return out;
-}
-
 struct RunFlags {
   int frames = 0;
   int height = 0;
@@ -231,7 +205,7 @@ absl::Status RunRank(const RankOptions& ro, const RunFlags& rf) {
   p.shift = rf.shift;
   p.scheduler = rf.scheduler == "euler" ? SchedulerKind::kEuler : SchedulerKind::kUniPC;
   p.seed = rf.seed;
-  DN_ASSIGN_OR_RETURN(p.loras, ParseLoraFlags(rf.loras));
+  DN_ASSIGN_OR_RETURN(p.loras, ParseLoraSpecs(rf.loras, "--lora"));
   if (!rf.embeds.empty()) {
     DN_ASSIGN_OR_RETURN(p.prompt_embeds,
                         ReadEmbeds(rf.embeds, {"prompt_embeds"}, "--embeds",
