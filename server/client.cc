@@ -385,6 +385,9 @@ int GenerateMain(int argc, char** argv) {
                "safetensors file with prompt_embeds or negative_embeds");
   flags.String("latents", &latents_file,
                "safetensors file with tensor latents to start from");
+  std::string condition_file;
+  flags.String("condition", &condition_file,
+               "I2V models: safetensors file with tensor condition_latents [in - out, F, H, W]");
   flags.Int("text-len", &text_len,
             "tokens of the seeded random embeddings used without --embeds");
   flags.Double("deadline", &deadline_s, "gRPC deadline in seconds (0: none)");
@@ -579,6 +582,13 @@ int GenerateMain(int argc, char** argv) {
     if (!t.ok()) return fail(t.status());
     *req.mutable_initial_latents() = *std::move(t);
     extra["initial_latents"] = latents_file;
+  }
+  if (!condition_file.empty()) {
+    absl::StatusOr<v1::Tensor> t =
+        ReadTensorFile(condition_file, {"condition_latents"}, "--condition");
+    if (!t.ok()) return fail(t.status());
+    *req.mutable_condition_latents() = *std::move(t);
+    extra["condition_latents"] = condition_file;
   }
 
   ProgressPrinter printer;

@@ -140,6 +140,10 @@ absl::StatusOr<worker::GenerateParams> ParamsFromJob(const vi::Job& job) {
     DN_ASSIGN_OR_RETURN(p.initial_latents,
                         TensorFromProto(r.initial_latents(), "initial_latents"));
   }
+  if (r.has_condition_latents()) {
+    DN_ASSIGN_OR_RETURN(p.condition_latents,
+                        TensorFromProto(r.condition_latents(), "condition_latents"));
+  }
   p.deadline_unix_millis = job.deadline_unix_millis();
   return p;
 }

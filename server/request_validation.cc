@@ -216,11 +216,34 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
     r.set_scheduler(v1::SCHEDULER_UNIPC);
   }
 
-  // --- initial latents ---------------------------------------------------
+  // --- initial latents / condition ---------------------------------------
+  // The sampler state has out_channels; in_channels - out_channels more are
+  // the condition (I2V).
+  const int state_channels = model.out_channels() > 0 ? model.out_channels() : latent.channels();
+  const int cond_channels = latent.channels() - state_channels;
+  if (in.has_condition_latents()) {
+    if (cond_channels <= 0)
+      return Invalid("condition_latents",
+                     absl::StrCat("model '", model.name(), "' takes no condition (in_channels ",
+                                  latent.channels(), " = out_channels)"));
+    DN_RETURN_IF_ERROR(CheckFinite(in.condition_latents(), "condition_latents"));
+    const auto& s = in.condition_latents().shape();
+    if (s.size() != 4 || s.Get(0) != cond_channels || s.Get(1) != latent.frames() ||
+        s.Get(2) != latent.height() || s.Get(3) != latent.width())
+      return Invalid("condition_latents.shape",
+                     absl::StrCat("expected [", cond_channels, ", ", latent.frames(), ", ",
+                                  latent.height(), ", ", latent.width(), "], got [",
+                                  absl::StrJoin(s, ", "), "]"));
+  } else if (cond_channels > 0) {
+    return Invalid("condition_latents",
+                   absl::StrCat("required: model '", model.name(), "' takes ", latent.channels(),
+                                " input channels = ", state_channels, " latent + ", cond_channels,
+                                " condition (mask 4 | image latent 16)"));
+  }
   if (in.has_initial_latents()) {
     DN_RETURN_IF_ERROR(CheckFinite(in.initial_latents(), "initial_latents"));
     const auto& s = in.initial_latents().shape();
-    if (s.size() != 4 || s.Get(0) != latent.channels() ||
+    if (s.size() != 4 || s.Get(0) != state_channels ||
         s.Get(1) != latent.frames() || s.Get(2) != latent.height() ||
         s.Get(3) != latent.width()) {
       return Invalid("initial_latents.shape",

@@ -136,7 +136,8 @@ class EngineImpl : public Engine {
   LatentShape latent_;
   Tensor gathered_;                   // backend [P, B, S, patch_out]
   std::vector<float> gathered_host_;  // host copy of it
-  std::vector<float> x_;              // the replicated latent
+  std::vector<float> x_;              // the replicated latent (sampler state)
+  std::vector<float> xin_;            // model input: x_ | condition (in > out)
   std::vector<float> v_cond_, v_uncond_, v_;
   Tensor zero_negative_;
   MarkerList markers_;
@@ -210,8 +211,31 @@ absl::Status EngineImpl::Validate(const GenerateParams& p) const {
   DN_RETURN_IF_ERROR(check_embeds(p.prompt_embeds, "prompt_embeds"));
   if (p.negative_embeds.defined())
     DN_RETURN_IF_ERROR(check_embeds(p.negative_embeds, "negative_embeds"));
+  const int cond_channels = c.in_channels - c.out_channels;
+  if (cond_channels > 0 && !p.condition_latents.defined())
+    return absl::InvalidArgumentError(absl::StrCat(
+        "condition_latents are required: the model takes ", c.in_channels, " input channels = ",
+        c.out_channels, " of the latent + ", cond_channels,
+        " of condition (I2V: mask 4 | image latent 16)"));
+  if (p.condition_latents.defined()) {
+    const Shape want = {cond_channels, l.frames, l.height, l.width};
+    if (cond_channels <= 0)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "condition_latents: this model (in_channels ", c.in_channels, " = out_channels ",
+          c.out_channels, ") takes no condition"));
+    if (p.condition_latents.device() != Device::kCpu ||
+        p.condition_latents.dtype() != DType::kF32 || p.condition_latents.shape() != want)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "condition_latents must be host f32 ", ShapeString(want), ", got ",
+          p.condition_latents.DebugString()));
+    const float* v = p.condition_latents.data_as<float>();
+    for (int64_t i = 0; i < p.condition_latents.numel(); ++i)
+      if (!std::isfinite(v[i]))
+        return absl::InvalidArgumentError(absl::StrCat(
+            "condition_latents: non-finite value at element ", i));
+  }
   if (p.initial_latents.defined()) {
-    const Shape want = {l.channels, l.frames, l.height, l.width};
+    const Shape want = {c.out_channels, l.frames, l.height, l.width};
     if (p.initial_latents.device() != Device::kCpu ||
         p.initial_latents.dtype() != DType::kF32 ||
         p.initial_latents.shape() != want)
@@ -263,9 +287,18 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
     DN_ASSIGN_OR_RETURN(gathered_, backend_.Empty(gshape, backend_.compute_dtype()));
   }
   gathered_host_.resize(static_cast<size_t>(NumElements(gshape)));
-  const size_t n = static_cast<size_t>(p.latent.channels) * p.latent.frames *
-                   p.latent.height * p.latent.width;
+  // The sampler state has out_channels; the model input in_channels (the
+  // state, then the condition, when in > out).
+  const size_t plane = static_cast<size_t>(p.latent.frames) * p.latent.height * p.latent.width;
+  const size_t n = static_cast<size_t>(c.out_channels) * plane;
   x_.resize(n);
+  if (p.condition_latents.defined()) {
+    xin_.resize(static_cast<size_t>(c.in_channels) * plane);
+    std::memcpy(xin_.data() + n, p.condition_latents.data(),
+                (xin_.size() - n) * sizeof(float));
+  } else {
+    xin_.clear();
+  }
   v_cond_.resize(n);
   v_uncond_.resize(cfg ? n : 0);
   v_.resize(cfg ? n : 0);
@@ -354,7 +387,8 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
   const float guidance = static_cast<float>(
       e == 1 && params.guidance_2.has_value() ? *params.guidance_2 : params.guidance);
   DN_ASSIGN_OR_RETURN(std::unique_ptr<Marker> start, backend_.Mark());
-  DN_RETURN_IF_ERROR(model.UploadInputs(x_.data(), t));
+  if (!xin_.empty()) std::memcpy(xin_.data(), x_.data(), x_.size() * sizeof(float));
+  DN_RETURN_IF_ERROR(model.UploadInputs(xin_.empty() ? x_.data() : xin_.data(), t));
   // A graph is captured per expert at its first non-sampled step.
   const bool graph = options_.use_graphs && !sampled;
   DN_RETURN_IF_ERROR(model.Forward(world > 1 ? &data_ : nullptr,
@@ -502,7 +536,7 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
                                              " of ", steps));
     }
   }
-  Tensor result = Tensor::Host({params.latent.channels, params.latent.frames,
+  Tensor result = Tensor::Host({config_.out_channels, params.latent.frames,
                                 params.latent.height, params.latent.width});
   std::memcpy(result.data(), x_.data(), x_.size() * sizeof(float));
   return result;
@@ -520,6 +554,9 @@ absl::StatusOr<double> EngineImpl::Warmup(const LatentShape& shape,
   p.steps = options_.use_graphs && data_.size() > 1 ? 3 : 2;
   p.guidance = 2.0;  // both CFG branches, as served requests run them
   p.prompt_embeds = Tensor::Host({text_len, config().text_dim});
+  if (config().in_channels > config().out_channels)
+    p.condition_latents = Tensor::Host(
+        {config().in_channels - config().out_channels, shape.frames, shape.height, shape.width});
   double seconds = 0;
   DN_RETURN_IF_ERROR(
       Generate(p,

@@ -68,7 +68,13 @@ struct GenerateParams {
   uint64_t seed = 0;
   Tensor prompt_embeds;    // host f32 [T, text_dim]
   Tensor negative_embeds;  // host f32 [T', text_dim]; undefined -> zeros [T, text_dim]
-  Tensor initial_latents;  // host f32 [C,F,H,W]; undefined -> seeded noise
+  // host f32 [out_channels,F,H,W] (the sampler state); undefined -> seeded noise
+  Tensor initial_latents;
+  // Models whose in_channels exceed out_channels (I2V: 36 = noise 16 | mask 4
+  // | image latent 16, docs/MODELS.md §4): host f32 [in - out, F, H, W],
+  // concatenated after the sampler state on channels at every step. Required
+  // for those models, INVALID_ARGUMENT for the others.
+  Tensor condition_latents;
   // LoRAs of this request, by file name in the engine's LoRA directory, with
   // their scales (combined additively). Empty = none: the base model,
   // bit-identical whatever ran before.

@@ -89,6 +89,7 @@ struct RunFlags {
   std::string latents;
   std::string out;
   std::string loras;  // --lora NAME[:SCALE[:EXPERT]][,...]
+  std::string condition;
   // Testing: at step `fault_step` (0-based, after its stats), rank
   // `fault_rank` requests a cancel ("cancel") or dies ("exit").
   int fault_rank = -1;
@@ -119,6 +120,9 @@ void AddRunFlags(FlagSet& flags, RunFlags* f) {
                "safetensors file with tensor latents [C, F, H, W] to start "
                "from instead of seeded noise");
   flags.String("out", &f->out, "output safetensors file (tensor latents)");
+  flags.String("condition", &f->condition,
+               "I2V models (in_channels > out_channels): safetensors file with tensor "
+               "condition_latents [in - out, F, H, W] (mask 4 | image latent 16)");
   flags.String("lora", &f->loras,
                    "LoRA of --lora-dir: NAME[:SCALE[:EXPERT]] (scale 1; expert all, "
                    "or high / low for two-expert models); comma-separated list");
@@ -229,13 +233,17 @@ absl::Status RunRank(const RankOptions& ro, const RunFlags& rf) {
   if (!rf.latents.empty()) {
     DN_ASSIGN_OR_RETURN(p.initial_latents,
                         ReadTensorFile(rf.latents, {"latents"}, "--latents"));
-    const Shape want = {p.latent.channels, p.latent.frames, p.latent.height,
+    const Shape want = {config.out_channels, p.latent.frames, p.latent.height,
                         p.latent.width};
     if (p.initial_latents.shape() != want)
       return absl::InvalidArgumentError(absl::StrCat(
           "--latents ", rf.latents, ": tensor latents has shape ",
           ShapeString(p.initial_latents.shape()), ", expected ",
           ShapeString(want), " for --frames/--height/--width"));
+  }
+  if (!rf.condition.empty()) {
+    DN_ASSIGN_OR_RETURN(p.condition_latents,
+                        ReadTensorFile(rf.condition, {"condition_latents"}, "--condition"));
   }
   DN_RETURN_IF_ERROR(engine.Validate(p));
   if (ro.rank == 0)

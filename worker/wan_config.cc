@@ -417,6 +417,20 @@ absl::StatusOr<WanConfig> PresetConfig(const std::string& name) {
     c.ffn_dim = 13824;
     c.num_layers = 40;
     c.boundary_ratio = 0.875;
+  } else if (name == "wan2.2-i2v-a14b") {
+    // Two 14B experts with the 36-channel input (noise 16 | mask 4 | image
+    // latent 16), no image embedder (docs/MODELS.md §3, §4).
+    c.num_attention_heads = 40;
+    c.attention_head_dim = 128;
+    c.ffn_dim = 13824;
+    c.num_layers = 40;
+    c.in_channels = 36;
+    c.boundary_ratio = 0.9;
+  } else if (name == "tiny-i2v-a14b") {
+    WanConfig t = *PresetConfig("tiny");
+    t.in_channels = 36;
+    t.boundary_ratio = 0.9;
+    return t;
   } else if (name == "tiny-t2v-a14b") {
     // The two-expert pipeline on two tiny transformers (CI).
     WanConfig t = *PresetConfig("tiny");
@@ -426,7 +440,7 @@ absl::StatusOr<WanConfig> PresetConfig(const std::string& name) {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown preset '", name,
         "' (known: tiny, demo-pixel, wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
-        "wan2.2-t2v-a14b, tiny-t2v-a14b)"));
+        "wan2.2-t2v-a14b, tiny-t2v-a14b, wan2.2-i2v-a14b, tiny-i2v-a14b)"));
   }
   return c;
 }

@@ -71,7 +71,9 @@ struct WanConfig {
 // demo model's architecture: 4 layers, 4 heads of 32, RGB in/out, text_dim 64, ffn 512, pixel
 // space, VAE stride 1,1,1), "wan2.1-t2v-1.3b", "wan2.1-t2v-14b",
 // "wan2.2-t2v-a14b" (two 14B experts, boundary_ratio 0.875) and its CI-sized
-// twin "tiny-t2v-a14b" (two tiny experts, boundary_ratio 0.875).
+// twin "tiny-t2v-a14b" (two tiny experts, boundary_ratio 0.875),
+// "wan2.2-i2v-a14b" (two 14B experts, 36 input channels, boundary_ratio 0.9)
+// and "tiny-i2v-a14b" (its tiny twin).
 absl::StatusOr<WanConfig> PresetConfig(const std::string& name);
 
 }  // namespace dn::worker

@@ -203,14 +203,18 @@ A14B_CASES = [
     ("x_a14b_unipc6_g4_g2_3", "a14b", "unipc", 6, 4.0, 3.0, 5.0, (1, 2, 4)),
     ("x_a14b_euler5_g1_shift12", "a14b", "euler", 5, 1.0, None, 12.0, (1,)),
     ("x_a14b_orignames_unipc4_g4", "a14b_orig", "unipc", 4, 4.0, None, 3.0, (1,)),
+    # Wan2.2-I2V-A14B: 36 input channels (latent 16 | mask 4 | image latent 16), boundary 0.9
+    ("x_i2v_a14b_unipc5_g3.5_g2_2", "i2v", "unipc", 5, 3.5, 2.0, 5.0, (1, 2, 4)),
 ]
+BOUNDARIES = {"a14b": 0.875, "a14b_orig": 0.875, "i2v": 0.9}
 
 
 def make_two_expert_checkpoints(binary, work, timeout):
     dirs = {}
-    for name, extra in (("a14b", []), ("a14b_orig", ["--original-names"])):
+    for name, preset, extra in (("a14b", "tiny-t2v-a14b", []), ("a14b_orig", "tiny-t2v-a14b", ["--original-names"]),
+                                ("i2v", "tiny-i2v-a14b", [])):
         d = os.path.join(work, "ck_" + name)
-        run_cmd([binary, "make-checkpoint", "--preset", "tiny-t2v-a14b", "--seed", str(SEED), "--out", d,
+        run_cmd([binary, "make-checkpoint", "--preset", preset, "--seed", str(SEED), "--out", d,
                  "--dtype", "f32"] + extra, timeout)
         dirs[name] = d
     return dirs
@@ -234,9 +238,12 @@ def load_two_experts(d):
 
 def check_two_expert_checkpoints(dirs):
     models = {name: load_two_experts(d) for name, d in dirs.items()}
+    for name, (c, _, _, b) in models.items():
+        if b != BOUNDARIES[name]:
+            raise Failure(f"{name}: model_index.json boundary_ratio {b}, expected {BOUNDARIES[name]}")
+    if models["i2v"][0].in_channels != 36 or models["i2v"][0].out_channels != 16:
+        raise Failure("tiny-i2v-a14b: expected 36 input and 16 output channels")
     cfg, W_h, W_l, boundary = models["a14b"]
-    if boundary != A14B_BOUNDARY:
-        raise Failure(f"model_index.json boundary_ratio {boundary}, expected {A14B_BOUNDARY}")
     if all(np.array_equal(W_h[n], W_l[n]) for n in W_h):
         raise Failure("the two experts have identical weights: the expert switch would be untestable")
     _, O_h, O_l, _ = models["a14b_orig"]
@@ -248,15 +255,34 @@ def check_two_expert_checkpoints(dirs):
     return models
 
 
-def reference_two_experts(cfg, W_h, W_l, boundary, lat, emb, neg, scheduler, steps, shift, g, g2, trace=None):
+def reference_two_experts(cfg, W_h, W_l, boundary, lat, emb, neg, scheduler, steps, shift, g, g2, trace=None,
+                          condition=None):
     def expert(W):
         return lambda x, t, ctx, img: wr.forward(cfg, W, x, t, ctx)
     sig, t = sr.make_schedule(scheduler, steps, shift)
     model = sr.pipeline_model([expert(W_h), expert(W_l)], emb, neg, g, guidance_2=g2, boundary_ratio=boundary,
-                              trace=trace)
+                              trace=trace, condition=condition)
     if scheduler == "unipc":
         return sr.unipc_sample(model, lat, sig, t)
     return sr.euler_sample(model, lat, sig, t)
+
+
+def check_condition_validation(binary, work, timeout, paths, failures):
+    """An I2V model without condition_latents, and a T2V model given one, are INVALID_ARGUMENT naming it."""
+    cpath = os.path.join(work, "x_i2v_a14b_unipc5_g3.5_g2_2.condition.safetensors")
+    for label, ck, extra in (("i2v without condition", "i2v", []), ("t2v with condition", "a14b", ["--condition", cpath]),
+                             ("t2v with guidance-2 on one transformer", None, ["--guidance-2", "2"])):
+        model = os.path.join(work, "ck_" + ck) if ck else os.path.join(work, "ck_f32")
+        out_path = os.path.join(work, "x_bad.out.safetensors")
+        p = subprocess.run([binary, "run", "--model", model, "--frames", str(FRAMES), "--height", str(HEIGHT),
+                            "--width", str(WIDTH), "--steps", "1", "--out", out_path] + extra,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+        last = (p.stdout.decode(errors="replace").strip().splitlines() or [""])[-1]
+        field = "guidance_scale_2" if ck is None else "condition_latents"
+        ok = p.returncode != 0 and "INVALID_ARGUMENT" in last and field in last
+        print(f"{'ok  ' if ok else 'FAIL'} x_bad {label:40s} -> {last[:160]}", flush=True)
+        if not ok:
+            failures.append("x_bad " + label)
 
 
 def run_two_expert_cases(binary, work, timeout, only, paths, lat, emb, neg, failures):
@@ -277,15 +303,31 @@ def run_two_expert_cases(binary, work, timeout, only, paths, lat, emb, neg, fail
             if not 0 < k < steps:
                 raise Failure(f"case setup: the expert does not switch ({k} of {steps} steps high-noise)")
             trace = []
-            ref = reference_two_experts(cfg, W_h, W_l, boundary, lat, emb, neg, sched, steps, shift, g, g2, trace)
+            cond, cond_args = None, []
+            if cfg.in_channels > cfg.out_channels:  # I2V: mask 4 | image latent 16 (MODELS.md §4)
+                F_, H_, W_ = lat.shape[1:]
+                image_latent = np.random.default_rng(SEED + 5).standard_normal((16, F_, H_, W_))
+                cond = sr.i2v_condition(sr.i2v_mask(FRAMES, H_, W_), image_latent)
+                cpath = os.path.join(work, name + ".condition.safetensors")
+                st.save_file({"condition_latents": cond.astype(np.float32)}, cpath)
+                cond = cond.astype(np.float32).astype(np.float64)
+                cond_args = ["--condition", cpath]
+            ref = reference_two_experts(cfg, W_h, W_l, boundary, lat, emb, neg, sched, steps, shift, g, g2, trace,
+                                        condition=cond)
             # Guards against a vacuous comparison: each expert alone, and the wrong low-noise scale,
             # must be far from the two-expert result.
-            alone_h = reference_two_experts(cfg, W_h, W_h, boundary, lat, emb, neg, sched, steps, shift, g, g2)
-            alone_l = reference_two_experts(cfg, W_l, W_l, boundary, lat, emb, neg, sched, steps, shift, g, g2)
+            alone_h = reference_two_experts(cfg, W_h, W_h, boundary, lat, emb, neg, sched, steps, shift, g, g2,
+                                            condition=cond)
+            alone_l = reference_two_experts(cfg, W_l, W_l, boundary, lat, emb, neg, sched, steps, shift, g, g2,
+                                            condition=cond)
             sens = {"high-only": rel_l2(alone_h, ref), "low-only": rel_l2(alone_l, ref)}
             if g2 is not None and g2 != g and g > 1:
                 sens["g2=g"] = rel_l2(reference_two_experts(cfg, W_h, W_l, boundary, lat, emb, neg, sched, steps,
-                                                            shift, g, None), ref)
+                                                            shift, g, None, condition=cond), ref)
+            if cond is not None:  # the channel order matters: mask and image latent swapped
+                swapped = np.concatenate([cond[4:], cond[:4]], axis=0)
+                sens["cond order swapped"] = rel_l2(reference_two_experts(
+                    cfg, W_h, W_l, boundary, lat, emb, neg, sched, steps, shift, g, g2, condition=swapped), ref)
             if min(sens.values()) < 100 * REL_L2_BOUND:
                 raise Failure(f"case setup: alternative readings are too close to the reference: {sens}")
             outs = {}
@@ -298,6 +340,7 @@ def run_two_expert_cases(binary, work, timeout, only, paths, lat, emb, neg, fail
                        "--negative-embeds", paths["neg"], "--latents", paths["latents"], "--out", out_path]
                 if g2 is not None:
                     cmd += ["--guidance-2", repr(g2)]
+                cmd += cond_args
                 _, secs = run_cmd(cmd, timeout)
                 got = st.load_file(out_path)["latents"].astype(np.float64)
                 if got.shape != lat.shape or not np.all(np.isfinite(got)):
@@ -319,6 +362,8 @@ def run_two_expert_cases(binary, work, timeout, only, paths, lat, emb, neg, fail
         except (Failure, ValueError, OSError, KeyError) as e:
             failures.append(name)
             print(f"FAIL {name}: {e}", flush=True)
+    if not only or any("x_bad".startswith(p) or p.startswith("x_") for p in only.split(",")):
+        check_condition_validation(binary, work, timeout, paths, failures)
 
 
 # ------------------------------------------------------------------------ per-request LoRA (MODELS.md §6)
