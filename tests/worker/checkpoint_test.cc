@@ -280,6 +280,46 @@ TEST(CheckpointTest, WriteThenOpenRoundTripsEveryDType) {
   }
 }
 
+// Two experts (docs/MODELS.md §3): a pipeline folder round-trips (both
+// layouts), each expert keeps its own weights, and inconsistent folders are
+// refused with a message naming the problem.
+TEST(CheckpointTest, TwoExpertPipelineFolders) {
+  auto config = PresetConfig("tiny-t2v-a14b");
+  ASSERT_TRUE(config.ok());
+  auto preset = MakePresetWeights(*config, 3);
+  ASSERT_TRUE(preset.ok()) << preset.status();
+  ASSERT_EQ((*preset)->num_experts(), 2);
+  auto high = MakePresetWeights(config->TransformerOnly(), 3);
+  auto low = MakePresetWeights(config->TransformerOnly(), 4);
+  for (bool original : {false, true}) {
+    TempDir dir;
+    CheckpointWriteOptions o;
+    o.names = original ? NameLayout::kWanOriginal : NameLayout::kDiffusers;
+    ASSERT_TRUE(WriteCheckpointWithOptions(**preset, dir.path(), o).ok());
+    EXPECT_EQ(std::filesystem::exists(dir / "model_index.json"), !original);
+    auto opened = OpenCheckpoint(dir.path());
+    ASSERT_TRUE(opened.ok()) << opened.status();
+    EXPECT_EQ((*opened)->num_experts(), 2);
+    EXPECT_EQ((*opened)->config().boundary_ratio, 0.875);
+    EXPECT_EQ((*opened)->config().Hash(), config->Hash());
+    EXPECT_EQ((*opened)->expert(0).config().num_experts(), 1);
+    ExpectSameWeights((*opened)->expert(0), **high, DType::kF32);
+    ExpectSameWeights((*opened)->expert(1), **low, DType::kF32);
+  }
+  TempDir dir;
+  ASSERT_TRUE(WriteCheckpoint(**preset, dir.path(), DType::kF32).ok());
+  std::filesystem::remove(dir / "model_index.json");
+  auto no_boundary = OpenCheckpoint(dir.path());
+  EXPECT_EQ(no_boundary.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(no_boundary.status().message()), HasSubstr("boundary_ratio"));
+  // Experts of different shapes.
+  auto other = MakePresetWeights(*PresetConfig("demo-pixel"), 1);
+  ASSERT_TRUE(other.ok());
+  auto mixed = MakeTwoExpertWeights(std::move(*high), std::move(*other), 0.875);
+  EXPECT_EQ(mixed.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(mixed.status().message()), HasSubstr("different transformer configs"));
+}
+
 TEST(CheckpointTest, ShardsWithIndex) {
   TempDir dir;
   auto preset = MakePresetWeights(Tiny(), 9);
