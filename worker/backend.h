@@ -86,6 +86,9 @@ class Backend {
   // on its own: the LoRA path adds its delta before the activation);
   // compute dtype; y may be x.
   virtual absl::Status GeluTanh(const Tensor& x, Tensor* y) = 0;
+  // y = 0.5 x (1 + erf(x / sqrt 2)) (exact GELU: the I2V image embedder);
+  // compute dtype; y may be x.
+  virtual absl::Status GeluErf(const Tensor& x, Tensor* y) = 0;
   // out[B,k,D] (f32) = table[k,D] (f32) + proj, where proj (compute dtype) is
   // [B, k*D] (one row of D per k) or [B, D] (broadcast to every k).
   virtual absl::Status AddModulation(const Tensor& table, const Tensor& proj,

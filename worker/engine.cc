@@ -211,6 +211,26 @@ absl::Status EngineImpl::Validate(const GenerateParams& p) const {
   DN_RETURN_IF_ERROR(check_embeds(p.prompt_embeds, "prompt_embeds"));
   if (p.negative_embeds.defined())
     DN_RETURN_IF_ERROR(check_embeds(p.negative_embeds, "negative_embeds"));
+  if (c.is_i2v() && !p.image_embeds.defined())
+    return absl::InvalidArgumentError(absl::StrCat(
+        "image_embeds are required: the model has an image branch (CLIP image tokens [N, image_dim = ",
+        c.image_dim, "], 257 for Wan2.1 I2V)"));
+  if (p.image_embeds.defined()) {
+    if (!c.is_i2v())
+      return absl::InvalidArgumentError(
+          "image_embeds: this model has no image branch (image_dim unset; a t2v or Wan2.2 model)");
+    const Tensor& e = p.image_embeds;
+    if (e.device() != Device::kCpu || e.dtype() != DType::kF32 || e.rank() != 2 ||
+        e.dim(0) < 1 || e.dim(0) > kMaxImageTokens || e.dim(1) != c.image_dim)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "image_embeds must be host f32 [N, image_dim = ", c.image_dim, "] with 1 <= N <= ",
+          kMaxImageTokens, ", got ", e.DebugString()));
+    const float* v = e.data_as<float>();
+    for (int64_t i = 0; i < e.numel(); ++i)
+      if (!std::isfinite(v[i]))
+        return absl::InvalidArgumentError(
+            absl::StrCat("image_embeds: non-finite value at element ", i));
+  }
   const int cond_channels = c.in_channels - c.out_channels;
   if (cond_channels > 0 && !p.condition_latents.defined())
     return absl::InvalidArgumentError(absl::StrCat(
@@ -331,6 +351,10 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
     for (int e = 0; e < num_experts(); ++e)
       DN_RETURN_IF_ERROR(expert(e).SetLora(CombineLoras(per_expert[e])));
   }
+  // Wan2.1 I2V: the image tokens' K/V (the same for both CFG branches).
+  for (int e = 0; e < num_experts(); ++e)
+    DN_RETURN_IF_ERROR(
+        expert(e).SetImageContext(p.image_embeds.defined() ? &p.image_embeds : nullptr));
   // Each expert has its own text embedder and cross-attention K/V.
   for (int e = 0; e < num_experts(); ++e)
     DN_RETURN_IF_ERROR(expert(e).SetContext(embeds));
@@ -554,6 +578,7 @@ absl::StatusOr<double> EngineImpl::Warmup(const LatentShape& shape,
   p.steps = options_.use_graphs && data_.size() > 1 ? 3 : 2;
   p.guidance = 2.0;  // both CFG branches, as served requests run them
   p.prompt_embeds = Tensor::Host({text_len, config().text_dim});
+  if (config().is_i2v()) p.image_embeds = Tensor::Host({257, config().image_dim});
   if (config().in_channels > config().out_channels)
     p.condition_latents = Tensor::Host(
         {config().in_channels - config().out_channels, shape.frames, shape.height, shape.width});
@@ -609,11 +634,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
   if (control.memory() != comm::MemoryKind::kHost)
     return absl::InvalidArgumentError(absl::StrCat(
         "control group '", control.backend_name(), "' must move host memory"));
-  if (c.is_i2v())
-    return absl::UnimplementedError(absl::StrCat(
-        "image-to-video models are not supported yet (config image_dim=",
-        c.image_dim, ", added_kv_proj_dim=", c.added_kv_proj_dim,
-        "); only T2V Wan2.1 configs (both unset) run"));
   if (c.num_attention_heads % data.size() != 0)
     return absl::FailedPreconditionError(absl::StrCat(
         "num_attention_heads ", c.num_attention_heads,

@@ -75,6 +75,10 @@ struct GenerateParams {
   // concatenated after the sampler state on channels at every step. Required
   // for those models, INVALID_ARGUMENT for the others.
   Tensor condition_latents;
+  // Wan2.1 I2V (config image_dim > 0): CLIP image tokens, host f32
+  // [N, image_dim] (257 x 1280 for Wan2.1), the same for both CFG branches.
+  // Required for those models, INVALID_ARGUMENT for the others.
+  Tensor image_embeds;
   // LoRAs of this request, by file name in the engine's LoRA directory, with
   // their scales (combined additively). Empty = none: the base model,
   // bit-identical whatever ran before.
@@ -125,6 +129,7 @@ struct EngineOptions {
   std::string lora_dir;
 };
 inline constexpr size_t kMaxLorasPerRequest = 16;
+inline constexpr int64_t kMaxImageTokens = 1024;
 inline constexpr double kMaxLoraScale = 100;
 // `options` after the environment, as Engine::Create applies it:
 // DN_CUDA_GRAPHS=0 turns use_graphs off, DN_A2A_SAMPLE_EVERY=N sets

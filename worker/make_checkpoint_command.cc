@@ -95,7 +95,8 @@ int MakeCheckpointCommand(int argc, char** argv) {
   double lora_alpha = 0;
   flags.String("preset", &preset,
                "tiny | demo-pixel | wan2.1-t2v-1.3b | wan2.1-t2v-14b | "
-               "wan2.2-t2v-a14b | tiny-t2v-a14b | wan2.2-i2v-a14b | tiny-i2v-a14b "
+               "wan2.2-t2v-a14b | tiny-t2v-a14b | wan2.2-i2v-a14b | tiny-i2v-a14b | "
+               "wan2.1-i2v-14b | tiny-i2v-14b "
                "(two experts: a pipeline folder "
                "with transformer/ and transformer_2/, the low-noise expert "
                "seeded with --seed + 1)");

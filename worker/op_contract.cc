@@ -159,6 +159,12 @@ absl::Status OpContract::GeluTanh(const Tensor& x, const Tensor& y) const {
   return NumelIs(y, x.numel(), "GeluTanh", "y");
 }
 
+absl::Status OpContract::GeluErf(const Tensor& x, const Tensor& y) const {
+  DN_RETURN_IF_ERROR(Act(x, "GeluErf", "x"));
+  DN_RETURN_IF_ERROR(Act(y, "GeluErf", "y"));
+  return NumelIs(y, x.numel(), "GeluErf", "y");
+}
+
 absl::Status OpContract::Silu(const Tensor& x, const Tensor& y) const {
   DN_RETURN_IF_ERROR(Act(x, "Silu", "x"));
   DN_RETURN_IF_ERROR(Act(y, "Silu", "y"));

@@ -36,6 +36,7 @@ class OpContract {
                       const Tensor& y) const;
   absl::Status Silu(const Tensor& x, const Tensor& y) const;
   absl::Status GeluTanh(const Tensor& x, const Tensor& y) const;
+  absl::Status GeluErf(const Tensor& x, const Tensor& y) const;
   absl::Status AddModulation(const Tensor& table, const Tensor& proj,
                              const Tensor& out) const;
   absl::Status LayerNormModulate(const Tensor& x, const Tensor& mod,

@@ -90,6 +90,7 @@ struct RunFlags {
   std::string out;
   std::string loras;  // --lora NAME[:SCALE[:EXPERT]][,...]
   std::string condition;
+  std::string image_embeds;
   // Testing: at step `fault_step` (0-based, after its stats), rank
   // `fault_rank` requests a cancel ("cancel") or dies ("exit").
   int fault_rank = -1;
@@ -123,6 +124,9 @@ void AddRunFlags(FlagSet& flags, RunFlags* f) {
   flags.String("condition", &f->condition,
                "I2V models (in_channels > out_channels): safetensors file with tensor "
                "condition_latents [in - out, F, H, W] (mask 4 | image latent 16)");
+  flags.String("image-embeds", &f->image_embeds,
+               "Wan2.1 I2V: safetensors file with tensor image_embeds [N, image_dim] "
+               "(CLIP penultimate hidden states, 257 x 1280)");
   flags.String("lora", &f->loras,
                    "LoRA of --lora-dir: NAME[:SCALE[:EXPERT]] (scale 1; expert all, "
                    "or high / low for two-expert models); comma-separated list");
@@ -240,6 +244,12 @@ absl::Status RunRank(const RankOptions& ro, const RunFlags& rf) {
           "--latents ", rf.latents, ": tensor latents has shape ",
           ShapeString(p.initial_latents.shape()), ", expected ",
           ShapeString(want), " for --frames/--height/--width"));
+  }
+  if (!rf.image_embeds.empty()) {
+    DN_ASSIGN_OR_RETURN(p.image_embeds,
+                        ReadTensorFile(rf.image_embeds, {"image_embeds"}, "--image-embeds"));
+    if (p.image_embeds.rank() == 3 && p.image_embeds.dim(0) == 1)
+      p.image_embeds = p.image_embeds.View({p.image_embeds.dim(1), p.image_embeds.dim(2)});
   }
   if (!rf.condition.empty()) {
     DN_ASSIGN_OR_RETURN(p.condition_latents,

@@ -426,6 +426,22 @@ absl::StatusOr<WanConfig> PresetConfig(const std::string& name) {
     c.num_layers = 40;
     c.in_channels = 36;
     c.boundary_ratio = 0.9;
+  } else if (name == "wan2.1-i2v-14b") {
+    // Wan2.1-I2V-14B (480P and 720P share the config): 36 channels, CLIP
+    // image branch (docs/MODELS.md §1, §4).
+    c.num_attention_heads = 40;
+    c.attention_head_dim = 128;
+    c.ffn_dim = 13824;
+    c.num_layers = 40;
+    c.in_channels = 36;
+    c.image_dim = 1280;
+    c.added_kv_proj_dim = 5120;
+  } else if (name == "tiny-i2v-14b") {
+    WanConfig t = *PresetConfig("tiny");
+    t.in_channels = 36;
+    t.image_dim = 24;
+    t.added_kv_proj_dim = t.inner_dim();
+    return t;
   } else if (name == "tiny-i2v-a14b") {
     WanConfig t = *PresetConfig("tiny");
     t.in_channels = 36;
@@ -440,7 +456,8 @@ absl::StatusOr<WanConfig> PresetConfig(const std::string& name) {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown preset '", name,
         "' (known: tiny, demo-pixel, wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
-        "wan2.2-t2v-a14b, tiny-t2v-a14b, wan2.2-i2v-a14b, tiny-i2v-a14b)"));
+        "wan2.2-t2v-a14b, tiny-t2v-a14b, wan2.2-i2v-a14b, tiny-i2v-a14b, wan2.1-i2v-14b, "
+        "tiny-i2v-14b)"));
   }
   return c;
 }

@@ -74,11 +74,10 @@ absl::StatusOr<std::unique_ptr<WanModel>> WanModel::Load(
     const WeightSource& source, Backend& backend, int world, int rank) {
   const WanConfig& c = source.config();
   DN_RETURN_IF_ERROR(c.Validate());
-  if (c.is_i2v())
+  if (c.is_i2v() && c.added_kv_proj_dim != c.inner_dim())
     return absl::UnimplementedError(absl::StrCat(
-        "image-to-video models are not supported yet (config image_dim=",
-        c.image_dim, ", added_kv_proj_dim=", c.added_kv_proj_dim,
-        "); only T2V Wan2.1 (image_dim and added_kv_proj_dim unset) runs"));
+        "config added_kv_proj_dim=", c.added_kv_proj_dim, " != the inner dim ", c.inner_dim(),
+        " (every Wan I2V model projects the embedded image tokens from the inner dim)"));
   if (c.pos_embed_seq_len > 0)
     return absl::UnimplementedError(absl::StrCat(
         "config pos_embed_seq_len=", c.pos_embed_seq_len,
@@ -162,6 +161,18 @@ absl::Status WanModel::LoadWeights(const WeightSource& source) {
   DN_RETURN_IF_ERROR(f32(&head_sst_, "scale_shift_table", {1, 2, d}));
   DN_RETURN_IF_ERROR(gemm(&proj_w_, "proj_out.weight", {patch_out(), d}));
   DN_RETURN_IF_ERROR(gemm(&proj_b_, "proj_out.bias", {patch_out()}));
+  if (c.is_i2v()) {
+    const std::string ie = ce + "image_embedder.";
+    const int64_t img = c.image_dim;
+    DN_RETURN_IF_ERROR(f32(&img_n1_w_, ie + "norm1.weight", {img}));
+    DN_RETURN_IF_ERROR(f32(&img_n1_b_, ie + "norm1.bias", {img}));
+    DN_RETURN_IF_ERROR(gemm(&img_ff0_w_, ie + "ff.net.0.proj.weight", {img, img}));
+    DN_RETURN_IF_ERROR(gemm(&img_ff0_b_, ie + "ff.net.0.proj.bias", {img}));
+    DN_RETURN_IF_ERROR(gemm(&img_ff2_w_, ie + "ff.net.2.weight", {d, img}));
+    DN_RETURN_IF_ERROR(gemm(&img_ff2_b_, ie + "ff.net.2.bias", {d}));
+    DN_RETURN_IF_ERROR(f32(&img_n2_w_, ie + "norm2.weight", {d}));
+    DN_RETURN_IF_ERROR(f32(&img_n2_b_, ie + "norm2.bias", {d}));
+  }
 
   blocks_.resize(static_cast<size_t>(c.num_layers));
   for (int i = 0; i < c.num_layers; ++i) {
@@ -195,6 +206,13 @@ absl::Status WanModel::LoadWeights(const WeightSource& source) {
     DN_RETURN_IF_ERROR(gemm(&b.ffn1_b, n("ffn.net.0.proj.bias"), {fd}));
     DN_RETURN_IF_ERROR(gemm(&b.ffn2_w, n("ffn.net.2.weight"), {d, fd}));
     DN_RETURN_IF_ERROR(gemm(&b.ffn2_b, n("ffn.net.2.bias"), {d}));
+    if (c.is_i2v()) {
+      DN_RETURN_IF_ERROR(gemm(&b.ak_w, n("attn2.add_k_proj.weight"), {d, d}));
+      DN_RETURN_IF_ERROR(gemm(&b.ak_b, n("attn2.add_k_proj.bias"), {d}));
+      DN_RETURN_IF_ERROR(gemm(&b.av_w, n("attn2.add_v_proj.weight"), {d, d}));
+      DN_RETURN_IF_ERROR(gemm(&b.av_b, n("attn2.add_v_proj.bias"), {d}));
+      DN_RETURN_IF_ERROR(f32(&b.norm_ak, n("attn2.norm_added_k.weight"), {d}));
+    }
   }
   host_scratch_.clear();
   host_scratch_.shrink_to_fit();
@@ -376,6 +394,67 @@ absl::Status WanModel::Lin(const std::string& module, const Tensor& x, const Ten
   return absl::OkStatus();
 }
 
+absl::Status WanModel::SetImageContext(const Tensor* image) {
+  if (image == nullptr) {
+    if (img_ctx_ != nullptr) graph_.reset();
+    img_ctx_.reset();
+    return absl::OkStatus();
+  }
+  if (!config_.is_i2v())
+    return absl::InvalidArgumentError("image_embeds: the model has no image branch (image_dim unset)");
+  if (!image->defined() || image->device() != Device::kCpu || image->dtype() != DType::kF32 ||
+      image->rank() != 2 || image->dim(0) < 1 || image->dim(1) != config_.image_dim)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "image_embeds must be host f32 [N, image_dim = ", config_.image_dim, "], got ",
+        image->defined() ? image->DebugString() : "none"));
+  const int64_t n = image->dim(0), d = config_.inner_dim(), di = config_.image_dim;
+  if (img_ctx_ == nullptr || img_ctx_->tokens != n) {
+    graph_.reset();  // the graph reads the old image buffers
+    img_ctx_.reset();
+    auto ic = std::make_unique<ImageContext>();
+    ic->tokens = n;
+    auto alloc = [&](Tensor* t, const Shape& sh) {
+      absl::StatusOr<Tensor> r = backend_.Empty(sh, act_);
+      if (r.ok()) *t = *std::move(r);
+      return r.status();
+    };
+    DN_RETURN_IF_ERROR(alloc(&ic->in, {n, di}));
+    DN_RETURN_IF_ERROR(alloc(&ic->hidden, {n, di}));
+    DN_RETURN_IF_ERROR(alloc(&ic->img, {n, d}));
+    DN_RETURN_IF_ERROR(alloc(&ic->tmp, {n, d}));
+    ic->k.resize(blocks_.size());
+    ic->v.resize(blocks_.size());
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      DN_RETURN_IF_ERROR(alloc(&ic->k[i], {n, d}));
+      DN_RETURN_IF_ERROR(alloc(&ic->v[i], {n, d}));
+    }
+    img_ctx_ = std::move(ic);
+  }
+  ImageContext& ic = *img_ctx_;
+  DN_RETURN_IF_ERROR(backend_.CopyFromHost(image->data_as<float>(), &ic.in));
+  // Image embedder (docs/MODELS.md §4): LN(1e-5) -> Linear -> erf GELU ->
+  // Linear -> LN(1e-5), per token.
+  const std::string ie = "condition_embedder.image_embedder.";
+  DN_RETURN_IF_ERROR(backend_.LayerNormAffine(ic.in, img_n1_w_, img_n1_b_, 1e-5f, &ic.hidden));
+  DN_RETURN_IF_ERROR(
+      Lin(ie + "ff.net.0.proj", ic.hidden, img_ff0_w_, &img_ff0_b_, Activation::kNone, &ic.in));
+  DN_RETURN_IF_ERROR(backend_.GeluErf(ic.in, &ic.hidden));
+  DN_RETURN_IF_ERROR(
+      Lin(ie + "ff.net.2", ic.hidden, img_ff2_w_, &img_ff2_b_, Activation::kNone, &ic.tmp));
+  DN_RETURN_IF_ERROR(backend_.LayerNormAffine(ic.tmp, img_n2_w_, img_n2_b_, 1e-5f, &ic.img));
+  const float eps = static_cast<float>(config_.eps);
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const Block& blk = blocks_[i];
+    // ki = RMS_D(img Wak^T + b) * g_added_k ; vi = img Wav^T + b
+    DN_RETURN_IF_ERROR(Lin(blk.name + "attn2.add_k_proj", ic.img, blk.ak_w, &blk.ak_b,
+                           Activation::kNone, &ic.tmp));
+    DN_RETURN_IF_ERROR(backend_.RmsNorm(ic.tmp, blk.norm_ak, eps, &ic.k[i]));
+    DN_RETURN_IF_ERROR(Lin(blk.name + "attn2.add_v_proj", ic.img, blk.av_w, &blk.av_b,
+                           Activation::kNone, &ic.v[i]));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status WanModel::SetContext(const std::vector<const Tensor*>& embeds) {
   if (embeds.empty())
     return absl::InvalidArgumentError("model context: no text embeddings");
@@ -504,6 +583,8 @@ absl::Status WanModel::Forward(comm::ProcessGroup* data, MarkerList* markers,
         " batch rows (SetContext)"));
   if (world_ > 1 && data == nullptr)
     return absl::InvalidArgumentError("model: Forward with world > 1 needs a group");
+  if (config_.is_i2v() && img_ctx_ == nullptr)
+    return absl::FailedPreconditionError("model: an I2V model needs SetImageContext before Forward");
   if (!use_graph) return RunForward(data, markers);
   if (markers != nullptr)
     return absl::InvalidArgumentError(
@@ -641,6 +722,19 @@ absl::Status WanModel::RunForward(comm::ProcessGroup* data,
       Tensor k1 = c.k[i].Rows(off, off + t).View({1, t, heads, hd});
       Tensor v1 = c.v[i].Rows(off, off + t).View({1, t, heads, hd});
       DN_RETURN_IF_ERROR(backend_.Attention(q1, k1, v1, t, scale, &o1));
+    }
+    if (img_ctx_ != nullptr) {
+      // A second, separate softmax over the image tokens; the two outputs
+      // are summed before to_out (docs/MODELS.md §4).
+      const int64_t n = img_ctx_->tokens;
+      Tensor ki = img_ctx_->k[i].View({1, n, heads, hd});
+      Tensor vi = img_ctx_->v[i].View({1, n, heads, hd});
+      for (int64_t bi = 0; bi < bs; ++bi) {
+        Tensor q1 = b.q.Rows(bi, bi + 1).View({1, s, heads, hd});
+        Tensor o1 = b.tmp.Rows(bi, bi + 1).View({1, s, heads, hd});
+        DN_RETURN_IF_ERROR(backend_.Attention(q1, ki, vi, n, scale, &o1));
+      }
+      DN_RETURN_IF_ERROR(backend_.AddInPlace(&b.attn, b.tmp));
     }
     DN_RETURN_IF_ERROR(Lin(blk.name + "attn2.to_out.0", b.attn, blk.o2_w, &blk.o2_b, kNone, &b.tmp));
     DN_RETURN_IF_ERROR(backend_.AddInPlace(&b.x, b.tmp));

@@ -92,6 +92,12 @@ class WanModel {
   // shape that does not fit.
   absl::Status SetLora(const std::map<std::string, LoraLowRank>& lora);
 
+  // Wan2.1 I2V (config image_dim > 0): the CLIP image tokens [N, image_dim]
+  // (host f32), the same for every batch row. Runs the image embedder and
+  // caches the image K/V of every layer; the cross-attention then adds a
+  // second softmax over them (docs/MODELS.md §4). nullptr clears it.
+  absl::Status SetImageContext(const Tensor* image_embeds);
+
   // Per-request text: embeds[b] is host f32 [T_b, text_dim] for batch b of
   // the plan (embeds.size() == batch). Runs the text embedder and caches the
   // cross-attention K/V of every layer on the backend.
@@ -131,6 +137,12 @@ class WanModel {
     Tensor norm_q2, norm_k2;      // f32 [D]
     Tensor norm2_w, norm2_b;      // f32 [D]
     Tensor ffn1_w, ffn1_b, ffn2_w, ffn2_b;
+    Tensor ak_w, ak_b, av_w, av_b, norm_ak;  // I2V image K/V (norm_ak f32 [D])
+  };
+  struct ImageContext {
+    int64_t tokens = 0;
+    Tensor in, hidden, img, tmp;  // [N, image_dim] x2, [N, D] x2
+    std::vector<Tensor> k, v;     // per layer [N, D]
   };
   struct Buffers;
   struct Context;
@@ -164,6 +176,10 @@ class WanModel {
   Tensor txt1_w_, txt1_b_, txt2_w_, txt2_b_;
   Tensor head_sst_;  // f32 [1, 2, D]
   Tensor proj_w_, proj_b_;
+  // I2V image embedder (LN norms f32).
+  Tensor img_n1_w_, img_n1_b_, img_ff0_w_, img_ff0_b_, img_ff2_w_, img_ff2_b_, img_n2_w_,
+      img_n2_b_;
+  std::unique_ptr<ImageContext> img_ctx_;
   std::vector<Block> blocks_;
   std::vector<float> host_scratch_;  // weight upload staging
 

@@ -267,6 +267,73 @@ def reference_two_experts(cfg, W_h, W_l, boundary, lat, emb, neg, scheduler, ste
     return sr.euler_sample(model, lat, sig, t)
 
 
+def run_i2v14b_cases(binary, work, timeout, only, paths, lat, emb, neg, failures):
+    """Wan2.1-I2V-14B shape (tiny-i2v-14b): CLIP image tokens through the image embedder, a second softmax
+    over them in every cross-attention, and the 36-channel input (MODELS.md §4)."""
+    if only and not any(p.startswith("i_") or "i_".startswith(p) for p in only.split(",")):
+        return
+    try:
+        dirs = {}
+        for name, extra in (("i2v14", []), ("i2v14_orig", ["--original-names"])):
+            d = os.path.join(work, "ck_" + name)
+            run_cmd([binary, "make-checkpoint", "--preset", "tiny-i2v-14b", "--seed", str(SEED), "--out", d,
+                     "--dtype", "f32"] + extra, timeout)
+            dirs[name] = d
+        cfg, W = wr.load_model(dirs["i2v14"])
+        _, W_o = wr.load_model(dirs["i2v14_orig"])
+        if set(W) != set(W_o) or any(not np.array_equal(W[n], W_o[n]) for n in W):
+            raise Failure("tiny-i2v-14b: original-names checkpoint differs from the diffusers one")
+        if cfg.image_dim != 24 or cfg.in_channels != 36:
+            raise Failure(f"tiny-i2v-14b: image_dim {cfg.image_dim}, in_channels {cfg.in_channels}")
+        rng = np.random.default_rng(SEED + 9)
+        F_, H_, W_ = lat.shape[1:]
+        img = rng.standard_normal((11, cfg.image_dim)).astype(np.float32)
+        cond = sr.i2v_condition(sr.i2v_mask(FRAMES, H_, W_), rng.standard_normal((16, F_, H_, W_)))
+        cond = cond.astype(np.float32)
+        ipath, cpath = os.path.join(work, "i_image.safetensors"), os.path.join(work, "i_cond.safetensors")
+        st.save_file({"image_embeds": img}, ipath)
+        st.save_file({"condition_latents": cond}, cpath)
+        sched, steps, g, shift = "unipc", 3, 5.0, 3.0
+        sig, t = sr.make_schedule(sched, steps, shift)
+
+        def ref_with(image):
+            f = lambda x, tt, ctx, im: wr.forward(cfg, W, x, tt, ctx, image_embeds=im)  # noqa: E731
+            model = sr.pipeline_model([f], emb, neg, g, image_embeds=image, condition=cond.astype(np.float64))
+            return sr.unipc_sample(model, lat, sig, t)
+        ref = ref_with(img.astype(np.float64))
+        sens = {"other image": rel_l2(ref_with(rng.standard_normal(img.shape)), ref),
+                "zero image": rel_l2(ref_with(np.zeros(img.shape)), ref)}
+        if min(sens.values()) < 100 * REL_L2_BOUND:
+            raise Failure(f"case setup: image readings too close: {sens}")
+        outs = {}
+        for ck, ranks in (("i2v14", 1), ("i2v14", 2), ("i2v14", 4), ("i2v14_orig", 1)):
+            got, secs = run_engine(binary, dirs[ck], work, "i_" + ck, paths, sched, steps, g, shift, ranks,
+                                   ["--image-embeds", ipath, "--condition", cpath], timeout)
+            err = rel_l2(got, ref)
+            same = ranks == 1 or np.array_equal(got, outs[1])
+            outs.setdefault(ranks, got)
+            ok = err < REL_L2_BOUND and same
+            print(f"{'ok  ' if ok else 'FAIL'} i_wan21_i2v_unipc3_cfg5 ckpt={ck:10s} ranks={ranks} rel_l2={err:.3e} "
+                  f"(bound {REL_L2_BOUND:g}) engine {secs:.1f}s" + ("" if ranks == 1 else f" bitwise == ranks 1: {same}")
+                  + " [guards: " + ", ".join(f"{k} {v:.1e}" for k, v in sens.items()) + "]", flush=True)
+            if not ok:
+                failures.append("i_wan21_i2v")
+        # Validation: the I2V model without image_embeds, a T2V model with them.
+        for label, model, extra in (("i2v without image_embeds", dirs["i2v14"], ["--condition", cpath]),
+                                    ("t2v with image_embeds", os.path.join(work, "ck_f32"), ["--image-embeds", ipath])):
+            p = subprocess.run([binary, "run", "--model", model, "--frames", str(FRAMES), "--height", str(HEIGHT),
+                                "--width", str(WIDTH), "--steps", "1", "--out", os.path.join(work, "i_bad.out")]
+                               + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+            last = (p.stdout.decode(errors="replace").strip().splitlines() or [""])[-1]
+            ok = p.returncode != 0 and "INVALID_ARGUMENT" in last and "image_embeds" in last
+            print(f"{'ok  ' if ok else 'FAIL'} i_bad {label:30s} -> {last[:160]}", flush=True)
+            if not ok:
+                failures.append("i_bad " + label)
+    except (Failure, ValueError, OSError, KeyError) as e:
+        failures.append("i_wan21_i2v")
+        print(f"FAIL i_wan21_i2v: {e}", flush=True)
+
+
 def check_condition_validation(binary, work, timeout, paths, failures):
     """An I2V model without condition_latents, and a T2V model given one, are INVALID_ARGUMENT naming it."""
     cpath = os.path.join(work, "x_i2v_a14b_unipc5_g3.5_g2_2.condition.safetensors")
@@ -555,6 +622,7 @@ def main():
                 print(f"FAIL {name}: {e}", flush=True)
         run_two_expert_cases(binary, work, a.timeout, a.only, paths, lat, emb, neg, failures)
         run_lora_cases(binary, work, a.timeout, a.only, paths, lat, emb, neg, models, dirs, failures)
+        run_i2v14b_cases(binary, work, a.timeout, a.only, paths, lat, emb, neg, failures)
     finally:
         if not a.keep and not a.workdir:
             shutil.rmtree(work, ignore_errors=True)

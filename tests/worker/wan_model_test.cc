@@ -536,7 +536,7 @@ TEST(EngineTest, RefusesImageToVideo) {
   Groups g = MakeGroups();
   auto engine = Engine::Create(weights, backend, *g.data, *g.control, EngineOptions{});
   ASSERT_EQ(engine.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_NE(std::string(engine.status().message()).find("image_dim"), std::string::npos);
+  EXPECT_NE(std::string(engine.status().message()).find("added_kv_proj_dim"), std::string::npos);
 }
 
 

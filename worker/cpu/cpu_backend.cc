@@ -367,6 +367,19 @@ absl::Status CpuBackend::GeluTanh(const Tensor& x, Tensor* y) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::GeluErf(const Tensor& x, Tensor* y) {
+  DN_RETURN_IF_ERROR(contract_.GeluErf(x, *y));
+  const float* in = x.data_as<float>();
+  float* out = y->data_as<float>();
+  ParallelFor(x.numel(), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const double v = in[i];
+      out[i] = static_cast<float>(0.5 * v * (1.0 + std::erf(v * 0.70710678118654752440)));
+    }
+  });
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::Silu(const Tensor& x, Tensor* y) {
   DN_RETURN_IF_ERROR(contract_.Silu(x, *y));
   const float* in = x.data_as<float>();

@@ -53,6 +53,7 @@ class CpuBackend : public Backend {
                       Activation act, Tensor* y) override;
   absl::Status Silu(const Tensor& x, Tensor* y) override;
   absl::Status GeluTanh(const Tensor& x, Tensor* y) override;
+  absl::Status GeluErf(const Tensor& x, Tensor* y) override;
   absl::Status AddModulation(const Tensor& table, const Tensor& proj,
                              Tensor* out) override;
   absl::Status LayerNormModulate(const Tensor& x, const Tensor& mod,

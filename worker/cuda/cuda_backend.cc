@@ -176,6 +176,7 @@ class CudaBackend final : public Backend {
                       Activation act, Tensor* y) override;
   absl::Status Silu(const Tensor& x, Tensor* y) override;
   absl::Status GeluTanh(const Tensor& x, Tensor* y) override;
+  absl::Status GeluErf(const Tensor& x, Tensor* y) override;
   absl::Status AddModulation(const Tensor& table, const Tensor& proj,
                              Tensor* out) override;
   absl::Status LayerNormModulate(const Tensor& x, const Tensor& mod,
@@ -416,6 +417,11 @@ absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& w,
 absl::Status CudaBackend::GeluTanh(const Tensor& x, Tensor* y) {
   DN_RETURN_IF_ERROR(contract_.GeluTanh(x, *y));
   return InvokeGeluTanh(x.data_as<bf16>(), y->data_as<bf16>(), x.numel(), s());
+}
+
+absl::Status CudaBackend::GeluErf(const Tensor& x, Tensor* y) {
+  DN_RETURN_IF_ERROR(contract_.GeluErf(x, *y));
+  return InvokeGeluErf(x.data_as<bf16>(), y->data_as<bf16>(), x.numel(), s());
 }
 
 absl::Status CudaBackend::Silu(const Tensor& x, Tensor* y) {

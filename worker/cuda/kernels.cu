@@ -373,6 +373,18 @@ __global__ void GeluTanhKernel(const bf16* x, bf16* y, int64_t vectors) {
 }
 
 template <int kVec>
+__global__ void GeluErfKernel(const bf16* x, bf16* y, int64_t vectors) {
+  for (int64_t v = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; v < vectors;
+       v += int64_t{gridDim.x} * blockDim.x) {
+    float in[kVec], out[kVec];
+    LoadF<kVec>(x + v * kVec, in);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out[j] = 0.5f * in[j] * (1.0f + erff(in[j] * 0.70710678f));
+    StoreF<kVec>(y + v * kVec, out);
+  }
+}
+
+template <int kVec>
 __global__ void AddInPlaceKernel(bf16* __restrict__ x,
                                  const bf16* __restrict__ y, int64_t vectors) {
   for (int64_t v = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; v < vectors;
@@ -714,6 +726,19 @@ absl::Status InvokeGeluTanh(const bf16* x, bf16* y, int64_t n,
     GeluTanhKernel<8><<<GridFor(n / 8), 256, 0, stream>>>(x, y, n / 8);
   } else {
     GeluTanhKernel<1><<<GridFor(n), 256, 0, stream>>>(x, y, n);
+  }
+  DN_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+absl::Status InvokeGeluErf(const bf16* x, bf16* y, int64_t n,
+                           cudaStream_t stream) {
+  if (n < 0) return absl::InvalidArgumentError("cuda GeluErf: negative size");
+  if (n == 0) return absl::OkStatus();
+  if (n % 8 == 0 && Aligned16(x) && Aligned16(y)) {
+    GeluErfKernel<8><<<GridFor(n / 8), 256, 0, stream>>>(x, y, n / 8);
+  } else {
+    GeluErfKernel<1><<<GridFor(n), 256, 0, stream>>>(x, y, n);
   }
   DN_LAUNCH_CHECK();
   return absl::OkStatus();

@@ -78,6 +78,8 @@ absl::Status InvokeRmsNormRopePackQkv(const bf16* q, const bf16* k,
 absl::Status InvokeSilu(const bf16* x, bf16* y, int64_t n, cudaStream_t stream);
 // y = GELU_tanh(x) (fp32 math); y may be x.
 absl::Status InvokeGeluTanh(const bf16* x, bf16* y, int64_t n, cudaStream_t stream);
+// y = 0.5 x (1 + erf(x / sqrt 2)) (fp32 math); y may be x.
+absl::Status InvokeGeluErf(const bf16* x, bf16* y, int64_t n, cudaStream_t stream);
 
 // out[b,k,j] = table[k,j] + proj[b, k*dim + j] (broadcast: proj[b, j]).
 absl::Status InvokeAddModulation(const float* table, const bf16* proj,
