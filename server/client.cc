@@ -385,7 +385,9 @@ int GenerateMain(int argc, char** argv) {
                "safetensors file with prompt_embeds or negative_embeds");
   flags.String("latents", &latents_file,
                "safetensors file with tensor latents to start from");
-  std::string condition_file;
+  std::string condition_file, image_file;
+  flags.String("image-embeds", &image_file,
+               "Wan2.1 I2V: safetensors file with tensor image_embeds [N, image_dim] (CLIP, 257 x 1280)");
   flags.String("condition", &condition_file,
                "I2V models: safetensors file with tensor condition_latents [in - out, F, H, W]");
   flags.Int("text-len", &text_len,
@@ -582,6 +584,12 @@ int GenerateMain(int argc, char** argv) {
     if (!t.ok()) return fail(t.status());
     *req.mutable_initial_latents() = *std::move(t);
     extra["initial_latents"] = latents_file;
+  }
+  if (!image_file.empty()) {
+    absl::StatusOr<v1::Tensor> t = ReadTensorFile(image_file, {"image_embeds"}, "--image-embeds");
+    if (!t.ok()) return fail(t.status());
+    *req.mutable_image_embeds() = *std::move(t);
+    extra["image_embeds"] = image_file;
   }
   if (!condition_file.empty()) {
     absl::StatusOr<v1::Tensor> t =

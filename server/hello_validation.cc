@@ -78,7 +78,8 @@ absl::Status ValidateHello(const ::denoised::v1::internal::Hello& h) {
         {"model.info.head_dim", info.head_dim(), 0, 4096},
         {"model.info.max_tokens", info.max_tokens(), 0, int64_t{1} << 40},
         {"model.info.max_axis_tokens", info.max_axis_tokens(), 0, 1 << 24},
-        {"model.info.experts", info.experts(), 0, 2}}) {
+        {"model.info.experts", info.experts(), 0, 2},
+        {"model.info.image_dim", info.image_dim(), 0, 1 << 16}}) {
     if (absl::Status s = CheckRange(field, v, lo, hi); !s.ok()) return s;
   }
   for (const auto& [field, list] :

@@ -106,6 +106,7 @@ v1::ModelInfo ModelInfoFromConfig(const worker::WanConfig& config,
   info.set_max_axis_tokens(config.rope_max_seq_len);
   info.set_experts(config.num_experts());
   info.set_kind(config.in_channels > config.out_channels || config.is_i2v() ? "i2v" : "t2v");
+  info.set_image_dim(config.image_dim);
   info.set_boundary_ratio(config.boundary_ratio);
   return info;
 }
@@ -140,6 +141,9 @@ absl::StatusOr<worker::GenerateParams> ParamsFromJob(const vi::Job& job) {
   if (r.has_initial_latents()) {
     DN_ASSIGN_OR_RETURN(p.initial_latents,
                         TensorFromProto(r.initial_latents(), "initial_latents"));
+  }
+  if (r.has_image_embeds()) {
+    DN_ASSIGN_OR_RETURN(p.image_embeds, EmbedsFromProto(r.image_embeds(), "image_embeds"));
   }
   if (r.has_condition_latents()) {
     DN_ASSIGN_OR_RETURN(p.condition_latents,

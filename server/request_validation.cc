@@ -216,6 +216,27 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
     r.set_scheduler(v1::SCHEDULER_UNIPC);
   }
 
+  // --- image tokens (Wan2.1 I2V) -----------------------------------------
+  if (in.has_image_embeds()) {
+    if (model.image_dim() <= 0)
+      return Invalid("image_embeds", "model '" + model.name() +
+                                         "' has no image branch (a t2v or Wan2.2 model)");
+    DN_RETURN_IF_ERROR(CheckFinite(in.image_embeds(), "image_embeds"));
+    const auto& s = in.image_embeds().shape();
+    const bool ok2 = s.size() == 2, ok3 = s.size() == 3 && s.Get(0) == 1;
+    const int64_t n = ok2 ? s.Get(0) : ok3 ? s.Get(1) : 0;
+    if ((!ok2 && !ok3) || s.Get(s.size() - 1) != model.image_dim() || n < 1 ||
+        n > worker::kMaxImageTokens)
+      return Invalid("image_embeds.shape",
+                     absl::StrCat("expected [N, ", model.image_dim(), "] or [1, N, ",
+                                  model.image_dim(), "] with 1 <= N <= ", worker::kMaxImageTokens,
+                                  ", got [", absl::StrJoin(s, ", "), "]"));
+  } else if (model.image_dim() > 0) {
+    return Invalid("image_embeds", absl::StrCat("required: model '", model.name(),
+                                                "' has an image branch (CLIP tokens [N, ",
+                                                model.image_dim(), "], 257 for Wan2.1)"));
+  }
+
   // --- initial latents / condition ---------------------------------------
   // The sampler state has out_channels; in_channels - out_channels more are
   // the condition (I2V).
