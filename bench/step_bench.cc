@@ -100,6 +100,17 @@ absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
   worker::FillNormal(1, worker::kEmbedStream, 0, 0.0f, 1.0f,
                      p.prompt_embeds.data_as<float>(),
                      static_cast<size_t>(p.prompt_embeds.numel()));
+  // I2V models: 257 seeded image tokens (Wan2.1 image branch) and a zero
+  // condition (the 20 extra input channels); their cost is in the step time
+  // but not in the TFLOP/s formula.
+  if (c.is_i2v()) {
+    p.image_embeds = worker::Tensor::Host({257, c.image_dim});
+    worker::FillNormal(2, worker::kEmbedStream, 0, 0.0f, 1.0f, p.image_embeds.data_as<float>(),
+                       static_cast<size_t>(p.image_embeds.numel()));
+  }
+  if (c.in_channels > c.out_channels)
+    p.condition_latents = worker::Tensor::Host({c.in_channels - c.out_channels, p.latent.frames,
+                                                p.latent.height, p.latent.width});
   std::vector<double> step_s, a2a_s, skew_s;
   DN_RETURN_IF_ERROR(engine
                          .Generate(p,
