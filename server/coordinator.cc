@@ -57,6 +57,8 @@ class Coordinator::Impl {
   // Lives on loop_'s thread: every call into it is posted there.
   CoordinatorCore core_;
   EventLoop loop_;
+  // Parses Generate bodies, off gRPC's threads (denoiser_service.h).
+  EventLoop intake_;
   std::unique_ptr<MetricsEndpoint> metrics_endpoint_;
   std::unique_ptr<grpc::Service> denoiser_service_;
   std::unique_ptr<grpc::Service> worker_service_;
@@ -115,12 +117,13 @@ absl::Status Coordinator::Impl::Start() {
   metrics_address_ = metrics_endpoint_->address();
 
   loop_.Start([this] { core_.Tick(); }, std::chrono::milliseconds(100));
+  intake_.Start([] {}, std::chrono::seconds(3600));
 
   static std::once_flag reflection_once;
   std::call_once(reflection_once,
                  [] { grpc::reflection::InitProtoReflectionServerBuilderPlugin(); });
 
-  denoiser_service_ = MakeDenoiserService(loop_, core_, gate_, budget_);
+  denoiser_service_ = MakeDenoiserService(intake_, loop_, core_, gate_, budget_);
   worker_service_ = MakeWorkerControlService(loop_, core_, clock_);
   // "HOST:0" twice means two free ports, not one.
   const bool shared_port =
@@ -175,7 +178,9 @@ absl::Status Coordinator::Impl::Start() {
 void Coordinator::Impl::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
-  // Fail the work and release the ranks on the loop, then wait for it.
+  // Bodies being parsed reach the core (which refuses them once it shuts
+  // down), then the work is failed and the ranks released on the loop.
+  intake_.Stop();
   std::promise<void> done;
   loop_.Post([this, &done] {
     core_.Shutdown();

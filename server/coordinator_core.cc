@@ -107,6 +107,9 @@ void CoordinatorCore::Submit(v1::GenerateRequest request,
   if (shutting_down_) {
     return Reject(*sink, label, absl::UnavailableError("the coordinator is shutting down"));
   }
+  if (sink->cancelled) {
+    return Reject(*sink, label, absl::CancelledError("cancelled by the client"));
+  }
   if (model_name.empty()) {
     return Reject(*sink, kUnknownModelLabel,
                   absl::InvalidArgumentError("model: required (see ListModels)"));

@@ -34,6 +34,9 @@ class RequestSink {
   virtual void Trailer(const std::string& key, const std::string& value) = 0;
   // Set by the core when the request is admitted.
   std::string request_id;
+  // Set by the shell when the client went away (before it tells the core):
+  // a request that reaches Submit after that is not admitted.
+  std::atomic<bool> cancelled{false};
 };
 
 struct Request {

@@ -51,6 +51,35 @@ struct CallHolds {
   InflightBudget::Hold bytes;
 };
 
+// Parses a request body on the intake thread, never on gRPC's threads (a
+// 200 MiB body takes a while, and the ranks' messages are delivered on
+// those threads), then hands the message to the core's loop. The body is
+// owned here: the call may end (a cancel) while it is parsed.
+void PostParse(EventLoop& intake, EventLoop& loop, CoordinatorCore& core,
+               grpc::ByteBuffer body, std::shared_ptr<RequestSink> sink,
+               int64_t deadline) {
+  intake.Post([&loop, &core, body = std::move(body), sink = std::move(sink),
+               deadline]() mutable {
+    auto request = std::make_shared<v1::GenerateRequest>();
+    // Deserialize consumes the buffer: its bytes are freed once parsed.
+    const bool parsed =
+        grpc::SerializationTraits<v1::GenerateRequest>::Deserialize(&body, request.get())
+            .ok();
+    loop.Post([&core, parsed, request = std::move(request), sink = std::move(sink),
+               deadline]() mutable {
+      if (!parsed) {
+        core.CountRefused("", absl::StatusCode::kInvalidArgument);
+        sink->Finish(absl::InvalidArgumentError(
+            "the request could not be parsed as a denoised.v1.GenerateRequest "
+            "(malformed protobuf, a truncated field, or a string that is not "
+            "UTF-8)"));
+        return;
+      }
+      core.Submit(std::move(*request), std::move(sink), deadline);
+    });
+  });
+}
+
 class StreamReactor;
 class StreamSink final : public RequestSink {
  public:
@@ -74,21 +103,19 @@ class StreamSink final : public RequestSink {
 
 class StreamReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
-  StreamReactor(EventLoop& loop, CoordinatorCore& core,
-                grpc::CallbackServerContext* ctx, v1::GenerateRequest request,
+  StreamReactor(EventLoop& intake, EventLoop& loop, CoordinatorCore& core,
+                grpc::CallbackServerContext* ctx, grpc::ByteBuffer body,
                 CallHolds holds)
       : loop_(loop),
         core_(core),
         ctx_(ctx),
         sink_(std::make_shared<StreamSink>(this, ctx)),
         holds_(std::move(holds)) {
-    loop_.Post([&core = core_, request = std::move(request), sink = sink_,
-                deadline = DeadlineUnixMillis(ctx)]() mutable {
-      core.Submit(std::move(request), std::move(sink), deadline);
-    });
+    PostParse(intake, loop, core, std::move(body), sink_, DeadlineUnixMillis(ctx));
   }
   void OnWriteDone(bool ok) override { sink_->writer.OnWriteDone(ok); }
   void OnCancel() override {
+    sink_->cancelled = true;
     loop_.Post([&core = core_, sink = sink_, deadline = DeadlineReached(ctx_)] {
       core.ClientGone(*sink, deadline);
     });
@@ -140,20 +167,18 @@ class UnarySink final : public RequestSink {
 
 class UnaryReactor final : public grpc::ServerUnaryReactor {
  public:
-  UnaryReactor(EventLoop& loop, CoordinatorCore& core,
-               grpc::CallbackServerContext* ctx, v1::GenerateRequest request,
+  UnaryReactor(EventLoop& intake, EventLoop& loop, CoordinatorCore& core,
+               grpc::CallbackServerContext* ctx, grpc::ByteBuffer body,
                grpc::ByteBuffer* response, CallHolds holds)
       : loop_(loop),
         core_(core),
         ctx_(ctx),
         sink_(std::make_shared<UnarySink>(this, ctx, response)),
         holds_(std::move(holds)) {
-    loop_.Post([&core = core_, request = std::move(request), sink = sink_,
-                deadline = DeadlineUnixMillis(ctx)]() mutable {
-      core.Submit(std::move(request), std::move(sink), deadline);
-    });
+    PostParse(intake, loop, core, std::move(body), sink_, DeadlineUnixMillis(ctx));
   }
   void OnCancel() override {
+    sink_->cancelled = true;
     loop_.Post([&core = core_, sink = sink_, deadline = DeadlineReached(ctx_)] {
       core.ClientGone(*sink, deadline);
     });
@@ -173,28 +198,26 @@ using RawGenerateService = v1::Denoiser::WithRawCallbackMethod_Generate<
 
 class DenoiserService final : public RawGenerateService {
  public:
-  DenoiserService(EventLoop& loop, CoordinatorCore& core, ClientGate& gate,
-                  InflightBudget& budget)
-      : loop_(loop), core_(core), gate_(gate), budget_(budget) {}
+  DenoiserService(EventLoop& intake, EventLoop& loop, CoordinatorCore& core,
+                  ClientGate& gate, InflightBudget& budget)
+      : intake_(intake), loop_(loop), core_(core), gate_(gate), budget_(budget) {}
 
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(
       grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* body) override {
-    v1::GenerateRequest request;
     CallHolds holds;
-    if (grpc::Status s = Prepare(ctx, body, &request, &holds); !s.ok()) {
+    if (grpc::Status s = Admit(ctx, *body, &holds); !s.ok()) {
       return new RejectedWriteReactor<grpc::ByteBuffer>(s);
     }
-    return new StreamReactor(loop_, core_, ctx, std::move(request), std::move(holds));
+    return new StreamReactor(intake_, loop_, core_, ctx, TakeBody(body), std::move(holds));
   }
   grpc::ServerUnaryReactor* GenerateUnary(grpc::CallbackServerContext* ctx,
                                           const grpc::ByteBuffer* body,
                                           grpc::ByteBuffer* response) override {
-    v1::GenerateRequest request;
     CallHolds holds;
-    if (grpc::Status s = Prepare(ctx, body, &request, &holds); !s.ok()) {
+    if (grpc::Status s = Admit(ctx, *body, &holds); !s.ok()) {
       return RejectUnary(ctx, s);
     }
-    return new UnaryReactor(loop_, core_, ctx, std::move(request), response,
+    return new UnaryReactor(intake_, loop_, core_, ctx, TakeBody(body), response,
                             std::move(holds));
   }
   grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx,
@@ -230,31 +253,19 @@ class DenoiserService final : public RawGenerateService {
     ClientGate::Slot unused;
     return gate_.Admit(*ctx, false, &unused);
   }
-  // Gate, budget, then parse. A refusal is counted (model "_unknown_": the
-  // body is not parsed yet).
-  grpc::Status Prepare(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* body,
-                       v1::GenerateRequest* request, CallHolds* holds) {
+  // The ClientGate, then the memory budget, on the call's metadata and
+  // size only. A refusal is counted (model "_unknown_": the body is not
+  // parsed).
+  grpc::Status Admit(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& body,
+                     CallHolds* holds) {
     grpc::Status s = gate_.Admit(*ctx, true, &holds->slot);
     if (s.ok()) {
       absl::StatusOr<InflightBudget::Hold> hold =
-          budget_.Acquire(static_cast<int64_t>(body->Length()));
+          budget_.Acquire(static_cast<int64_t>(body.Length()));
       if (hold.ok()) {
         holds->bytes = *std::move(hold);
       } else {
         s = ToGrpcStatus(hold.status());
-      }
-    }
-    if (s.ok()) {
-      // gRPC owns the buffer and reads it no more; parsing consumes it, so
-      // its bytes are freed as soon as the message is built.
-      grpc::ByteBuffer* raw = const_cast<grpc::ByteBuffer*>(body);
-      grpc::Status parsed =
-          grpc::SerializationTraits<v1::GenerateRequest>::Deserialize(raw, request);
-      if (!parsed.ok()) {
-        s = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                         "the request could not be parsed as a "
-                         "denoised.v1.GenerateRequest (malformed protobuf, a "
-                         "truncated field, or a string that is not UTF-8)");
       }
     }
     if (!s.ok()) {
@@ -264,7 +275,15 @@ class DenoiserService final : public RawGenerateService {
     }
     return s;
   }
+  // gRPC owns the request buffer and reads it no more once the handler
+  // runs; its slices move out without a copy.
+  static grpc::ByteBuffer TakeBody(const grpc::ByteBuffer* body) {
+    grpc::ByteBuffer out;
+    out.Swap(const_cast<grpc::ByteBuffer*>(body));
+    return out;
+  }
 
+  EventLoop& intake_;
   EventLoop& loop_;
   CoordinatorCore& core_;
   ClientGate& gate_;
@@ -273,11 +292,11 @@ class DenoiserService final : public RawGenerateService {
 
 }  // namespace
 
-std::unique_ptr<grpc::Service> MakeDenoiserService(EventLoop& loop,
+std::unique_ptr<grpc::Service> MakeDenoiserService(EventLoop& intake, EventLoop& loop,
                                                    CoordinatorCore& core,
                                                    ClientGate& gate,
                                                    InflightBudget& budget) {
-  return std::make_unique<DenoiserService>(loop, core, gate, budget);
+  return std::make_unique<DenoiserService>(intake, loop, core, gate, budget);
 }
 
 }  // namespace dn::server
