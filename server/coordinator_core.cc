@@ -231,10 +231,27 @@ void CoordinatorCore::StartOnGroup(const std::shared_ptr<Request>& req, Group& g
   vi::CoordinatorMessage m;
   vi::Job* job = m.mutable_job();
   job->set_request_id(req->id);
-  *job->mutable_request() = req->resolved.request;
+  // The Job takes the request's tensors (moved, not copied); the core keeps
+  // the rest, which it reads later (seed, steps, step_event_interval, ...).
+  v1::GenerateRequest& sent = *job->mutable_request();
+  sent = std::move(req->resolved.request);
+  std::unique_ptr<v1::Tensor> embeds(sent.release_prompt_embeds());
+  std::unique_ptr<v1::Tensor> negative(sent.release_negative_prompt_embeds());
+  std::unique_ptr<v1::Tensor> latents(sent.release_initial_latents());
+  req->resolved.request = sent;
+  sent.set_allocated_prompt_embeds(embeds.release());
+  sent.set_allocated_negative_prompt_embeds(negative.release());
+  sent.set_allocated_initial_latents(latents.release());
   *job->mutable_latent_shape() = req->resolved.latent;
   job->set_deadline_unix_millis(req->deadline_unix_ms);
-  for (auto& link : group.ranks) link->Send(m);
+  // One copy per rank but the last, which takes the message.
+  for (size_t i = 0; i < group.ranks.size(); ++i) {
+    if (i + 1 == group.ranks.size()) {
+      group.ranks[i]->Send(std::move(m));
+    } else {
+      group.ranks[i]->Send(m);
+    }
+  }
   DN_LOG(INFO) << "request " << req->id << " -> group " << group.name << " ("
                << group.world_size << " ranks, latent "
                << LatentString(req->resolved.latent) << ", "

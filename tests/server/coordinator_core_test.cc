@@ -416,6 +416,9 @@ TEST_F(CoreTest, RequestRunsStepByStepToItsResult) {
   ASSERT_TRUE(job.has_value());
   const std::string id = job->request_id();
   EXPECT_EQ(job->request().steps(), 3);
+  // Every rank gets the tensors (the last one's Job is moved, not copied).
+  EXPECT_EQ(job->request().prompt_embeds().data().size(), 8u * 32 * 4);
+  EXPECT_EQ(ranks[0]->LastJob()->request().prompt_embeds().data().size(), 8u * 32 * 4);
   for (int i = 0; i < 3; ++i) {
     vi::RankMessage m;
     m.mutable_step()->set_request_id(id);
