@@ -178,9 +178,7 @@ absl::Status Coordinator::Impl::Start() {
 void Coordinator::Impl::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
-  // Bodies being parsed reach the core (which refuses them once it shuts
-  // down), then the work is failed and the ranks released on the loop.
-  intake_.Stop();
+  // Fail the work and release the ranks on the loop, then wait for it.
   std::promise<void> done;
   loop_.Post([this, &done] {
     core_.Shutdown();
@@ -198,6 +196,9 @@ void Coordinator::Impl::Shutdown() {
   if (worker_server_) worker_server_->Shutdown(deadline);
   if (server_) server_->Shutdown(deadline);
   DN_VLOG << "shutdown: servers stopped";
+  // Bodies still being parsed reach the core, which refuses them now; then
+  // the loop runs what is left (cancellations the servers' shutdown posted).
+  intake_.Stop();
   loop_.Stop();
   if (worker_server_) worker_server_->Wait();
   if (server_) server_->Wait();
