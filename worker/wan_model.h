@@ -6,8 +6,9 @@
 // run the same model code.
 //
 // A rank owns tokens [rank*S, min((rank+1)*S, L)) of the L = F'·H'·W'
-// patch tokens (S = ceil(L / world); rows past L are zero padding, see
-// comm/ulysses.h). Everything but self-attention is token-local; q/k
+// patch tokens (S = ceil(L / world) rounded up to a multiple of the
+// backend's shard_alignment(); rows past L are zero padding, see
+// comm/ulysses.h and docs/ENGINE.md "Rank invariance"). Everything but self-attention is token-local; q/k
 // RMSNorm + RoPE (at global token positions) run before the all-to-all.
 //
 // Usage per request: Plan(shape) (buffers, once per shape) -> SetContext(
