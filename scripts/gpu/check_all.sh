@@ -4,7 +4,7 @@
 #                ../shared/gpu/bundle.sh .gpu build-cuda/bin/*
 #                mkdir -p .anchor && cp ../shared/anchors/usp_anchor.py .anchor/
 # Run there:     . .gpu/env.sh && scripts/gpu/check_all.sh STAGE...   (carry .gpu and .anchor)
-# Stages: info ops nccl tiny sp graphs commbench commvariants perf step step4k graphstep service fault step14b
+# Stages: info ops nccl tiny sp graphs commbench commvariants perf sdpasweep step step4k stepauto graphstep service fault step14b
 # (sp needs tiny first: it compares against tiny's 1-rank runs.)
 # Graphs are on by default everywhere (--no-graphs or DN_CUDA_GRAPHS=0 turns them off;
 # DN_FUSED_QKV_PACK=0 turns the fused q/k norm+RoPE+pack kernel off).
@@ -114,6 +114,15 @@ for st in "$@"; do
         stage step4k_ours_p$p 300 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks $p --backend cuda --cfg --iters 10
         stage step4k_anchor_p$p 300 torchrun --nproc_per_node $p .anchor/usp_anchor.py --backend cudnn --modes direct,packed --seq 4096 --iters 10
       done ;;
+    sdpasweep)
+      # The cuDNN engine space of the attention shapes (both CFG branches in one call, as the model runs
+      # them): 1.3B at 32760 and 4096 tokens, 14B (40 heads) at 32760. SUMMARY lines: default vs fastest.
+      stage sdpasweep_13b 400 sdpa_sweep --tokens 32760,4096 --heads 12 --batch 2 --iters 10 --limit 48
+      stage sdpasweep_14b 300 sdpa_sweep --tokens 32760 --heads 40 --batch 2 --iters 5 --limit 24 ;;
+    stepauto)
+      # The step with the SDPA config autotuned at first use (DN_CUDNN_SDPA_AUTOTUNE=1) beside the default.
+      stage step32k_auto_p1 300 env DN_CUDNN_SDPA_AUTOTUNE=1 denoised bench step --preset wan2.1-t2v-1.3b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 5
+      stage step4k_auto_p1 300 env DN_CUDNN_SDPA_AUTOTUNE=1 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks 1 --backend cuda --cfg --iters 10 ;;
     service) stage service 300 scripts/gpu/service_check.sh $NGPU 6 ;;
     fault) stage fault 420 scripts/gpu/fault_check.sh $NGPU ;;
     step14b)
