@@ -59,6 +59,11 @@ absl::StatusOr<SliceAnswer> SliceRegistry::Sync(const SliceSync& s,
         s.local_ranks, " local rank(s) do not lie inside a group of "
         "--group-size ", s.group_size));
   }
+  if ((s.cfg_degree != 1 && s.cfg_degree != 2) || s.group_size % s.cfg_degree != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--cfg-parallel: cfg degree ", s.cfg_degree, " with --group-size ", s.group_size,
+        " (1: Ulysses only; 2: CFG-parallel, even group size)"));
+  }
   if (s.generation < 0) {
     return absl::InvalidArgumentError("SliceRequest.generation: must be >= 0");
   }

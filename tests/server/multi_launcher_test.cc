@@ -366,6 +366,12 @@ TEST(MultiLauncherTest, OutOfBoundsHelloAndSliceAreRefused) {
   s = hello([](vi::Hello* h) { h->mutable_model()->mutable_info()->add_vae_stride(1 << 30); });
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("Hello.model.info.vae_stride"));
+  s = hello([](vi::Hello* h) { h->set_cfg_degree(3); });
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("Hello.cfg_degree"));
+  s = hello([](vi::Hello* h) { h->set_cfg_degree(2); });  // world_size 1: odd
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("Hello.cfg_degree"));
 
   auto slice = [&](int size, int first, int local) {
     grpc::ClientContext ctx;
@@ -437,6 +443,14 @@ TEST(SliceRegistryTest, LaunchersAgreeOnTheGenerationTheCoordinatorAssigns) {
             absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(reg.Sync({"g", 4, 1, 2, "C", 0, "h", false}, forming, now).status().code(),
             absl::StatusCode::kAlreadyExists);
+  // A and B run Ulysses over the group (cfg degree 1): a CFG-parallel slice
+  // is refused, and a cfg degree other than 1 or 2 is no slice at all.
+  absl::StatusOr<SliceAnswer> cfg =
+      reg.Sync({"g", 4, 2, 2, "B", 3, "h", false, 2}, forming, now);
+  EXPECT_EQ(cfg.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(cfg.status().message()), HasSubstr("--cfg-parallel"));
+  EXPECT_EQ(reg.Sync({"g", 4, 2, 2, "B", 3, "h", false, 3}, forming, now).status().code(),
+            absl::StatusCode::kInvalidArgument);
   // Once their leases run out, a launcher with a new size may take the name.
   now += std::chrono::milliseconds(kSliceLeaseMs + 1);
   EXPECT_FALSE(reg.ExpectedFor("g", now).has_value());
