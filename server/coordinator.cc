@@ -358,6 +358,7 @@ struct Group {
   std::string store_prefix;
   int64_t generation = 0;
   int world_size = 0;
+  int cfg_degree = 1;  // 2: CFG-parallel halves (Hello.cfg_degree)
   v1::GroupState state = v1::GROUP_STATE_FORMING;
   std::vector<std::shared_ptr<RankLink>> ranks;
   std::vector<bool> ready;
@@ -1439,6 +1440,7 @@ void Coordinator::Impl::HandleHello(const std::shared_ptr<RankLink>& link,
     g->generation = hello.generation();
     g->max_tokens = info.max_tokens();
     g->world_size = hello.world_size();
+    g->cfg_degree = std::max(1, hello.cfg_degree());
     g->store_prefix = StorePrefix(g->name, g->generation);
     g->ranks.resize(static_cast<size_t>(g->world_size));
     g->ready.assign(static_cast<size_t>(g->world_size), false);
@@ -1461,14 +1463,15 @@ void Coordinator::Impl::HandleHello(const std::shared_ptr<RankLink>& link,
                                  "); restart it with a new generation"));
     }
     if (group->world_size != hello.world_size() ||
+        group->cfg_degree != std::max(1, hello.cfg_degree()) ||
         group->model != model_name ||
         group->config_hash != hello.model().config_hash() ||
         group->backend != hello.backend()) {
       return reject(grpc::StatusCode::FAILED_PRECONDITION,
                     absl::StrCat("Hello of rank ", hello.rank(),
                                  " does not match group ", group->name,
-                                 " (world size, model, config hash or "
-                                 "backend differ)"));
+                                 " (world size, cfg degree, model, config "
+                                 "hash or backend differ)"));
     }
     if (group->ranks[static_cast<size_t>(hello.rank())] != nullptr) {
       return reject(grpc::StatusCode::ALREADY_EXISTS,
@@ -1742,7 +1745,7 @@ grpc::Status Coordinator::Impl::SyncSlice(const vi::SliceRequest& req,
   }
   SliceSync sync{req.group(),       req.group_size(), req.first_rank(),
                  req.local_ranks(), req.launcher_id(), req.generation(),
-                 req.host(),        req.leaving()};
+                 req.host(),        req.leaving(),     std::max(1, req.cfg_degree())};
   LiveGroupView live;
   auto git = groups_.find(req.group());
   if (git != groups_.end()) {
@@ -1789,10 +1792,14 @@ grpc::Status Coordinator::Impl::ListModels(v1::ListModelsResponse* resp) {
     info->set_max_tokens(ModelMaxTokens(name));
     int ready = 0;
     for (const auto& [gname, g] : groups_) {
-      if (g->model == name && (g->state == v1::GROUP_STATE_READY ||
-                               g->state == v1::GROUP_STATE_BUSY)) {
-        ++ready;
-      }
+      if (g->model != name || g->state == v1::GROUP_STATE_FAILED) continue;
+      if (g->state == v1::GROUP_STATE_READY || g->state == v1::GROUP_STATE_BUSY) ++ready;
+      v1::GroupTopology* t = info->add_groups();
+      t->set_name(g->name);
+      t->set_world_size(g->world_size);
+      t->set_cfg_degree(g->cfg_degree);
+      t->set_ulysses_degree(g->world_size / g->cfg_degree);
+      t->set_state(g->state);
     }
     info->set_ready_groups(ready);
   }
@@ -1809,6 +1816,8 @@ grpc::Status Coordinator::Impl::GetServerInfo(v1::ServerInfo* resp) {
     gi->set_model(g->model);
     gi->set_state(g->state);
     gi->set_world_size(g->world_size);
+    gi->set_cfg_degree(g->cfg_degree);
+    gi->set_ulysses_degree(g->world_size / g->cfg_degree);
     gi->set_backend(g->backend);
     gi->set_generation(g->generation);
     gi->set_mean_step_seconds(g->mean_step_seconds);

@@ -124,6 +124,10 @@ class WanModel {
                                     const std::string& name, const Shape& shape,
                                     bool f32);
   absl::Status RunForward(comm::ProcessGroup* data, MarkerList* markers);
+  // Time embedding of batch row bi (sinus -> temb, tproj), in calls of its own.
+  absl::Status TimeEmbedding(int64_t bi);
+  // Text embedder and cross K/V of one branch's context rows [begin, end).
+  absl::Status BranchContext(int64_t begin, int64_t end);
   absl::Status SelfAttention(const Block& blk, comm::ProcessGroup* data,
                              MarkerList* markers);
   // send (packed q/k/v) -> all-to-all -> attention -> all-to-all -> o4.
