@@ -599,7 +599,7 @@ absl::StatusOr<vi::SliceStatus> CoordinatorCore::SyncSlice(const vi::SliceReques
   if (shutting_down_) return absl::UnavailableError("coordinator shutting down");
   SliceSync sync{req.group(),       req.group_size(), req.first_rank(),
                  req.local_ranks(), req.launcher_id(), req.generation(),
-                 req.host(),        req.leaving()};
+                 req.host(),        req.leaving(),     std::max(1, req.cfg_degree())};
   auto a = registry_.SyncSlice(sync);
   if (!a.ok()) {
     DN_LOG(WARNING) << "refused the launcher slice of group '"
@@ -628,7 +628,14 @@ v1::ListModelsResponse CoordinatorCore::ListModels() const {
     info->set_max_tokens(registry_.ModelMaxTokens(name));
     int ready = 0;
     for (const auto& [gname, g] : registry_.groups()) {
-      if (g->model == name && g->serving()) ++ready;
+      if (g->model != name || !g->live()) continue;
+      if (g->serving()) ++ready;
+      v1::GroupTopology* t = info->add_groups();
+      t->set_name(g->name);
+      t->set_world_size(g->world_size);
+      t->set_cfg_degree(g->cfg_degree);
+      t->set_ulysses_degree(g->world_size / g->cfg_degree);
+      t->set_state(g->state);
     }
     info->set_ready_groups(ready);
   }
@@ -646,6 +653,8 @@ v1::ServerInfo CoordinatorCore::GetServerInfo() const {
     gi->set_model(g->model);
     gi->set_state(g->state);
     gi->set_world_size(g->world_size);
+    gi->set_cfg_degree(g->cfg_degree);
+    gi->set_ulysses_degree(g->world_size / g->cfg_degree);
     gi->set_backend(g->backend);
     gi->set_generation(g->generation);
     gi->set_mean_step_seconds(g->mean_step_seconds);

@@ -113,6 +113,7 @@ absl::Status GroupRegistry::Attach(const std::shared_ptr<RankLink>& link,
     g->generation = hello.generation();
     g->max_tokens = hello.model().info().max_tokens();
     g->world_size = hello.world_size();
+    g->cfg_degree = std::max(1, hello.cfg_degree());
     g->store_prefix = StorePrefix(g->name, g->generation);
     g->ranks.resize(static_cast<size_t>(g->world_size));
     g->ready.assign(static_cast<size_t>(g->world_size), false);
@@ -132,12 +133,13 @@ absl::Status GroupRegistry::Attach(const std::shared_ptr<RankLink>& link,
           "group ", group->name, " generation ", group->generation,
           " has failed (", group->failure, "); restart it with a new generation"));
     } else if (group->world_size != hello.world_size() ||
+               group->cfg_degree != std::max(1, hello.cfg_degree()) ||
                group->model != model_name ||
                group->config_hash != hello.model().config_hash() ||
                group->backend != hello.backend()) {
       status = absl::FailedPreconditionError(absl::StrCat(
           "Hello of rank ", hello.rank(), " does not match group ", group->name,
-          " (world size, model, config hash or backend differ)"));
+          " (world size, cfg degree, model, config hash or backend differ)"));
     } else if (group->ranks[static_cast<size_t>(hello.rank())] != nullptr) {
       status = absl::AlreadyExistsError(absl::StrCat(
           "rank ", hello.rank(), " of group ", group->name, " generation ",

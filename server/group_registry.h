@@ -44,6 +44,7 @@ struct Group {
   std::string store_prefix;
   int64_t generation = 0;
   int world_size = 0;
+  int cfg_degree = 1;  // 2: CFG-parallel halves (Hello.cfg_degree)
   denoised::v1::GroupState state = denoised::v1::GROUP_STATE_FORMING;
   std::vector<std::shared_ptr<RankLink>> ranks;
   std::vector<bool> ready;

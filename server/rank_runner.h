@@ -42,6 +42,8 @@ struct RankOptions {
   std::string secret;
   int64_t max_tokens = 80000;
   bool use_graphs = true;
+  // 2 CFG halves x world_size/2 Ulysses ranks (docs/ENGINE.md, "CFG-parallel").
+  bool cfg_parallel = false;
   std::string warmup_latent = "1x16x16";  // latent FxHxW
   int warmup_text_len = 32;
   int connect_timeout_s = 60;
