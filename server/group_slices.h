@@ -2,8 +2,8 @@
 //
 // SliceRegistry: the coordinator's book of which launcher starts which slice
 // of a worker group's ranks, and which generation the group runs. No gRPC and
-// no proto in it (the coordinator maps SliceRequest/SliceStatus to these
-// types), so it can move into the coordinator's core as it is split.
+// no proto in it (CoordinatorCore maps SliceRequest/SliceStatus to these
+// types); GroupRegistry (server/group_registry.h) owns one.
 //
 // A group may be started by several launchers (`denoised worker
 // --group-size N --first-rank R --local-ranks K`), each on its own host. They
