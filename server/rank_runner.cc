@@ -23,6 +23,7 @@
 #include "comm/base/flags.h"
 #include "comm/base/log.h"
 #include "comm/base/status_macros.h"
+#include "comm/cfg_parallel.h"
 #include "comm/process_group.h"
 #include "denoised/v1/worker.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -232,6 +233,8 @@ class JobQueue {
 struct ProcessGroups {
   std::unique_ptr<comm::ProcessGroup> data;
   std::unique_ptr<comm::ProcessGroup> control;
+  // CFG-parallel with world_size/2 > 1: this rank's half (its all-to-alls).
+  std::unique_ptr<comm::ProcessGroup> ulysses;
 };
 
 absl::StatusOr<ProcessGroups> FormGroups(comm::Store& store,
@@ -240,6 +243,9 @@ absl::StatusOr<ProcessGroups> FormGroups(comm::Store& store,
                                          const worker::Backend& backend,
                                          int device) {
   ProcessGroups pgs;
+  DN_ASSIGN_OR_RETURN(const comm::CfgSplit split,
+                      comm::SplitForCfg(o.world_size, o.rank, o.cfg_parallel));
+  const bool halves = split.cfg_degree > 1 && split.ulysses_degree > 1;
   comm::GlooOptions control;
   control.rank = o.rank;
   control.size = o.world_size;
@@ -251,6 +257,10 @@ absl::StatusOr<ProcessGroups> FormGroups(comm::Store& store,
     comm::GlooOptions data = control;
     data.prefix = prefix + "data";
     DN_ASSIGN_OR_RETURN(pgs.data, comm::MakeGlooProcessGroup(store, data));
+    if (halves) {
+      DN_ASSIGN_OR_RETURN(
+          pgs.ulysses, comm::MakeGlooProcessGroup(store, comm::HalfGroupOptions(data, split)));
+    }
   } else {
 #ifdef DENOISED_WITH_CUDA
     comm::NcclOptions data;
@@ -261,6 +271,10 @@ absl::StatusOr<ProcessGroups> FormGroups(comm::Store& store,
     data.timeout = std::chrono::seconds(o.pg_timeout_s);
     data.prefix = prefix + "data";
     DN_ASSIGN_OR_RETURN(pgs.data, comm::MakeNcclProcessGroup(store, data));
+    if (halves) {
+      DN_ASSIGN_OR_RETURN(
+          pgs.ulysses, comm::MakeNcclProcessGroup(store, comm::HalfGroupOptions(data, split)));
+    }
 #else
     (void)device;
     return absl::UnimplementedError(
@@ -355,6 +369,11 @@ int RunRank(const RankOptions& o) {
     endpoint = *std::move(e);
   }
 
+  if (absl::StatusOr<comm::CfgSplit> split =
+          comm::SplitForCfg(o.world_size, o.rank, o.cfg_parallel);
+      !split.ok())
+    return fail(split.status());
+
   // Model and backend.
   absl::StatusOr<std::unique_ptr<worker::WeightSource>> weights;
   if (!o.model_dir.empty()) {
@@ -419,6 +438,7 @@ int RunRank(const RankOptions& o) {
     if (endpoint) h->set_metrics_address(endpoint->address());
     h->set_secret(o.secret);
     h->set_server_version(Version());
+    h->set_cfg_degree(o.cfg_parallel ? 2 : 1);
     if (!conn.Write(m)) {
       const grpc::Status s = conn.Finish();
       return fail(absl::UnavailableError("Attach: " + s.error_message()));
@@ -514,9 +534,10 @@ int RunRank(const RankOptions& o) {
   eo.max_tokens = o.max_tokens;
   eo.use_graphs = o.use_graphs;
   eo.lora_dir = o.lora_dir;
+  eo.cfg_parallel = o.cfg_parallel;
   const auto t_load = std::chrono::steady_clock::now();
   absl::StatusOr<std::unique_ptr<worker::Engine>> engine = worker::Engine::Create(
-      **weights, **backend, *pgs->data, *pgs->control, eo);
+      **weights, **backend, *pgs->data, *pgs->control, eo, pgs->ulysses.get());
   if (!engine.ok()) die(engine.status(), 4);
   absl::StatusOr<worker::LatentShape> warm =
       ParseWarmupLatent(o.warmup_latent, config.in_channels);
@@ -582,6 +603,8 @@ int WorkerRankMain(int argc, char** argv) {
   flags.Int64("max-tokens", &o.max_tokens, "largest request, in tokens");
   flags.String("lora-dir", &o.lora_dir, "directory of LoRA files (*.safetensors) requests may name");
   flags.Bool("graphs", &o.use_graphs, "capture steps as CUDA graphs");
+  flags.Bool("cfg-parallel", &o.cfg_parallel,
+             "run as 2 CFG halves x world-size/2 Ulysses ranks");
   flags.String("warmup-latent", &o.warmup_latent, "warm-up latent size FxHxW");
   flags.Int("warmup-text-len", &o.warmup_text_len, "warm-up text tokens");
   flags.Int("connect-timeout", &o.connect_timeout_s, "seconds to reach the coordinator");

@@ -43,6 +43,8 @@ struct RankOptions {
   int64_t max_tokens = 80000;
   std::string lora_dir;  // --lora-dir: LoRA files requests may name
   bool use_graphs = true;
+  // 2 CFG halves x world_size/2 Ulysses ranks (docs/ENGINE.md, "CFG-parallel").
+  bool cfg_parallel = false;
   std::string warmup_latent = "1x16x16";  // latent FxHxW
   int warmup_text_len = 32;
   int connect_timeout_s = 60;

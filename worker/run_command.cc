@@ -22,6 +22,7 @@
 #include "absl/strings/str_split.h"
 #include "comm/base/log.h"
 #include "comm/base/status_macros.h"
+#include "comm/cfg_parallel.h"
 #include "worker/noise.h"
 #include "worker/safetensors.h"
 #include "worker/sampler.h"
@@ -259,6 +260,8 @@ absl::Status RunRank(const RankOptions& ro, const RunFlags& rf) {
   if (ro.rank == 0)
     DN_LOG(INFO) << "model " << session->weights->description() << " on "
                  << session->backend->device_description() << " x" << ro.ranks
+                 << (ro.cfg_parallel ? absl::StrCat(" (cfg 2 x ulysses ", ro.ranks / 2, ")")
+                                     : std::string())
                  << ": latent [" << p.latent.channels << ", " << p.latent.frames
                  << ", " << p.latent.height << ", " << p.latent.width << "], "
                  << TokenCount(config, p.latent) << " tokens, " << p.steps
@@ -336,6 +339,10 @@ void AddRankFlags(FlagSet& flags, RankOptions* o) {
   flags.Bool("graphs", &o->graphs,
              "capture each step as a CUDA graph (all-to-alls inside) and "
              "replay it; DN_CUDA_GRAPHS=0 also turns it off");
+  flags.Bool("cfg-parallel", &o->cfg_parallel,
+             "run the ranks as 2 CFG halves x ranks/2 Ulysses ranks (the "
+             "conditional branch on ranks [0, N/2), the unconditional on "
+             "[N/2, N)); needs an even --ranks");
 }
 
 absl::Status CheckRankOptions(const RankOptions& o) {
@@ -356,6 +363,11 @@ absl::Status CheckRankOptions(const RankOptions& o) {
   if (o.layers < 0)
     return absl::InvalidArgumentError(
         absl::StrCat("--layers ", o.layers, " must be >= 0"));
+  if (o.cfg_parallel && o.ranks % 2 != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--cfg-parallel needs an even --ranks (2 CFG halves x ranks/2 Ulysses "
+        "ranks), got --ranks ",
+        o.ranks));
   return absl::OkStatus();
 }
 
@@ -378,6 +390,8 @@ absl::StatusOr<std::unique_ptr<RankSession>> OpenRankSession(
   go.timeout = std::chrono::milliseconds(int64_t{o.timeout_s} * 1000);
   go.prefix = "ctl";
   DN_ASSIGN_OR_RETURN(s->control, comm::MakeGlooProcessGroup(*s->store, go));
+  DN_ASSIGN_OR_RETURN(const comm::CfgSplit split,
+                      comm::SplitForCfg(o.ranks, o.rank, o.cfg_parallel));
   if (o.backend == "cuda") {
 #ifdef DENOISED_WITH_CUDA
     comm::NcclOptions no;
@@ -388,12 +402,20 @@ absl::StatusOr<std::unique_ptr<RankSession>> OpenRankSession(
     no.prefix = "data";
     no.stream = s->backend->stream();
     DN_ASSIGN_OR_RETURN(s->data, comm::MakeNcclProcessGroup(*s->store, no));
+    if (split.cfg_degree > 1 && split.ulysses_degree > 1) {
+      DN_ASSIGN_OR_RETURN(
+          s->ulysses, comm::MakeNcclProcessGroup(*s->store, comm::HalfGroupOptions(no, split)));
+    }
 #else
     return absl::UnimplementedError("this build has no CUDA backend");
 #endif
   } else {
     go.prefix = "data";
     DN_ASSIGN_OR_RETURN(s->data, comm::MakeGlooProcessGroup(*s->store, go));
+    if (split.cfg_degree > 1 && split.ulysses_degree > 1) {
+      DN_ASSIGN_OR_RETURN(
+          s->ulysses, comm::MakeGlooProcessGroup(*s->store, comm::HalfGroupOptions(go, split)));
+    }
   }
   if (!o.model.empty()) {
     DN_ASSIGN_OR_RETURN(s->weights, OpenCheckpoint(o.model));
@@ -407,8 +429,9 @@ absl::StatusOr<std::unique_ptr<RankSession>> OpenRankSession(
   eo.max_tokens = o.max_tokens;
   eo.use_graphs = o.graphs;
   eo.lora_dir = o.lora_dir;
-  DN_ASSIGN_OR_RETURN(s->engine, Engine::Create(*s->weights, *s->backend,
-                                                *s->data, *s->control, eo));
+  eo.cfg_parallel = o.cfg_parallel;
+  DN_ASSIGN_OR_RETURN(s->engine, Engine::Create(*s->weights, *s->backend, *s->data,
+                                                *s->control, eo, s->ulysses.get()));
   return s;
 }
 

@@ -34,7 +34,7 @@ int RunRankCommand(int argc, char** argv);
 
 // Where a rank's model, backend and group come from. Registered as flags by
 // AddRankFlags (--model, --preset, --preset-seed, --backend, --threads,
-// --timeout-s, --max-tokens, --graphs, and the hidden --rank/--store-dir set by
+// --timeout-s, --max-tokens, --graphs, --cfg-parallel, and the hidden --rank/--store-dir set by
 // SpawnRanks).
 struct RankOptions {
   std::string model;                 // checkpoint folder
@@ -48,6 +48,9 @@ struct RankOptions {
   std::string lora_dir;  // --lora-dir: LoRA files requests may name
   int layers = 0;                    // > 0: keep only the first `layers` blocks
   bool graphs = true;                // EngineOptions::use_graphs (--graphs)
+  // EngineOptions::cfg_parallel (--cfg-parallel): 2 CFG halves x ranks/2
+  // Ulysses ranks.
+  bool cfg_parallel = false;
   // Set by SpawnRanks for each child.
   int rank = -1;
   std::string store_dir;
@@ -62,6 +65,8 @@ struct RankSession {
   std::unique_ptr<Backend> backend;
   std::unique_ptr<comm::ProcessGroup> control;
   std::unique_ptr<comm::ProcessGroup> data;
+  // With --cfg-parallel and ranks/2 > 1: this rank's half (its all-to-alls).
+  std::unique_ptr<comm::ProcessGroup> ulysses;
   std::unique_ptr<WeightSource> weights;
   std::unique_ptr<Engine> engine;
 };
