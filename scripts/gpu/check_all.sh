@@ -5,7 +5,7 @@
 #                mkdir -p .anchor && cp ../shared/anchors/usp_anchor.py .anchor/
 # Run there:     . .gpu/env.sh && scripts/gpu/check_all.sh STAGE...   (carry .gpu and .anchor)
 # Stages: info ops nccl tiny sp graphs commbench commvariants perf sdpasweep step step4k stepauto graphstep service fault step14b
-#         cfgpar
+#         cfgpar models
 # (sp needs tiny first: it compares against tiny's 1-rank runs.)
 # Graphs are on by default everywhere (--no-graphs or DN_CUDA_GRAPHS=0 turns them off;
 # DN_FUSED_QKV_PACK=0 turns the fused q/k norm+RoPE+pack kernel off).
@@ -114,6 +114,21 @@ for st in "$@"; do
         [[ $NGPU -ge $p ]] || continue
         stage step4k_ours_p$p 300 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks $p --backend cuda --cfg --iters 10
         stage step4k_anchor_p$p 300 torchrun --nproc_per_node $p .anchor/usp_anchor.py --backend cudnn --modes direct,packed --seq 4096 --iters 10
+      done ;;
+    models)
+      # Issue 15's paths, CUDA against the CPU on tiny checkpoints (4 steps, CFG 5): two experts with a
+      # LoRA (GeluTanh path), Wan2.1 I2V (image embedder, GeluErf, image K/V), Wan2.2 I2V two experts.
+      C=scripts/gpu/compare_latents.py; mkdir -p $W/lora
+      python3 $C --make-noise 257,24 --seed 4 --out $W/ie.safetensors --name image_embeds
+      python3 $C --make-noise 20,3,8,12 --seed 5 --out $W/cond.safetensors --name condition_latents
+      denoised make-checkpoint --preset tiny-t2v-a14b --lora-out $W/lora/a.safetensors --lora-rank 8 > /dev/null
+      margs="--frames 9 --height 64 --width 96 --steps 4 --guidance 5 --seed 7 --text-len 64 --ranks 1"
+      for m in "tiny-t2v-a14b|--lora-dir $W/lora --lora a:0.8" "tiny-i2v-14b|--image-embeds $W/ie.safetensors --condition $W/cond.safetensors" "tiny-i2v-a14b|--condition $W/cond.safetensors"; do
+        preset=${m%%|*}; extra=${m#*|}
+        for b in cpu cuda; do
+          stage m_${preset}_$b 180 denoised run --preset $preset --backend $b $margs $extra --out $W/m_${preset}_$b.safetensors
+        done
+        stage m_${preset}_cmp 60 python3 $C $W/m_${preset}_cpu.safetensors $W/m_${preset}_cuda.safetensors --label "$preset cuda vs cpu (4 UniPC steps, CFG 5)" --max-rel-l2 3e-2
       done ;;
     sdpasweep)
       # The cuDNN engine space of the attention shapes (both CFG branches in one call, as the model runs

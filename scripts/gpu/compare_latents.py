@@ -1,7 +1,7 @@
 """Compares two latents files written by `denoised run` (tensor `latents`).
 Usage: compare_latents.py REF.safetensors GOT.safetensors [--max-rel-l2 1e-2] [--label NAME]
                           [--base START.safetensors]
-       compare_latents.py --make-noise C,F,H,W --seed S --out START.safetensors
+       compare_latents.py --make-noise C,F,H,W --seed S --out START.safetensors [--name TENSOR]
 Prints max |diff| and relative L2 (||got-ref|| / ||ref||); exits 1 above the bound.
 With --base, compares (base - ref) with (base - got): after one Euler step from
 `base` with guidance 1 that is sigma_0 * v, i.e. the model's forward output alone.
@@ -32,9 +32,10 @@ def save(path, x, name="latents"):
 if "--make-noise" in sys.argv:
     q = argparse.ArgumentParser()
     q.add_argument("--make-noise"); q.add_argument("--seed", type=int, default=0); q.add_argument("--out")
+    q.add_argument("--name", default="latents")
     b = q.parse_args()
     shape = [int(v) for v in b.make_noise.split(",")]
-    save(b.out, np.random.default_rng(b.seed).standard_normal(shape))
+    save(b.out, np.random.default_rng(b.seed).standard_normal(shape), b.name)
     sys.exit(0)
 
 p = argparse.ArgumentParser()
