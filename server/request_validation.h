@@ -1,26 +1,28 @@
 // File: server/request_validation.h
 //
-// Validation of a public GenerateRequest against the ModelInfo its worker
-// groups registered, done by the coordinator before admission: fills the
-// defaults (steps 50, guidance 5, shift 3, UniPC, one step event per step),
-// resolves pixel_size to the latent shape through the model's VAE strides
-// (the same rule as worker::LatentFromPixels) and checks every field. Errors
-// are INVALID_ARGUMENT and name the field.
+// The coordinator's admission check of a public GenerateRequest: a thin
+// adapter from the proto to worker::RequestRules (worker/request_rules.h),
+// the same rules Engine::Validate applies on the ranks, against the geometry
+// of the ModelInfo the model's worker groups registered. It fills the
+// defaults, resolves pixel_size to the latent shape, checks every field and
+// every input value. Errors are INVALID_ARGUMENT and start with the field.
 #ifndef DN_SERVER_REQUEST_VALIDATION_H_
 #define DN_SERVER_REQUEST_VALIDATION_H_
 
+#include <cstddef>
 #include <cstdint>
 
 #include "absl/status/statusor.h"
 #include "denoised/v1/denoiser.pb.h"
-#include "worker/engine.h"
+#include "worker/request_rules.h"
 
 namespace dn::server {
 
-inline constexpr int kDefaultSteps = 50;
-using worker::kMaxSteps;  // the engine's limits (worker/engine.h)
-inline constexpr float kDefaultGuidance = 5.0f;
-inline constexpr float kDefaultShift = 3.0f;
+// The rules' defaults and limits, as the proto's types carry them.
+inline constexpr int kDefaultSteps = worker::kDefaultSteps;
+using worker::kMaxSteps;
+inline constexpr float kDefaultGuidance = static_cast<float>(worker::kDefaultGuidance);
+inline constexpr float kDefaultShift = static_cast<float>(worker::kDefaultShift);
 inline constexpr int kMaxPriority = 100;
 inline constexpr size_t kMaxClientRequestIdLength = 128;
 
@@ -32,6 +34,9 @@ struct ResolvedRequest {
   int64_t tokens = 0;                // sequence length after patching
   int text_len = 0;                  // T of prompt_embeds
 };
+
+// The rules' view of a registered model (GeometryOf's rule, from the proto).
+worker::ModelGeometry GeometryFromModelInfo(const denoised::v1::ModelInfo& model);
 
 // Pixel size -> latent shape with the model's VAE strides; errors name
 // pixel_size.frames/height/width.

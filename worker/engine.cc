@@ -23,38 +23,14 @@ namespace dn::worker {
 absl::StatusOr<LatentShape> LatentFromPixels(const WanConfig& config,
                                              int frames, int height,
                                              int width) {
-  const auto& vs = config.vae_stride;
-  const auto& ps = config.patch_size;
-  if (frames < 1 || (frames - 1) % vs[0] != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "frames ", frames, " must be 1 + a multiple of the VAE time stride ",
-        vs[0], " (e.g. 1, ", 1 + vs[0], ", ", 1 + 4 * vs[0], ")"));
-  const int latent_frames = (frames - 1) / vs[0] + 1;
-  if (latent_frames % ps[0] != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "frames ", frames, " give ", latent_frames,
-        " latent frames, not a multiple of the patch size ", ps[0]));
-  const int hmul = vs[1] * ps[1], wmul = vs[2] * ps[2];
-  if (height < 1 || height % hmul != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "height ", height, " must be a positive multiple of ", hmul,
-        " (VAE stride ", vs[1], " x patch ", ps[1], ")"));
-  if (width < 1 || width % wmul != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "width ", width, " must be a positive multiple of ", wmul,
-        " (VAE stride ", vs[2], " x patch ", ps[2], ")"));
-  LatentShape s;
-  s.channels = config.in_channels;
-  s.frames = latent_frames;
-  s.height = height / vs[1];
-  s.width = width / vs[2];
-  return s;
+  const RequestRules rules(GeometryOf(config, 0));
+  DN_ASSIGN_OR_RETURN(LatentShape latent,
+                      rules.LatentFromPixels({frames, height, width}));
+  return rules.CheckLatent(latent, SizeField::kPixelSize);
 }
 
 int64_t TokenCount(const WanConfig& config, const LatentShape& shape) {
-  const auto& p = config.patch_size;
-  return static_cast<int64_t>(shape.frames / p[0]) * (shape.height / p[1]) *
-         (shape.width / p[2]);
+  return RequestRules(GeometryOf(config, 0)).Tokens(shape);
 }
 
 namespace {
@@ -110,6 +86,9 @@ class EngineImpl : public Engine {
                        bool sampled, double* step_seconds,
                        double* alltoall_seconds);
   void Unpatchify(const float* gathered, int batch_index, float* v) const;
+  // INVALID_ARGUMENT naming the likely input when the latent x_ holds a NaN
+  // or Inf after the last step.
+  absl::Status CheckOutputFinite(const GenerateParams& params) const;
 
   std::unique_ptr<WanModel> model_;
   Backend& backend_;
@@ -130,71 +109,46 @@ class EngineImpl : public Engine {
 };
 
 absl::Status EngineImpl::Validate(const GenerateParams& p) const {
-  const WanConfig& c = config();
-  if (p.steps < 1 || p.steps > kMaxSteps)
-    return absl::InvalidArgumentError(
-        absl::StrCat("steps ", p.steps, " must be in [1, ", kMaxSteps, "]"));
-  if (!std::isfinite(p.guidance) || p.guidance < 0 || p.guidance > kMaxGuidance)
-    return absl::InvalidArgumentError(absl::StrCat("guidance ", p.guidance,
-                                                   " must be finite and in [0, ", kMaxGuidance,
-                                                   "] (CFG on iff > 1)"));
-  if (!std::isfinite(p.shift) || p.shift <= 0 || p.shift > kMaxShift)
+  // The same rules as the coordinator's admission (server/request_validation.cc).
+  const RequestRules rules(GeometryOf(config(), options_.max_tokens));
+  DN_RETURN_IF_ERROR(rules.CheckSampling({p.steps, p.guidance, p.shift, p.scheduler}));
+  DN_ASSIGN_OR_RETURN(LatentShape latent,
+                      rules.CheckLatent(p.latent, SizeField::kLatentShape));
+  if (latent.channels != p.latent.channels)  // 0 is the coordinator's to fill
     return absl::InvalidArgumentError(absl::StrCat(
-        "shift ", p.shift, " must be finite and in (0, ", kMaxShift, "]"));
-  const LatentShape& l = p.latent;
-  if (l.channels != c.in_channels)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "latent channels ", l.channels, " must equal the model's in_channels ",
-        c.in_channels));
-  const auto& ps = c.patch_size;
-  if (l.frames < 1 || l.frames % ps[0] != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "latent frames ", l.frames, " must be a positive multiple of ", ps[0]));
-  if (l.height < 1 || l.height % ps[1] != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "latent height ", l.height, " must be a positive multiple of ", ps[1]));
-  if (l.width < 1 || l.width % ps[2] != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "latent width ", l.width, " must be a positive multiple of ", ps[2]));
-  const int max_pos = c.rope_max_seq_len;
-  if (l.frames / ps[0] > max_pos || l.height / ps[1] > max_pos ||
-      l.width / ps[2] > max_pos)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "latent frames/height/width ", l.frames, "/", l.height, "/", l.width,
-        " exceed rope_max_seq_len ", max_pos, " tokens on an axis"));
-  const int64_t tokens = TokenCount(c, l);
-  if (tokens > options_.max_tokens)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tokens ", tokens, " (latent ", l.frames, "x", l.height, "x", l.width,
-        ") over max_tokens ", options_.max_tokens));
-  auto check_embeds = [&](const Tensor& e, const char* name) -> absl::Status {
-    if (e.device() != Device::kCpu || e.dtype() != DType::kF32 ||
-        e.rank() != 2 || e.dim(0) < 1 || e.dim(1) != c.text_dim)
+        "latent_shape.channels: ", p.latent.channels, " != the model's ",
+        latent.channels, " input channels"));
+  auto host_f32 = [](const Tensor& t, const char* field) -> absl::Status {
+    if (t.device() != Device::kCpu || t.dtype() != DType::kF32)
       return absl::InvalidArgumentError(absl::StrCat(
-          name, " must be host f32 [T, text_dim = ", c.text_dim,
-          "] with T >= 1, got ", e.DebugString()));
-    if (e.dim(0) > kMaxTextTokens)
-      return absl::InvalidArgumentError(absl::StrCat(
-          name, " has ", e.dim(0), " tokens, more than ", kMaxTextTokens));
+          field, ": must be a host f32 tensor, got ", t.DebugString()));
     return absl::OkStatus();
   };
+  auto check_embeds = [&](const Tensor& e, const char* field) -> absl::Status {
+    DN_RETURN_IF_ERROR(host_f32(e, field));
+    if (e.rank() != 2)  // the ranks take [T, text_dim]; [1, T, D] is flattened before
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".shape: expected [T, ", config().text_dim, "], got ",
+          ShapeString(e.shape())));
+    DN_RETURN_IF_ERROR(rules.CheckEmbedsShape(field, e.shape()).status());
+    return RequestRules::CheckValues(field, e.data_as<float>(), e.numel());
+  };
   if (!p.prompt_embeds.defined())
-    return absl::InvalidArgumentError("prompt_embeds are missing");
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt_embeds: required (text-encoder output [T, ", config().text_dim, "])"));
   DN_RETURN_IF_ERROR(check_embeds(p.prompt_embeds, "prompt_embeds"));
   if (p.negative_embeds.defined())
-    DN_RETURN_IF_ERROR(check_embeds(p.negative_embeds, "negative_embeds"));
+    DN_RETURN_IF_ERROR(check_embeds(p.negative_embeds, "negative_prompt_embeds"));
   if (p.initial_latents.defined()) {
-    const Shape want = {l.channels, l.frames, l.height, l.width};
-    if (p.initial_latents.device() != Device::kCpu ||
-        p.initial_latents.dtype() != DType::kF32 ||
-        p.initial_latents.shape() != want)
-      return absl::InvalidArgumentError(absl::StrCat(
-          "initial_latents must be host f32 ", ShapeString(want), ", got ",
-          p.initial_latents.DebugString()));
+    DN_RETURN_IF_ERROR(host_f32(p.initial_latents, "initial_latents"));
+    DN_RETURN_IF_ERROR(
+        rules.CheckLatentsShape("initial_latents", p.initial_latents.shape(), latent));
+    DN_RETURN_IF_ERROR(RequestRules::CheckValues(
+        "initial_latents", p.initial_latents.data_as<float>(), p.initial_latents.numel()));
   }
   if (p.deadline_unix_millis < 0)
     return absl::InvalidArgumentError(absl::StrCat(
-        "deadline_unix_millis ", p.deadline_unix_millis, " is negative"));
+        "deadline_unix_millis: ", p.deadline_unix_millis, " is negative"));
   return absl::OkStatus();
 }
 
@@ -422,10 +376,37 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
                                              " of ", steps));
     }
   }
+  // Finite inputs within the rules can still overflow inside the model (a
+  // checkpoint with huge weights, extreme guidance): every rank holds the
+  // same latent, so every rank refuses alike, and the engine stays usable.
+  if (absl::Status finite = CheckOutputFinite(params); !finite.ok()) return finite;
   Tensor result = Tensor::Host({params.latent.channels, params.latent.frames,
                                 params.latent.height, params.latent.width});
   std::memcpy(result.data(), x_.data(), x_.size() * sizeof(float));
   return result;
+}
+
+absl::Status EngineImpl::CheckOutputFinite(const GenerateParams& p) const {
+  int64_t bad = 0;
+  for (float v : x_) bad += std::isfinite(v) ? 0 : 1;
+  if (bad == 0) return absl::OkStatus();
+  // The likely cause: the input largest relative to the limit on inputs.
+  std::string field = "guidance_scale";
+  double worst = 0, worst_abs = p.guidance;
+  auto consider = [&](const Tensor& t, const char* name) {
+    if (!t.defined()) return;
+    const double m = MaxAbs(t.data_as<float>(), t.numel());
+    if (m / kMaxInputMagnitude > worst) {
+      worst = m / kMaxInputMagnitude;
+      worst_abs = m;
+      field = name;
+    }
+  };
+  consider(p.prompt_embeds, "prompt_embeds");
+  consider(p.negative_embeds, "negative_prompt_embeds");
+  consider(p.initial_latents, "initial_latents");
+  return RequestRules::NonFiniteOutputError(bad, static_cast<int64_t>(x_.size()),
+                                            field, worst_abs);
 }
 
 absl::StatusOr<double> EngineImpl::Warmup(const LatentShape& shape,
