@@ -951,28 +951,29 @@ void Coordinator::Impl::Submit(v1::GenerateRequest request,
   ModelEntry& model = mit->second;
   v1::ModelInfo limits = model.info;
   limits.set_max_tokens(ModelMaxTokens(request.model()));
-  absl::StatusOr<ResolvedRequest> resolved = ValidateRequest(request, limits);
+  // The request's tensors move into the resolved job (no copy).
+  absl::StatusOr<ResolvedRequest> resolved = ValidateRequest(std::move(request), limits);
   if (!resolved.ok()) {
-    RejectRequest(*sink, request.model(), ToGrpcStatus(resolved.status()));
+    RejectRequest(*sink, mit->first, ToGrpcStatus(resolved.status()));
     return;
   }
   const std::string& client_id = resolved->request.client_request_id();
   if (!client_id.empty() && client_ids_.count(client_id) > 0) {
-    RejectRequest(*sink, request.model(),
+    RejectRequest(*sink, resolved->request.model(),
                   grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
                                absl::StrCat("client_request_id '", client_id,
                                             "' is already live as ",
                                             client_ids_.at(client_id))));
     return;
   }
-  if (IdleGroupFor(request.model(), resolved->tokens) == nullptr &&
+  if (IdleGroupFor(resolved->request.model(), resolved->tokens) == nullptr &&
       static_cast<int>(model.queue.size()) >= options_.max_queue) {
-    const int64_t retry_ms = RetryAfterMillis(request.model());
+    const int64_t retry_ms = RetryAfterMillis(resolved->request.model());
     sink->Trailer(kRetryAfterMetadata, absl::StrCat(retry_ms));
     RejectRequest(
-        *sink, request.model(),
+        *sink, resolved->request.model(),
         grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                     absl::StrCat("the queue for model '", request.model(),
+                     absl::StrCat("the queue for model '", resolved->request.model(),
                                   "' is full (", model.queue.size(),
                                   " waiting, --max-queue ", options_.max_queue,
                                   "); retry after ", retry_ms, " ms (",
@@ -983,7 +984,7 @@ void Coordinator::Impl::Submit(v1::GenerateRequest request,
   auto req = std::make_shared<Request>();
   req->id = NewRequestId();
   req->client_id = client_id;
-  req->model = request.model();
+  req->model = resolved->request.model();
   req->resolved = *std::move(resolved);
   req->priority = req->resolved.request.priority();
   if (options_.admission_by_cost && deadline_ms > 0) {
@@ -993,7 +994,7 @@ void Coordinator::Impl::Submit(v1::GenerateRequest request,
       const double left = static_cast<double>(deadline_ms - UnixMillisNow()) / 1e3;
       if (wait + run > left) {
         RejectRequest(
-            *sink, request.model(),
+            *sink, resolved->request.model(),
             grpc::Status(
                 grpc::StatusCode::DEADLINE_EXCEEDED,
                 absl::StrFormat(
@@ -1176,17 +1177,19 @@ void Coordinator::Impl::StartOnGroup(const std::shared_ptr<Request>& req,
   req->sink->Event(std::move(started));
   UpdateHealthAndGauges();
 
-  vi::CoordinatorMessage m;
-  vi::Job* job = m.mutable_job();
+  // One message for every rank: the job (its tensors moved in at
+  // validation) moves into it and the ranks' streams share it.
+  auto m = std::make_shared<vi::CoordinatorMessage>();
+  vi::Job* job = m->mutable_job();
+  *job = std::move(req->resolved.job);
   job->set_request_id(req->id);
-  *job->mutable_request() = req->resolved.request;
-  *job->mutable_latent_shape() = req->resolved.latent;
   job->set_deadline_unix_millis(req->deadline_unix_ms);
   for (auto& link : group.ranks) link->writer.Write(m);
   DN_LOG(INFO) << "request " << req->id << " -> group " << group.name
                << " (" << group.world_size << " ranks, latent "
                << LatentString(req->resolved.latent) << ", "
-               << req->resolved.request.steps() << " steps)";
+               << req->resolved.request.steps() << " steps, "
+               << req->resolved.tensor_bytes << " tensor bytes in one shared job)";
   // A cancel that raced with dispatch.
   if (req->cancel_code != absl::StatusCode::kOk) {
     const absl::StatusCode code = req->cancel_code;

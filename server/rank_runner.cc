@@ -114,25 +114,29 @@ absl::StatusOr<worker::Tensor> EmbedsFromProto(const v1::Tensor& t,
   return host;
 }
 
-absl::StatusOr<worker::GenerateParams> ParamsFromJob(const vi::Job& job) {
-  const v1::GenerateRequest& r = job.request();
+// The engine's params of a job. The job's tensors are decoded into host
+// f32 tensors and then released, so a rank holds each input once.
+absl::StatusOr<worker::GenerateParams> ParamsFromJob(vi::Job& job) {
   worker::GenerateParams p;
   p.latent = LatentFromProto(job.latent_shape());
-  p.steps = r.steps();
-  p.guidance = r.guidance_scale();
-  p.scheduler = SchedulerFromProto(r.scheduler());
-  p.shift = r.shift();
-  p.seed = r.seed();
+  p.steps = job.steps();
+  p.guidance = job.guidance_scale();
+  p.scheduler = SchedulerFromProto(job.scheduler());
+  p.shift = job.shift();
+  p.seed = job.seed();
   DN_ASSIGN_OR_RETURN(p.prompt_embeds,
-                      EmbedsFromProto(r.prompt_embeds(), "prompt_embeds"));
-  if (r.has_negative_prompt_embeds()) {
+                      EmbedsFromProto(job.prompt_embeds(), "prompt_embeds"));
+  job.clear_prompt_embeds();
+  if (job.has_negative_prompt_embeds()) {
     DN_ASSIGN_OR_RETURN(p.negative_embeds,
-                        EmbedsFromProto(r.negative_prompt_embeds(),
+                        EmbedsFromProto(job.negative_prompt_embeds(),
                                         "negative_prompt_embeds"));
+    job.clear_negative_prompt_embeds();
   }
-  if (r.has_initial_latents()) {
+  if (job.has_initial_latents()) {
     DN_ASSIGN_OR_RETURN(p.initial_latents,
-                        TensorFromProto(r.initial_latents(), "initial_latents"));
+                        TensorFromProto(job.initial_latents(), "initial_latents"));
+    job.clear_initial_latents();
   }
   p.deadline_unix_millis = job.deadline_unix_millis();
   return p;
@@ -256,7 +260,7 @@ absl::StatusOr<ProcessGroups> FormGroups(comm::Store& store,
 }
 
 // Runs one job; returns the result to send.
-vi::JobResult RunJob(const vi::Job& job, worker::Engine& engine,
+vi::JobResult RunJob(vi::Job& job, worker::Engine& engine,
                      worker::Backend& backend, Connection& conn,
                      JobQueue& jobs, RankMetrics& metrics, int rank,
                      bool* fatal) {

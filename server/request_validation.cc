@@ -10,6 +10,7 @@
 namespace dn::server {
 
 namespace v1 = ::denoised::v1;
+namespace v1i = ::denoised::v1::internal;
 
 namespace {
 
@@ -63,12 +64,12 @@ int64_t LatentTokens(const v1::LatentShape& latent, const v1::ModelInfo& model) 
   return worker::RequestRules(GeometryFromModelInfo(model)).Tokens(LatentFromProto(latent));
 }
 
-absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
+absl::StatusOr<ResolvedRequest> ValidateRequest(v1::GenerateRequest in,
                                                 const v1::ModelInfo& model) {
   const worker::RequestRules rules(GeometryFromModelInfo(model));
   ResolvedRequest out;
-  out.request = in;
-  v1::GenerateRequest& r = out.request;
+  // Checked in place; moved into `out` at the end.
+  v1::GenerateRequest& r = in;
 
   // --- size --------------------------------------------------------------
   worker::LatentShape latent;
@@ -85,7 +86,6 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
   DN_ASSIGN_OR_RETURN(latent, rules.CheckLatent(latent, size_field));
   out.latent = LatentToProto(latent);
   out.tokens = rules.Tokens(latent);
-  *r.mutable_latent_shape() = out.latent;  // clears pixel_size (oneof)
 
   // --- embeddings --------------------------------------------------------
   if (!in.has_prompt_embeds()) {
@@ -138,6 +138,25 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
                    absl::StrCat("must be >= 0, got ", in.step_event_interval()));
   }
   if (r.step_event_interval() == 0) r.set_step_event_interval(1);
+
+  // --- the job: the ranks' part, tensors moved -----------------------------
+  *r.mutable_latent_shape() = out.latent;  // clears pixel_size (oneof)
+  v1i::Job& job = out.job;
+  *job.mutable_latent_shape() = out.latent;
+  job.set_steps(r.steps());
+  job.set_guidance_scale(r.guidance_scale());
+  job.set_scheduler(r.scheduler());
+  job.set_shift(r.shift());
+  job.set_seed(r.seed());
+  job.set_allocated_prompt_embeds(r.release_prompt_embeds());
+  if (r.has_negative_prompt_embeds())
+    job.set_allocated_negative_prompt_embeds(r.release_negative_prompt_embeds());
+  if (r.has_initial_latents())
+    job.set_allocated_initial_latents(r.release_initial_latents());
+  out.tensor_bytes = static_cast<int64_t>(job.prompt_embeds().data().size() +
+                                          job.negative_prompt_embeds().data().size() +
+                                          job.initial_latents().data().size());
+  out.request = std::move(in);
   return out;
 }
 

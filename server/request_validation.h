@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "denoised/v1/denoiser.pb.h"
+#include "denoised/v1/worker.pb.h"
 #include "worker/request_rules.h"
 
 namespace dn::server {
@@ -27,12 +28,18 @@ inline constexpr int kMaxPriority = 100;
 inline constexpr size_t kMaxClientRequestIdLength = 128;
 
 struct ResolvedRequest {
-  // The request with every default filled in (steps, guidance_scale, shift,
-  // scheduler, step_event_interval, latent_shape.channels).
+  // The request's own fields with every default filled in (steps,
+  // guidance_scale, shift, scheduler, step_event_interval,
+  // latent_shape.channels), for the coordinator's queue and the result's
+  // metadata. Its tensors were moved into `job`: it carries none.
   denoised::v1::GenerateRequest request;
+  // What the ranks run (request_id and deadline are set at dispatch). The
+  // coordinator moves it into the one message it sends to every rank.
+  denoised::v1::internal::Job job;
   denoised::v1::LatentShape latent;  // [C, F, H, W] in latent space
   int64_t tokens = 0;                // sequence length after patching
   int text_len = 0;                  // T of prompt_embeds
+  int64_t tensor_bytes = 0;          // bytes of the tensors in `job`
 };
 
 // The rules' view of a registered model (GeometryOf's rule, from the proto).
@@ -47,10 +54,11 @@ absl::StatusOr<denoised::v1::LatentShape> ResolvePixelSize(
 int64_t LatentTokens(const denoised::v1::LatentShape& latent,
                      const denoised::v1::ModelInfo& model);
 
-// Checks `request` (whose model is `model`) and fills defaults.
+// Checks `request` (whose model is `model`) and fills defaults. Its tensors
+// are moved into the result's job, not copied: pass an rvalue where the
+// request is not needed any more.
 absl::StatusOr<ResolvedRequest> ValidateRequest(
-    const denoised::v1::GenerateRequest& request,
-    const denoised::v1::ModelInfo& model);
+    denoised::v1::GenerateRequest request, const denoised::v1::ModelInfo& model);
 
 }  // namespace dn::server
 

@@ -173,8 +173,15 @@ absl::Status RunRank(const RankOptions& ro, const RunFlags& rf) {
   Engine& engine = *session->engine;
   const WanConfig& config = engine.config();
   GenerateParams p;
-  DN_ASSIGN_OR_RETURN(p.latent,
-                      LatentFromPixels(config, rf.frames, rf.height, rf.width));
+  absl::StatusOr<LatentShape> latent =
+      LatentFromPixels(config, rf.frames, rf.height, rf.width);
+  if (!latent.ok()) {
+    // The rules name the API field (pixel_size.frames); here it is a flag.
+    std::string message(latent.status().message());
+    if (message.rfind("pixel_size.", 0) == 0) message = "--" + message.substr(11);
+    return absl::Status(latent.status().code(), message);
+  }
+  p.latent = *latent;
   p.steps = rf.steps;
   p.guidance = rf.guidance;
   p.shift = rf.shift;
