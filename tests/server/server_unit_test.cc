@@ -199,6 +199,31 @@ TEST(RequestValidation, MessagesStartWithTheField) {
   EXPECT_LT(s.message().size(), 300u) << s;
 }
 
+// The ranks' Job takes the request's tensors by move: the very bytes the
+// client sent, counted, and none left in the public request.
+TEST(RequestValidation, JobTakesTheTensorsWithoutACopy) {
+  v1::GenerateRequest r = SmallRequest();
+  *r.mutable_negative_prompt_embeds() = SeededEmbeds(1, 2, 32);
+  *r.mutable_initial_latents() = F32Tensor({16, 1, 4, 4}, 0.5f);
+  r.set_seed(99);
+  const char* prompt = r.prompt_embeds().data().data();
+  const char* latents = r.initial_latents().data().data();
+  const int64_t bytes = static_cast<int64_t>(r.prompt_embeds().data().size() +
+                                             r.negative_prompt_embeds().data().size() +
+                                             r.initial_latents().data().size());
+  absl::StatusOr<ResolvedRequest> ok = ValidateRequest(std::move(r), WanLike());
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->job.prompt_embeds().data().data(), prompt);
+  EXPECT_EQ(ok->job.initial_latents().data().data(), latents);
+  EXPECT_EQ(ok->tensor_bytes, bytes);
+  EXPECT_FALSE(ok->request.has_prompt_embeds());
+  EXPECT_FALSE(ok->request.has_negative_prompt_embeds());
+  EXPECT_FALSE(ok->request.has_initial_latents());
+  EXPECT_EQ(ok->job.seed(), 99u);
+  EXPECT_EQ(ok->job.steps(), kDefaultSteps);
+  EXPECT_EQ(ok->job.latent_shape().channels(), 16);
+}
+
 TEST(Protocol, FatalCodes) {
   EXPECT_TRUE(IsRequestLevelError(absl::StatusCode::kCancelled));
   EXPECT_TRUE(IsRequestLevelError(absl::StatusCode::kInvalidArgument));
