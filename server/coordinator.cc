@@ -959,21 +959,21 @@ void Coordinator::Impl::Submit(v1::GenerateRequest request,
   }
   const std::string& client_id = resolved->request.client_request_id();
   if (!client_id.empty() && client_ids_.count(client_id) > 0) {
-    RejectRequest(*sink, resolved->request.model(),
+    RejectRequest(*sink, mit->first,
                   grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
                                absl::StrCat("client_request_id '", client_id,
                                             "' is already live as ",
                                             client_ids_.at(client_id))));
     return;
   }
-  if (IdleGroupFor(resolved->request.model(), resolved->tokens) == nullptr &&
+  if (IdleGroupFor(mit->first, resolved->tokens) == nullptr &&
       static_cast<int>(model.queue.size()) >= options_.max_queue) {
-    const int64_t retry_ms = RetryAfterMillis(resolved->request.model());
+    const int64_t retry_ms = RetryAfterMillis(mit->first);
     sink->Trailer(kRetryAfterMetadata, absl::StrCat(retry_ms));
     RejectRequest(
-        *sink, resolved->request.model(),
+        *sink, mit->first,
         grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                     absl::StrCat("the queue for model '", resolved->request.model(),
+                     absl::StrCat("the queue for model '", mit->first,
                                   "' is full (", model.queue.size(),
                                   " waiting, --max-queue ", options_.max_queue,
                                   "); retry after ", retry_ms, " ms (",
@@ -984,7 +984,7 @@ void Coordinator::Impl::Submit(v1::GenerateRequest request,
   auto req = std::make_shared<Request>();
   req->id = NewRequestId();
   req->client_id = client_id;
-  req->model = resolved->request.model();
+  req->model = mit->first;
   req->resolved = *std::move(resolved);
   req->priority = req->resolved.request.priority();
   if (options_.admission_by_cost && deadline_ms > 0) {
@@ -994,7 +994,7 @@ void Coordinator::Impl::Submit(v1::GenerateRequest request,
       const double left = static_cast<double>(deadline_ms - UnixMillisNow()) / 1e3;
       if (wait + run > left) {
         RejectRequest(
-            *sink, resolved->request.model(),
+            *sink, mit->first,
             grpc::Status(
                 grpc::StatusCode::DEADLINE_EXCEEDED,
                 absl::StrFormat(
@@ -1015,7 +1015,7 @@ void Coordinator::Impl::Submit(v1::GenerateRequest request,
   req->sink = std::move(sink);
   req->sink->request_id = req->id;
   requests_[req->id] = req;
-  if (!client_id.empty()) client_ids_[client_id] = req->id;
+  if (!req->client_id.empty()) client_ids_[req->client_id] = req->id;
   const auto key = std::make_pair(-req->priority, req->seq);
   model.queue[key] = req;
 

@@ -25,37 +25,9 @@
 #include "worker/sampler.h"
 #include "worker/wan_config.h"
 
-#ifdef DENOISED_WITH_CUDA
-#include "comm/nccl_process_group.h"
-#endif
 
 namespace dn::worker {
 namespace {
-
-// A weight source that keeps only the first `layers` blocks of another
-// (`--layers`, to run cut-down big presets).
-class LayerLimitedWeights : public WeightSource {
- public:
-  LayerLimitedWeights(std::unique_ptr<WeightSource> inner, int layers)
-      : inner_(std::move(inner)), config_(inner_->config()) {
-    config_.num_layers = layers;
-  }
-  const WanConfig& config() const override { return config_; }
-  std::string description() const override {
-    return absl::StrCat(inner_->description(), ", first ", config_.num_layers,
-                        " layers");
-  }
-  absl::Status ReadF32(const std::string& name, float* dst) const override {
-    return inner_->ReadF32(name, dst);
-  }
-  const RandomInit* random_init(const std::string& name) const override {
-    return inner_->random_init(name);
-  }
-
- private:
-  std::unique_ptr<WeightSource> inner_;
-  WanConfig config_;
-};
 
 struct RunFlags {
   int frames = 0;
@@ -168,8 +140,9 @@ void DrawProgress(const StepStats& s) {
   std::fflush(stderr);
 }
 
-absl::Status RunRank(const RankOptions& ro, const RunFlags& rf) {
-  DN_ASSIGN_OR_RETURN(std::unique_ptr<RankSession> session, OpenRankSession(ro));
+// One rank of `denoised run`: one Generate; rank 0 writes the latents.
+absl::Status RunGeneration(const RankOptions& ro, const RunFlags& rf) {
+  DN_ASSIGN_OR_RETURN(std::unique_ptr<RankSession> session, RankSession::Open(ro));
   Engine& engine = *session->engine;
   const WanConfig& config = engine.config();
   GenerateParams p;
@@ -279,97 +252,6 @@ bool IsSecondary(absl::StatusCode code) {
 }
 
 }  // namespace
-
-void AddRankFlags(FlagSet& flags, RankOptions* o) {
-  flags.String("model", &o->model, "diffusers checkpoint folder");
-  flags.String("preset", &o->preset,
-               "preset with seeded random weights instead of --model "
-               "(tiny, demo-pixel, wan2.1-t2v-1.3b, wan2.1-t2v-14b)");
-  flags.Uint64("preset-seed", &o->preset_seed, "seed of the preset's weights");
-  flags.String("backend", &o->backend, "cpu | cuda");
-  flags.Int("ranks", &o->ranks, "rank processes (sequence-parallel degree)");
-  flags.Int("threads", &o->threads,
-            "CPU threads per rank (0 = cores / ranks)");
-  flags.Int("timeout-s", &o->timeout_s,
-            "rendezvous and collective timeout in seconds");
-  flags.Int64("max-tokens", &o->max_tokens, "admission limit on tokens");
-  flags.Bool("graphs", &o->graphs,
-             "capture each step as a CUDA graph (all-to-alls inside) and "
-             "replay it; DN_CUDA_GRAPHS=0 also turns it off");
-}
-
-absl::Status CheckRankOptions(const RankOptions& o) {
-  if (o.model.empty() == o.preset.empty())
-    return absl::InvalidArgumentError("give exactly one of --model and --preset");
-  if (o.ranks < 1 || o.ranks > 64)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--ranks ", o.ranks, " must be in [1, 64]"));
-  if (o.backend != "cpu" && o.backend != "cuda")
-    return absl::InvalidArgumentError(
-        absl::StrCat("--backend '", o.backend, "' must be cpu or cuda"));
-  if (o.threads < 0)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--threads ", o.threads, " must be >= 0"));
-  if (o.timeout_s < 1)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--timeout-s ", o.timeout_s, " must be >= 1"));
-  if (o.layers < 0)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--layers ", o.layers, " must be >= 0"));
-  return absl::OkStatus();
-}
-
-absl::StatusOr<std::unique_ptr<RankSession>> OpenRankSession(
-    const RankOptions& o) {
-  DN_RETURN_IF_ERROR(CheckRankOptions(o));
-  auto s = std::make_unique<RankSession>();
-  DN_ASSIGN_OR_RETURN(s->store, comm::MakeFileStore(o.store_dir));
-  BackendOptions bo;
-  bo.name = o.backend;
-  bo.device = o.rank;
-  bo.threads = o.threads > 0
-                   ? o.threads
-                   : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) /
-                                     o.ranks);
-  DN_ASSIGN_OR_RETURN(s->backend, MakeBackend(bo));
-  comm::GlooOptions go;
-  go.rank = o.rank;
-  go.size = o.ranks;
-  go.timeout = std::chrono::milliseconds(int64_t{o.timeout_s} * 1000);
-  go.prefix = "ctl";
-  DN_ASSIGN_OR_RETURN(s->control, comm::MakeGlooProcessGroup(*s->store, go));
-  if (o.backend == "cuda") {
-#ifdef DENOISED_WITH_CUDA
-    comm::NcclOptions no;
-    no.rank = o.rank;
-    no.size = o.ranks;
-    no.device = o.rank;
-    no.timeout = go.timeout;
-    no.prefix = "data";
-    no.stream = s->backend->stream();
-    DN_ASSIGN_OR_RETURN(s->data, comm::MakeNcclProcessGroup(*s->store, no));
-#else
-    return absl::UnimplementedError("this build has no CUDA backend");
-#endif
-  } else {
-    go.prefix = "data";
-    DN_ASSIGN_OR_RETURN(s->data, comm::MakeGlooProcessGroup(*s->store, go));
-  }
-  if (!o.model.empty()) {
-    DN_ASSIGN_OR_RETURN(s->weights, OpenCheckpoint(o.model));
-  } else {
-    DN_ASSIGN_OR_RETURN(WanConfig config, PresetConfig(o.preset));
-    DN_ASSIGN_OR_RETURN(s->weights, MakePresetWeights(config, o.preset_seed));
-  }
-  if (o.layers > 0 && o.layers < s->weights->config().num_layers)
-    s->weights = std::make_unique<LayerLimitedWeights>(std::move(s->weights), o.layers);
-  EngineOptions eo;
-  eo.max_tokens = o.max_tokens;
-  eo.use_graphs = o.graphs;
-  DN_ASSIGN_OR_RETURN(s->engine, Engine::Create(*s->weights, *s->backend,
-                                                *s->data, *s->control, eo));
-  return s;
-}
 
 void ReportRankError(const RankOptions& o, const absl::Status& status) {
   DN_LOG(ERROR) << "rank " << o.rank << " failed: " << status;
@@ -531,7 +413,7 @@ int RunRankCommand(int argc, char** argv) {
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
   SetLogTag(absl::StrCat("rank", ro.rank));
   absl::Status s = CheckRunFlags(rf);
-  if (s.ok()) s = RunRank(ro, rf);
+  if (s.ok()) s = RunGeneration(ro, rf);
   if (!s.ok()) {
     ReportRankError(ro, s);
     return 1;
