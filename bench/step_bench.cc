@@ -155,10 +155,10 @@ absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
   // One machine-readable line for scripts.
   std::printf(
       "RESULT ranks=%d backend=%s tokens=%lld cfg=%d layers=%d graphs=%d "
-      "step_ms=%.4f alltoall_ms=%.4f tflops=%.5f peak_mib=%.1f\n",
+      "step_ms=%.4f alltoall_ms=%.4f tflops=%.5f peak_mib=%.1f cfg_parallel=%d\n",
       ro.ranks, ro.backend.c_str(), static_cast<long long>(tokens), f.cfg ? 1 : 0,
       c.num_layers, eo.use_graphs ? 1 : 0, med * 1e3, Median(a2a_s) * 1e3, tflops,
-      static_cast<double>(peak_max) / (1 << 20));
+      static_cast<double>(peak_max) / (1 << 20), ro.cfg_parallel ? 1 : 0);
   std::fflush(stdout);
   return absl::OkStatus();
 }

@@ -1,6 +1,8 @@
 #include "server/clip_image.h"
 
+#include <fcntl.h>
 #include <gif_lib.h>
+#include <unistd.h>
 #include <png.h>
 
 #include <cmath>
@@ -152,9 +154,16 @@ absl::Status WriteClipGif(const std::string& path, const Rgb8Clip& clip,
   const int sw = clip.width * o.scale, sh = clip.height * o.scale;
   const std::string tmp = path + ".tmp";
   int err = 0;
-  std::unique_ptr<GifFileType, GifCloser> gif(
-      EGifOpenFileName(tmp.c_str(), /*TestExistence=*/false, &err));
-  if (!gif) return GifError(path, "open", err);
+  // giflib's EGifOpenFileName creates the file 0600; every output file of
+  // ours is 0644 before the umask, like the PNG and safetensors writers.
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return GifError(path, "open", E_GIF_ERR_OPEN_FAILED);
+  std::unique_ptr<GifFileType, GifCloser> gif(EGifOpenFileHandle(fd, &err));
+  if (!gif) {
+    ::close(fd);
+    std::remove(tmp.c_str());
+    return GifError(path, "open", err);
+  }
   EGifSetGifVersion(gif.get(), /*gif89=*/true);
 
   const auto& pal = GifPalette();

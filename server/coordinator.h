@@ -11,11 +11,17 @@
 //   (by default the same port as --listen),
 // - Prometheus metrics (server/metrics.h) on --metrics-listen.
 //
-// Request path: validate (server/request_validation.h) -> bounded per-model
-// priority queue -> an idle READY worker group serving the model (one
-// request per group at a time) -> the Job fanned out to every rank ->
-// rank 0's step reports relayed as Step events -> the result. All state lives
-// on one event-loop thread; gRPC reactors only post events to it.
+// Request path: ClientGate and memory budget (before the body is parsed) ->
+// validate (server/request_validation.h) -> bounded per-model priority queue
+// -> an idle READY worker group serving the model (one request per group at
+// a time) -> the Job fanned out to every rank -> rank 0's step reports
+// relayed as Step events -> the result.
+//
+// This is the gRPC shell (coordinator.cc: servers, start, shutdown;
+// denoiser_service.*, worker_control_service.*, health_service.h: the
+// services). The logic is CoordinatorCore (coordinator_core.h), with no gRPC
+// in it; all its state lives on one event-loop thread, and the reactors only
+// post events to it. docs/ARCHITECTURE.md draws the parts.
 #ifndef DN_SERVER_COORDINATOR_H_
 #define DN_SERVER_COORDINATOR_H_
 
@@ -37,6 +43,10 @@ struct CoordinatorOptions {
   // Requests waiting per model (not counting running ones).
   int max_queue = 16;
   int64_t max_message_bytes = int64_t{256} << 20;
+  // Memory budget: bytes of Generate requests in flight (received, not yet
+  // finished); a call over it is refused RESOURCE_EXHAUSTED before its body
+  // is parsed. 0: no limit.
+  int64_t max_inflight_bytes = int64_t{1} << 30;
   // When set, ranks must present it in Hello and store calls.
   std::string secret;
   int heartbeat_timeout_ms = 15000;
@@ -85,11 +95,16 @@ class Coordinator {
   std::unique_ptr<Impl> impl_;
 };
 
+// Whether a listen address is on loopback (127.x, localhost, [::1], unix:).
+bool IsLoopbackListen(const std::string& listen);
+
 // `denoised coordinator --listen HOST:PORT --metrics-listen HOST:PORT
 //  [--worker-listen HOST:PORT] [--max-queue N] [--max-message-mb M]
+//  [--max-inflight-mb M]
 //  [--secret S] [--ready-file PATH] [--auth-token-file F]
 //  [--max-streams-per-client N] [--tls-cert/--tls-key]
-//  [--worker-tls-cert/--worker-tls-key/--worker-tls-ca]`. Runs until SIGTERM/SIGINT.
+//  [--worker-tls-cert/--worker-tls-key/--worker-tls-ca]`. Runs until
+// SIGTERM/SIGINT (coordinator_main.cc).
 int CoordinatorMain(int argc, char** argv);
 
 }  // namespace dn::server

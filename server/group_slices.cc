@@ -15,6 +15,12 @@ std::string Range(int first, int count) {
                     : absl::StrCat("ranks ", first, "-", first + count - 1);
 }
 
+std::string TopologyName(int cfg_degree, int group_size) {
+  return cfg_degree > 1 ? absl::StrCat("CFG-parallel (cfg ", cfg_degree, " x ulysses ",
+                                       group_size / cfg_degree, ")")
+                        : absl::StrCat("Ulysses over all ", group_size, " ranks");
+}
+
 }  // namespace
 
 std::string RankList(const std::vector<int>& ranks) {
@@ -53,6 +59,11 @@ absl::StatusOr<SliceAnswer> SliceRegistry::Sync(const SliceSync& s,
         s.local_ranks, " local rank(s) do not lie inside a group of "
         "--group-size ", s.group_size));
   }
+  if ((s.cfg_degree != 1 && s.cfg_degree != 2) || s.group_size % s.cfg_degree != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--cfg-parallel: cfg degree ", s.cfg_degree, " with --group-size ", s.group_size,
+        " (1: Ulysses only; 2: CFG-parallel, even group size)"));
+  }
   if (s.generation < 0) {
     return absl::InvalidArgumentError("SliceRequest.generation: must be >= 0");
   }
@@ -87,6 +98,15 @@ absl::StatusOr<SliceAnswer> SliceRegistry::Sync(const SliceSync& s,
           " of group '", s.group, "' overlap ", Range(c.first, c.count),
           " of launcher ", id, " (host ", c.host, ")"));
     }
+    if (e.cfg_degree != s.cfg_degree) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--cfg-parallel: this launcher runs group '", s.group, "' as ",
+          TopologyName(s.cfg_degree, s.group_size), ", but its launcher of ",
+          Range(c.first, c.count), " (host ", c.host, ") runs it as ",
+          TopologyName(e.cfg_degree, e.group_size),
+          "; every launcher of a group must run the same (docs/SERVICE.md, "
+          "\"Which axis crosses hosts\")"));
+    }
   }
   if (live.exists && !live.failed && live.world_size != s.group_size) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -94,7 +114,10 @@ absl::StatusOr<SliceAnswer> SliceRegistry::Sync(const SliceSync& s,
         "', whose live generation ", live.generation, " has ", live.world_size,
         " ranks"));
   }
-  if (!others) e.group_size = s.group_size;
+  if (!others) {
+    e.group_size = s.group_size;
+    e.cfg_degree = s.cfg_degree;
+  }
   if (live.exists) e.generation = std::max(e.generation, live.generation);
 
   Claim& claim = e.claims[s.launcher_id];

@@ -2,8 +2,8 @@
 //
 // SliceRegistry: the coordinator's book of which launcher starts which slice
 // of a worker group's ranks, and which generation the group runs. No gRPC and
-// no proto in it (the coordinator maps SliceRequest/SliceStatus to these
-// types), so it can move into the coordinator's core as it is split.
+// no proto in it (CoordinatorCore maps SliceRequest/SliceStatus to these
+// types); GroupRegistry (server/group_registry.h) owns one.
 //
 // A group may be started by several launchers (`denoised worker
 // --group-size N --first-rank R --local-ranks K`), each on its own host. They
@@ -57,6 +57,9 @@ struct SliceSync {
   int64_t generation = 0;  // 0: (re)starting the slice's ranks
   std::string host;
   bool leaving = false;
+  // 2: the slice's ranks run CFG-parallel (--cfg-parallel); 1: Ulysses over
+  // the whole group. Every launcher of a group must run the same.
+  int cfg_degree = 1;
 };
 
 // What the coordinator's group registry knows of the group's live
@@ -106,6 +109,7 @@ class SliceRegistry {
   };
   struct Entry {
     int group_size = 0;
+    int cfg_degree = 1;
     int64_t generation = 0;
     std::map<std::string, Claim> claims;  // by launcher id
   };

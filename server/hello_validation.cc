@@ -47,6 +47,12 @@ absl::Status ValidateHello(const ::denoised::v1::internal::Hello& h) {
                    absl::StrCat("rank ", h.rank(), " of ", h.world_size(),
                                 " (world_size in [1, ", kMaxWorldSize, "])"));
   }
+  if (h.cfg_degree() < 0 || h.cfg_degree() > 2 ||
+      (h.cfg_degree() == 2 && h.world_size() % 2 != 0)) {
+    return Invalid("cfg_degree",
+                   absl::StrCat(h.cfg_degree(), " with world_size ", h.world_size(),
+                                " (0 or 1: Ulysses only; 2: CFG-parallel, even world_size)"));
+  }
   if (absl::Status s = CheckRange("generation", h.generation(), 1,
                                   int64_t{1} << 53);
       !s.ok()) {

@@ -527,6 +527,7 @@ int ServiceRank::Impl::Run() {
     if (endpoint) h->set_metrics_address(endpoint->address());
     h->set_secret(o_.secret);
     h->set_server_version(Version());
+    h->set_cfg_degree(ro.cfg_parallel ? 2 : 1);
     if (!conn_->Write(m)) {
       const grpc::Status s = conn_->Finish();
       return Fail(absl::UnavailableError("Attach: " + s.error_message()), 2);
@@ -625,6 +626,8 @@ int WorkerRankMain(int argc, char** argv) {
   flags.String("metrics-listen", &o.metrics_listen, "/metrics address HOST:PORT");
   flags.Int64("max-tokens", &r.max_tokens, "largest request, in tokens");
   flags.Bool("graphs", &r.graphs, "capture steps as CUDA graphs");
+  flags.Bool("cfg-parallel", &r.cfg_parallel,
+             "run as 2 CFG halves x world-size/2 Ulysses ranks");
   flags.String("warmup-latent", &o.warmup_latent, "warm-up latent size FxHxW");
   flags.Int("warmup-text-len", &o.warmup_text_len, "warm-up text tokens");
   flags.Int("connect-timeout", &o.connect_timeout_s, "seconds to reach the coordinator");

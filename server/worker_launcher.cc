@@ -114,6 +114,7 @@ class SliceClient {
     base_.set_group_size(o.group_size);
     base_.set_first_rank(o.first_rank);
     base_.set_local_ranks(o.ranks);
+    base_.set_cfg_degree(o.cfg_parallel.value_or(false) ? 2 : 1);
     base_.set_host(std::move(host));
     base_.set_launcher_id(absl::StrCat(HostName(), "/", getpid(), "/",
                                        absl::Hex(std::random_device{}())));
@@ -148,14 +149,11 @@ std::string Ranks(const google::protobuf::RepeatedField<int32_t>& r) {
   return RankList(std::vector<int>(r.begin(), r.end()));
 }
 
-// CFG-PARALLEL HOOK: the one place where the launcher's CFG-parallel default
-// (CfgParallelDefault) reaches its ranks. CFG-parallel (2 CFG halves x N/2
-// Ulysses ranks) is being added to the rank separately; once `worker-rank`
-// has its flag, return it here when `cfg_parallel_default` is true (and let
-// an explicit launcher flag override it). Until then nothing is passed.
-std::vector<std::string> CfgParallelRankFlags(bool cfg_parallel_default) {
-  (void)cfg_parallel_default;
-  return {};
+// The one place where the launcher's CFG-parallel choice (the explicit flag,
+// else CfgParallelDefault) reaches its ranks.
+std::vector<std::string> CfgParallelRankFlags(bool cfg_parallel) {
+  if (!cfg_parallel) return {};
+  return {"--cfg-parallel"};
 }
 
 }  // namespace
@@ -223,12 +221,27 @@ int RunLauncher(const LauncherOptions& options) {
   }
   const bool cfg_parallel_default =
       CfgParallelDefault(o.group_size, o.first_rank, o.ranks);
-  const std::vector<std::string> cfg_flags = CfgParallelRankFlags(cfg_parallel_default);
-  if (spans_launchers) {
+  const bool cfg_parallel = o.cfg_parallel.value_or(cfg_parallel_default);
+  if (cfg_parallel && o.group_size % 2 != 0) {
+    DN_LOG(ERROR) << "--cfg-parallel: needs an even group size (2 CFG halves x "
+                     "N/2 Ulysses ranks), got "
+                  << o.group_size << " ranks";
+    return 2;
+  }
+  o.cfg_parallel = cfg_parallel;
+  const std::vector<std::string> cfg_flags = CfgParallelRankFlags(cfg_parallel);
+  if (spans_launchers || cfg_parallel) {
     DN_LOG(INFO) << "slice: ranks " << o.first_rank << ".."
                  << o.first_rank + o.ranks - 1 << " of a group of "
-                 << o.group_size << " (CFG-parallel by default: "
-                 << (cfg_parallel_default ? "yes" : "no") << ")";
+                 << o.group_size << ", "
+                 << (cfg_parallel ? absl::StrCat("CFG-parallel: cfg 2 x ulysses ",
+                                                 o.group_size / 2)
+                                  : absl::StrCat("Ulysses over all ", o.group_size,
+                                                 " ranks"))
+                 << (options.cfg_parallel.has_value()
+                         ? " (--cfg-parallel given)"
+                         : absl::StrCat(" (the default for this slice: ",
+                                        cfg_parallel_default ? "on" : "off", ")"));
   }
 
   InstallStopSignalHandlers();
@@ -460,6 +473,12 @@ int WorkerMain(int argc, char** argv) {
   flags.String("secret", &o.secret,
                "shared secret of the coordinator (default: $DENOISED_SECRET)");
   flags.Int("threads", &o.threads, "CPU threads per rank (0: cores / ranks)");
+  flags.OptionalBool(
+      "cfg-parallel", &o.cfg_parallel,
+      "run the group as 2 CFG halves x group-size/2 Ulysses ranks (ranks "
+      "[0, N/2) the conditional branch, [N/2, N) the unconditional); unset: on "
+      "when the group spans launchers and this slice is one half of it, so "
+      "Ulysses stays inside a host (--no-cfg-parallel turns it off)");
   flags.String("host", &o.host,
                "address this host's ranks bind and advertise to their peers "
                "(default 127.0.0.1; a discovered non-loopback address when "

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -57,6 +58,8 @@ struct LauncherOptions {
   std::string metrics_listen;  // HOST:PORT; rank r uses PORT + r (0: any)
   std::string secret;
   int threads = 0;             // CPU threads per rank; 0 = cores / ranks
+  // --cfg-parallel / --no-cfg-parallel; unset: CfgParallelDefault decides.
+  std::optional<bool> cfg_parallel;
   // Passed through to every rank.
   std::vector<std::string> rank_flags;
   // How the launcher itself probes the coordinator's worker port before it
@@ -72,7 +75,10 @@ inline constexpr int kExitSliceTimeout = 3;
 // Whether a group started by this launcher should run CFG-parallel by
 // default: it spans launchers (hosts) and this launcher's slice is exactly
 // one half of it, so Ulysses stays inside the host and only the CFG halves
-// cross hosts (docs/SERVICE.md, "Which axis crosses hosts").
+// cross hosts (docs/SERVICE.md, "Which axis crosses hosts"). An explicit
+// --cfg-parallel / --no-cfg-parallel overrides it; every launcher of a group
+// must end up with the same choice (the coordinator refuses a slice that
+// disagrees with its peers, FAILED_PRECONDITION naming --cfg-parallel).
 bool CfgParallelDefault(int group_size, int first_rank, int local_ranks);
 
 // Supervises the group until SIGTERM/SIGINT; returns the exit code.

@@ -55,14 +55,18 @@ class EngineImpl : public Engine {
  public:
   EngineImpl(std::unique_ptr<WanModel> model, Backend& backend,
              comm::ProcessGroup& data, comm::ProcessGroup& control,
+             comm::ProcessGroup* ulysses, const comm::CfgSplit& split,
              const EngineOptions& options)
       : model_(std::move(model)),
         backend_(backend),
         data_(data),
         control_(control),
+        ulysses_(ulysses),
+        split_(split),
         options_(options) {}
 
   const WanConfig& config() const override { return model_->config(); }
+  const comm::CfgSplit& split() const override { return split_; }
   absl::Status Validate(const GenerateParams& params) const override;
   absl::StatusOr<Tensor> Generate(const GenerateParams& params,
                                   const StepCallback& on_step,
@@ -72,11 +76,13 @@ class EngineImpl : public Engine {
   bool broken() const override { return broken_; }
 
  private:
-  // Aborts the data group so peers blocked in a data collective with this
-  // rank fail promptly; the engine is broken from then on.
+  // Aborts the data group (and a CFG-parallel half's Ulysses group) so peers
+  // blocked in a data collective with this rank fail promptly; the engine is
+  // broken from then on.
   void AbortData() {
     broken_ = true;
     data_.Abort();
+    if (ulysses_ != nullptr && ulysses_ != &data_) ulysses_->Abort();
   }
   // Everything before the first step that may fail on one rank only.
   absl::Status Setup(const GenerateParams& params, bool cfg);
@@ -89,11 +95,22 @@ class EngineImpl : public Engine {
   // INVALID_ARGUMENT naming the likely input when the latent x_ holds a NaN
   // or Inf after the last step.
   absl::Status CheckOutputFinite(const GenerateParams& params) const;
+  // The text context of each batch row this rank runs (CFG-parallel: its
+  // half's branch only).
+  std::vector<const Tensor*> BranchEmbeds(const GenerateParams& p, bool cfg);
+  // After the all-gather: unpatchify the branches' velocities from the
+  // gathered outputs and combine them; returns the velocity to step with.
+  const float* CombineVelocities(bool cfg, float guidance);
+  bool cfg_split() const { return split_.cfg_degree > 1; }
 
   std::unique_ptr<WanModel> model_;
   Backend& backend_;
   comm::ProcessGroup& data_;
   comm::ProcessGroup& control_;
+  // The group of the model's all-to-alls: data_ (Ulysses over all ranks), or
+  // with CFG-parallel this rank's half (null when a half is one rank).
+  comm::ProcessGroup* ulysses_;
+  comm::CfgSplit split_;
   EngineOptions options_;
 
   // Per-shape state (reused across requests of the same shape).
@@ -156,7 +173,8 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
   const WanConfig& c = config();
   const auto& ps = c.patch_size;
   ModelShape shape;
-  shape.batch = cfg ? 2 : 1;
+  // CFG-parallel: each half runs one branch, batch 1.
+  shape.batch = cfg && !cfg_split() ? 2 : 1;
   shape.grid_f = p.latent.frames / ps[0];
   shape.grid_h = p.latent.height / ps[1];
   shape.grid_w = p.latent.width / ps[2];
@@ -176,8 +194,24 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
   v_.resize(cfg ? n : 0);
   latent_ = p.latent;
 
-  std::vector<const Tensor*> embeds = {&p.prompt_embeds};
-  if (cfg) {
+  DN_RETURN_IF_ERROR(model_->SetContext(BranchEmbeds(p, cfg)));
+
+  if (p.initial_latents.defined()) {
+    std::memcpy(x_.data(), p.initial_latents.data(), n * sizeof(float));
+  } else {
+    FillNormal(p.seed, kNoiseStream, 0, 0.0f, 1.0f, x_.data(), n);
+  }
+  markers_.reserve(4 * config().num_layers + 4);
+  return absl::OkStatus();
+}
+
+std::vector<const Tensor*> EngineImpl::BranchEmbeds(const GenerateParams& p,
+                                                     bool cfg) {
+  const bool cond = !cfg || !cfg_split() || split_.half == 0;
+  const bool uncond = cfg && (!cfg_split() || split_.half == 1);
+  std::vector<const Tensor*> embeds;
+  if (cond) embeds.push_back(&p.prompt_embeds);
+  if (uncond) {
     if (p.negative_embeds.defined()) {
       embeds.push_back(&p.negative_embeds);
     } else {
@@ -187,15 +221,27 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
       embeds.push_back(&zero_negative_);
     }
   }
-  DN_RETURN_IF_ERROR(model_->SetContext(embeds));
+  return embeds;
+}
 
-  if (p.initial_latents.defined()) {
-    std::memcpy(x_.data(), p.initial_latents.data(), n * sizeof(float));
+const float* EngineImpl::CombineVelocities(bool cfg, float guidance) {
+  // Ulysses over all ranks: [P, B, S, patch_out], batch row 0 = cond, 1 =
+  // uncond. CFG-parallel: [2 halves x P/2 ranks, 1, S, patch_out], half 0's
+  // blocks hold the conditional velocity, half 1's the unconditional one;
+  // without CFG both halves ran the conditional branch and every rank takes
+  // half 0's, so all keep the same latent.
+  const float* gathered = gathered_host_.data();
+  Unpatchify(gathered, 0, v_cond_.data());
+  if (!cfg) return v_cond_.data();
+  if (cfg_split()) {
+    const int64_t half_stride =
+        int64_t{split_.ulysses_degree} * model_->shard() * model_->patch_out();
+    Unpatchify(gathered + half_stride, 0, v_uncond_.data());
   } else {
-    FillNormal(p.seed, kNoiseStream, 0, 0.0f, 1.0f, x_.data(), n);
+    Unpatchify(gathered, 1, v_uncond_.data());
   }
-  markers_.reserve(4 * config().num_layers + 4);
-  return absl::OkStatus();
+  ApplyGuidance(v_cond_.data(), v_uncond_.data(), guidance, v_.data(), v_.size());
+  return v_.data();
 }
 
 void EngineImpl::Unpatchify(const float* gathered, int batch_index,
@@ -236,7 +282,7 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
   DN_ASSIGN_OR_RETURN(std::unique_ptr<Marker> start, backend_.Mark());
   DN_RETURN_IF_ERROR(model_->UploadInputs(x_.data(), sampler.timesteps()[i]));
   const bool graph = options_.use_graphs && !sampled;
-  DN_RETURN_IF_ERROR(model_->Forward(world > 1 ? &data_ : nullptr,
+  DN_RETURN_IF_ERROR(model_->Forward(model_->world() > 1 ? ulysses_ : nullptr,
                                      graph ? nullptr : &markers_, graph));
   if (world > 1) {
     const Tensor& out = model_->output();
@@ -246,14 +292,7 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
     DN_RETURN_IF_ERROR(
         backend_.CopyToHost(model_->output(), gathered_host_.data()));
   }
-  Unpatchify(gathered_host_.data(), 0, v_cond_.data());
-  const float* v = v_cond_.data();
-  if (cfg) {
-    Unpatchify(gathered_host_.data(), 1, v_uncond_.data());
-    ApplyGuidance(v_cond_.data(), v_uncond_.data(), guidance, v_.data(),
-                  v_.size());
-    v = v_.data();
-  }
+  const float* v = CombineVelocities(cfg, guidance);
   DN_RETURN_IF_ERROR(sampler.Step(i, v, x_.data(), x_.size()));
   DN_ASSIGN_OR_RETURN(std::unique_ptr<Marker> end, backend_.Mark());
   DN_ASSIGN_OR_RETURN(*step_seconds, backend_.ElapsedSeconds(*start, *end));
@@ -436,6 +475,56 @@ absl::StatusOr<double> EngineImpl::Warmup(const LatentShape& shape,
 
 }  // namespace
 
+namespace {
+
+// The group's CFG-parallel topology (docs/ENGINE.md): the split of this rank,
+// the heads against the Ulysses degree, and the half group against it.
+absl::StatusOr<comm::CfgSplit> CheckCfgTopology(const WanConfig& c,
+                                                const comm::ProcessGroup& data,
+                                                comm::MemoryKind want, bool cfg_parallel,
+                                                const comm::ProcessGroup* ulysses) {
+  DN_ASSIGN_OR_RETURN(const comm::CfgSplit split,
+                      comm::SplitForCfg(data.size(), data.rank(), cfg_parallel));
+  if (c.num_attention_heads % split.ulysses_degree != 0) {
+    if (cfg_parallel)
+      return absl::FailedPreconditionError(absl::StrCat(
+          "num_attention_heads ", c.num_attention_heads,
+          " does not divide by the Ulysses degree ", split.ulysses_degree,
+          " (--cfg-parallel: ", data.size(), " ranks = 2 CFG halves x ",
+          split.ulysses_degree, " Ulysses ranks, which shard the heads)"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "num_attention_heads ", c.num_attention_heads,
+        " does not divide by the group size ", data.size(),
+        " (Ulysses shards heads across ranks",
+        data.size() % 2 == 0 && c.num_attention_heads % (data.size() / 2) == 0
+            ? absl::StrCat("; --cfg-parallel would run 2 CFG halves x ",
+                           data.size() / 2, " Ulysses ranks")
+            : std::string(),
+        ")"));
+  }
+  if (!cfg_parallel) {
+    if (ulysses != nullptr)
+      return absl::InvalidArgumentError(
+          "a Ulysses half group was given without cfg_parallel");
+    return split;
+  }
+  if (split.ulysses_degree == 1) return split;  // a half of one rank talks to nobody
+  if (ulysses == nullptr)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cfg_parallel with ", split.ulysses_degree,
+        " Ulysses ranks per half needs the half's group"));
+  if (ulysses->size() != split.ulysses_degree ||
+      ulysses->rank() != split.ulysses_rank || ulysses->memory() != want)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Ulysses half group (rank ", ulysses->rank(), " of ", ulysses->size(),
+        ") does not match rank ", data.rank(), " of ", data.size(),
+        " under cfg_parallel (want rank ", split.ulysses_rank, " of ",
+        split.ulysses_degree, " in the data group's memory)"));
+  return split;
+}
+
+}  // namespace
+
 EngineOptions WithEnvironment(EngineOptions options) {
   if (const char* g = std::getenv("DN_CUDA_GRAPHS");
       g != nullptr && std::string(g) == "0")
@@ -454,7 +543,8 @@ EngineOptions WithEnvironment(EngineOptions options) {
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     const WeightSource& weights, Backend& backend, comm::ProcessGroup& data,
-    comm::ProcessGroup& control, const EngineOptions& options) {
+    comm::ProcessGroup& control, const EngineOptions& options,
+    comm::ProcessGroup* ulysses) {
   const WanConfig& c = weights.config();
   if (data.size() != control.size() || data.rank() != control.rank())
     return absl::InvalidArgumentError(absl::StrCat(
@@ -478,11 +568,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
         "image-to-video models are not supported yet (config image_dim=",
         c.image_dim, ", added_kv_proj_dim=", c.added_kv_proj_dim,
         "); only T2V Wan2.1 configs (both unset) run"));
-  if (c.num_attention_heads % data.size() != 0)
-    return absl::FailedPreconditionError(absl::StrCat(
-        "num_attention_heads ", c.num_attention_heads,
-        " does not divide by the group size ", data.size(),
-        " (Ulysses shards heads across ranks)"));
+  DN_ASSIGN_OR_RETURN(const comm::CfgSplit split,
+                      CheckCfgTopology(c, data, want, options.cfg_parallel, ulysses));
   if (options.max_tokens < 1)
     return absl::InvalidArgumentError(
         absl::StrCat("max_tokens ", options.max_tokens, " must be >= 1"));
@@ -490,17 +577,20 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(
     return absl::InvalidArgumentError(absl::StrCat(
         "timing_every ", options.timing_every, " must be >= 0"));
   DN_ASSIGN_OR_RETURN(std::unique_ptr<WanModel> model,
-                      WanModel::Load(weights, backend, data.size(), data.rank()));
+                      WanModel::Load(weights, backend, split.ulysses_degree,
+                                     split.ulysses_rank));
   const EngineOptions effective = WithEnvironment(options);
-  DN_LOG(INFO) << "engine: graphs " << (effective.use_graphs ? "on" : "off")
+  DN_LOG(INFO) << "engine: " << data.size() << " ranks = cfg " << split.cfg_degree
+               << " x ulysses " << split.ulysses_degree << ", graphs " << (effective.use_graphs ? "on" : "off")
                << (effective.use_graphs && data.size() > 1
                        ? absl::StrCat(", all-to-all timed on steps 0, 1 and every ",
                                       effective.timing_every, "th step")
                        : std::string())
                << ", fused q/k norm+RoPE+pack "
                << (model->fused_qkv_pack() ? "on" : "off");
+  comm::ProcessGroup* sp = split.cfg_degree > 1 ? ulysses : &data;
   return std::unique_ptr<Engine>(std::make_unique<EngineImpl>(
-      std::move(model), backend, data, control, effective));
+      std::move(model), backend, data, control, sp, split, effective));
 }
 
 }  // namespace dn::worker

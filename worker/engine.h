@@ -20,6 +20,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "comm/cfg_parallel.h"
 #include "comm/process_group.h"
 #include "worker/backend.h"
 #include "worker/checkpoint.h"
@@ -94,6 +95,10 @@ struct EngineOptions {
   // all-to-all markers; the other steps report the latest sampled all-to-all
   // time. 0 = only the first step of each request.
   int timing_every = 10;
+  // CFG-parallel (docs/ENGINE.md): the group of N ranks runs as 2 CFG halves
+  // x N/2 Ulysses ranks. Needs an even group size and Create's `ulysses`
+  // group (this rank's half) when N/2 > 1.
+  bool cfg_parallel = false;
 };
 // `options` after the environment, as Engine::Create applies it:
 // DN_CUDA_GRAPHS=0 turns use_graphs off, DN_A2A_SAMPLE_EVERY=N sets
@@ -104,14 +109,21 @@ class Engine {
  public:
   // Loads the weights onto the backend. `data` carries activations (its
   // memory kind must match the backend's device); `control` (host memory)
-  // carries stop words and timings. Fails with FAILED_PRECONDITION when the
-  // head count does not divide by the group size.
+  // carries stop words and timings. With options.cfg_parallel, `data` and
+  // `control` span all N ranks and `ulysses` is this rank's half (N/2 ranks,
+  // ranks [0, N/2) or [N/2, N) of `data`; null when N/2 == 1), which carries
+  // the all-to-alls; `data` then carries only the step's all-gather. Fails
+  // with FAILED_PRECONDITION when the head count does not divide by the
+  // Ulysses degree (N, or N/2 with cfg_parallel).
   static absl::StatusOr<std::unique_ptr<Engine>> Create(
       const WeightSource& weights, Backend& backend, comm::ProcessGroup& data,
-      comm::ProcessGroup& control, const EngineOptions& options);
+      comm::ProcessGroup& control, const EngineOptions& options,
+      comm::ProcessGroup* ulysses = nullptr);
   virtual ~Engine() = default;
 
   virtual const WanConfig& config() const = 0;
+  // This rank's place in the group: cfg degree, Ulysses degree, half.
+  virtual const comm::CfgSplit& split() const = 0;
   // Checks params with the request rules (worker/request_rules.h) for this
   // model and max_tokens, plus what only the engine sees (host f32 tensors,
   // the deadline); messages start with the API field name.

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "comm/base/status_macros.h"
+#include "comm/cfg_parallel.h"
 #include "worker/wan_config.h"
 
 #ifdef DENOISED_WITH_CUDA
@@ -59,6 +60,10 @@ void AddRankFlags(FlagSet& flags, RankOptions* o) {
   flags.Bool("graphs", &o->graphs,
              "capture each step as a CUDA graph (all-to-alls inside) and "
              "replay it; DN_CUDA_GRAPHS=0 also turns it off");
+  flags.Bool("cfg-parallel", &o->cfg_parallel,
+             "run the ranks as 2 CFG halves x ranks/2 Ulysses ranks (the "
+             "conditional branch on ranks [0, N/2), the unconditional on "
+             "[N/2, N)); needs an even --ranks");
 }
 
 absl::Status CheckRankOptions(const RankOptions& o) {
@@ -82,6 +87,11 @@ absl::Status CheckRankOptions(const RankOptions& o) {
   if (o.layers < 0)
     return absl::InvalidArgumentError(
         absl::StrCat("--layers ", o.layers, " must be >= 0"));
+  if (o.cfg_parallel && o.ranks % 2 != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--cfg-parallel needs an even --ranks (2 CFG halves x ranks/2 Ulysses "
+        "ranks), got --ranks ",
+        o.ranks));
   if (o.max_tokens < 1)
     return absl::InvalidArgumentError(
         absl::StrCat("--max-tokens ", o.max_tokens, " must be >= 1"));
@@ -105,6 +115,7 @@ absl::StatusOr<std::unique_ptr<RankSession>> RankSession::Prepare(const RankOpti
   DN_RETURN_IF_ERROR(CheckRankOptions(o));
   if (o.rank < 0)
     return absl::InvalidArgumentError(absl::StrCat("--rank ", o.rank, " must be >= 0"));
+  DN_RETURN_IF_ERROR(comm::SplitForCfg(o.ranks, o.rank, o.cfg_parallel).status());
   auto s = std::make_unique<RankSession>();
   s->options = o;
   DN_ASSIGN_OR_RETURN(s->weights, OpenWeights(o));
@@ -128,9 +139,16 @@ absl::Status RankSession::Connect(comm::Store& store, const std::string& prefix)
   go.timeout = std::chrono::milliseconds(int64_t{o.timeout_s} * 1000);
   go.prefix = prefix + "control";
   DN_ASSIGN_OR_RETURN(control, comm::MakeGlooProcessGroup(store, go));
+  DN_ASSIGN_OR_RETURN(const comm::CfgSplit split,
+                      comm::SplitForCfg(o.ranks, o.rank, o.cfg_parallel));
+  const bool halves = split.cfg_degree > 1 && split.ulysses_degree > 1;
   if (backend->device() == Device::kCpu) {
     go.prefix = prefix + "data";
     DN_ASSIGN_OR_RETURN(data, comm::MakeGlooProcessGroup(store, go));
+    if (halves) {
+      DN_ASSIGN_OR_RETURN(ulysses,
+                          comm::MakeGlooProcessGroup(store, comm::HalfGroupOptions(go, split)));
+    }
   } else {
 #ifdef DENOISED_WITH_CUDA
     comm::NcclOptions no;
@@ -141,6 +159,10 @@ absl::Status RankSession::Connect(comm::Store& store, const std::string& prefix)
     no.prefix = prefix + "data";
     no.stream = backend->stream();
     DN_ASSIGN_OR_RETURN(data, comm::MakeNcclProcessGroup(store, no));
+    if (halves) {
+      DN_ASSIGN_OR_RETURN(ulysses,
+                          comm::MakeNcclProcessGroup(store, comm::HalfGroupOptions(no, split)));
+    }
 #else
     return absl::UnimplementedError(
         "--backend cuda: this build has no CUDA support (DENOISED_CUDA=OFF)");
@@ -149,7 +171,9 @@ absl::Status RankSession::Connect(comm::Store& store, const std::string& prefix)
   EngineOptions eo;
   eo.max_tokens = o.max_tokens;
   eo.use_graphs = o.graphs;
-  DN_ASSIGN_OR_RETURN(engine, Engine::Create(*weights, *backend, *data, *control, eo));
+  eo.cfg_parallel = o.cfg_parallel;
+  DN_ASSIGN_OR_RETURN(engine, Engine::Create(*weights, *backend, *data, *control, eo,
+                                             ulysses.get()));
   return absl::OkStatus();
 }
 

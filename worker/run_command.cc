@@ -195,6 +195,8 @@ absl::Status RunGeneration(const RankOptions& ro, const RunFlags& rf) {
   if (ro.rank == 0)
     DN_LOG(INFO) << "model " << session->weights->description() << " on "
                  << session->backend->device_description() << " x" << ro.ranks
+                 << (ro.cfg_parallel ? absl::StrCat(" (cfg 2 x ulysses ", ro.ranks / 2, ")")
+                                     : std::string())
                  << ": latent [" << p.latent.channels << ", " << p.latent.frames
                  << ", " << p.latent.height << ", " << p.latent.width << "], "
                  << TokenCount(config, p.latent) << " tokens, " << p.steps

@@ -347,20 +347,35 @@ absl::Status WanModel::SetContext(const std::vector<const Tensor*>& embeds) {
     Tensor rows = c.in.Rows(c.offsets[b], c.offsets[b] + lengths[b]);
     DN_RETURN_IF_ERROR(backend_.CopyFromHost(embeds[b]->data_as<float>(), &rows));
   }
+  for (size_t b = 0; b < embeds.size(); ++b)
+    DN_RETURN_IF_ERROR(BranchContext(c.offsets[b], c.offsets[b] + lengths[b]));
+  return absl::OkStatus();
+}
+
+absl::Status WanModel::BranchContext(int64_t begin, int64_t end) {
+  // One branch's text rows [begin, end) of the stacked context, in calls of
+  // their own: a branch's rows then sit at the same place of the same GEMM
+  // calls whether the batch holds one branch or both (CFG-parallel halves
+  // run one; docs/ENGINE.md, rank invariance).
+  Context& c = *ctx_;
+  auto rows = [&](const Tensor& t) { return t.Rows(begin, end); };
   // ctx' = Linear_2(GELU_tanh(Linear_1(ctx)))  (spec §3 step 5)
-  DN_RETURN_IF_ERROR(backend_.Linear(c.in, txt1_w_, &txt1_b_,
-                                     Activation::kGeluTanh, &c.hidden));
+  Tensor in = rows(c.in), hidden = rows(c.hidden), ctx = rows(c.ctx),
+         tmp = rows(c.tmp);
   DN_RETURN_IF_ERROR(
-      backend_.Linear(c.hidden, txt2_w_, &txt2_b_, Activation::kNone, &c.ctx));
+      backend_.Linear(in, txt1_w_, &txt1_b_, Activation::kGeluTanh, &hidden));
+  DN_RETURN_IF_ERROR(
+      backend_.Linear(hidden, txt2_w_, &txt2_b_, Activation::kNone, &ctx));
   const float eps = static_cast<float>(config_.eps);
   for (size_t i = 0; i < blocks_.size(); ++i) {
     const Block& blk = blocks_[i];
     // kc = RMS_D(ctx' Wk2^T + b) * g_k2 ; vc = ctx' Wv2^T + b
+    Tensor k = rows(c.k[i]), v = rows(c.v[i]);
     DN_RETURN_IF_ERROR(
-        backend_.Linear(c.ctx, blk.k2_w, &blk.k2_b, Activation::kNone, &c.tmp));
-    DN_RETURN_IF_ERROR(backend_.RmsNorm(c.tmp, blk.norm_k2, eps, &c.k[i]));
+        backend_.Linear(ctx, blk.k2_w, &blk.k2_b, Activation::kNone, &tmp));
+    DN_RETURN_IF_ERROR(backend_.RmsNorm(tmp, blk.norm_k2, eps, &k));
     DN_RETURN_IF_ERROR(
-        backend_.Linear(c.ctx, blk.v2_w, &blk.v2_b, Activation::kNone, &c.v[i]));
+        backend_.Linear(ctx, blk.v2_w, &blk.v2_b, Activation::kNone, &v));
   }
   return absl::OkStatus();
 }
@@ -520,6 +535,21 @@ absl::Status WanModel::AttendPacked(comm::ProcessGroup* data,
   return backend_.UnpackOut(b.orecv, world_, o4);
 }
 
+absl::Status WanModel::TimeEmbedding(int64_t bi) {
+  // Batch row bi alone: its GEMMs are the same calls whatever the batch
+  // (a CFG-parallel half runs batch 1; docs/ENGINE.md, rank invariance).
+  Buffers& b = *buf_;
+  constexpr Activation kNone = Activation::kNone;
+  auto row = [bi](const Tensor& t) { return t.Rows(bi, bi + 1); };
+  Tensor sinus = row(b.sinus), temb_h = row(b.temb_h), temb = row(b.temb),
+         temb_silu = row(b.temb_silu), tproj = row(b.tproj);
+  DN_RETURN_IF_ERROR(backend_.Linear(sinus, te1_w_, &te1_b_, kNone, &temb_h));
+  DN_RETURN_IF_ERROR(backend_.Silu(temb_h, &temb_silu));
+  DN_RETURN_IF_ERROR(backend_.Linear(temb_silu, te2_w_, &te2_b_, kNone, &temb));
+  DN_RETURN_IF_ERROR(backend_.Silu(temb, &temb_silu));
+  return backend_.Linear(temb_silu, tproj_w_, &tproj_b_, kNone, &tproj);
+}
+
 absl::Status WanModel::RunForward(comm::ProcessGroup* data,
                                   MarkerList* markers) {
   Buffers& b = *buf_;
@@ -533,12 +563,7 @@ absl::Status WanModel::RunForward(comm::ProcessGroup* data,
 
   // Patch embed (step 2) and time embedding (steps 3-4).
   DN_RETURN_IF_ERROR(backend_.Linear(b.tokens, patch_w_, &patch_b_, kNone, &b.x));
-  DN_RETURN_IF_ERROR(backend_.Linear(b.sinus, te1_w_, &te1_b_, kNone, &b.temb_h));
-  DN_RETURN_IF_ERROR(backend_.Silu(b.temb_h, &b.temb_silu));
-  DN_RETURN_IF_ERROR(backend_.Linear(b.temb_silu, te2_w_, &te2_b_, kNone, &b.temb));
-  DN_RETURN_IF_ERROR(backend_.Silu(b.temb, &b.temb_silu));
-  DN_RETURN_IF_ERROR(
-      backend_.Linear(b.temb_silu, tproj_w_, &tproj_b_, kNone, &b.tproj));
+  for (int64_t bi = 0; bi < bs; ++bi) DN_RETURN_IF_ERROR(TimeEmbedding(bi));
 
   for (size_t i = 0; i < blocks_.size(); ++i) {
     const Block& blk = blocks_[i];

@@ -6,8 +6,9 @@
 // run the same model code.
 //
 // A rank owns tokens [rank*S, min((rank+1)*S, L)) of the L = F'·H'·W'
-// patch tokens (S = ceil(L / world); rows past L are zero padding, see
-// comm/ulysses.h). Everything but self-attention is token-local; q/k
+// patch tokens (S = ceil(L / world) rounded up to a multiple of the
+// backend's shard_alignment(); rows past L are zero padding, see
+// comm/ulysses.h and docs/ENGINE.md "Rank invariance"). Everything but self-attention is token-local; q/k
 // RMSNorm + RoPE (at global token positions) run before the all-to-all.
 //
 // Usage per request: Plan(shape) (buffers, once per shape) -> SetContext(
@@ -123,6 +124,10 @@ class WanModel {
                                     const std::string& name, const Shape& shape,
                                     bool f32);
   absl::Status RunForward(comm::ProcessGroup* data, MarkerList* markers);
+  // Time embedding of batch row bi (sinus -> temb, tproj), in calls of its own.
+  absl::Status TimeEmbedding(int64_t bi);
+  // Text embedder and cross K/V of one branch's context rows [begin, end).
+  absl::Status BranchContext(int64_t begin, int64_t end);
   absl::Status SelfAttention(const Block& blk, comm::ProcessGroup* data,
                              MarkerList* markers);
   // send (packed q/k/v) -> all-to-all -> attention -> all-to-all -> o4.

@@ -74,6 +74,20 @@ void FlagSet::Bool(const std::string& name, bool* out, std::string help) {
        }});
 }
 
+void FlagSet::OptionalBool(const std::string& name, std::optional<bool>* out,
+                           std::string help) {
+  Add({name, std::move(help),
+       out->has_value() ? (**out ? "true" : "false") : "unset", true,
+       [out, name](const std::string& v) {
+         bool b = false;
+         if (!absl::SimpleAtob(v, &b))
+           return absl::InvalidArgumentError(
+               absl::StrCat("--", name, ": not a boolean: '", v, "'"));
+         *out = b;
+         return absl::OkStatus();
+       }});
+}
+
 const FlagSet::Flag* FlagSet::Find(const std::string& name) const {
   for (const Flag& f : flags_)
     if (f.name == name) return &f;

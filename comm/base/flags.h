@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,10 @@ class FlagSet {
   void Uint64(const std::string& name, uint64_t* out, std::string help);
   void Double(const std::string& name, double* out, std::string help);
   void Bool(const std::string& name, bool* out, std::string help);
+  // A boolean that stays unset (nullopt) unless given: --name, --name=B,
+  // --no-name.
+  void OptionalBool(const std::string& name, std::optional<bool>* out,
+                    std::string help);
 
   // Parses argv[1..argc) (argv[0] is the subcommand name). Positional
   // arguments go to `positional` (an error if it is null).

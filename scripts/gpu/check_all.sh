@@ -4,7 +4,8 @@
 #                ../shared/gpu/bundle.sh .gpu build-cuda/bin/*
 #                mkdir -p .anchor && cp ../shared/anchors/usp_anchor.py .anchor/
 # Run there:     . .gpu/env.sh && scripts/gpu/check_all.sh STAGE...   (carry .gpu and .anchor)
-# Stages: info ops nccl tiny sp graphs commbench commvariants perf step step4k graphstep service fault step14b
+# Stages: info ops nccl tiny sp graphs commbench commvariants perf sdpasweep step step4k stepauto graphstep service fault step14b
+#         cfgpar
 # (sp needs tiny first: it compares against tiny's 1-rank runs.)
 # Graphs are on by default everywhere (--no-graphs or DN_CUDA_GRAPHS=0 turns them off;
 # DN_FUSED_QKV_PACK=0 turns the fused q/k norm+RoPE+pack kernel off).
@@ -114,6 +115,15 @@ for st in "$@"; do
         stage step4k_ours_p$p 300 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks $p --backend cuda --cfg --iters 10
         stage step4k_anchor_p$p 300 torchrun --nproc_per_node $p .anchor/usp_anchor.py --backend cudnn --modes direct,packed --seq 4096 --iters 10
       done ;;
+    sdpasweep)
+      # The cuDNN engine space of the attention shapes (both CFG branches in one call, as the model runs
+      # them): 1.3B at 32760 and 4096 tokens, 14B (40 heads) at 32760. SUMMARY lines: default vs fastest.
+      stage sdpasweep_13b 400 sdpa_sweep --tokens 32760,4096 --heads 12 --batch 2 --iters 10 --limit 48
+      stage sdpasweep_14b 300 sdpa_sweep --tokens 32760 --heads 40 --batch 2 --iters 5 --limit 24 ;;
+    stepauto)
+      # The step with the SDPA config autotuned at first use (DN_CUDNN_SDPA_AUTOTUNE=1) beside the default.
+      stage step32k_auto_p1 300 env DN_CUDNN_SDPA_AUTOTUNE=1 denoised bench step --preset wan2.1-t2v-1.3b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 5
+      stage step4k_auto_p1 300 env DN_CUDNN_SDPA_AUTOTUNE=1 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks 1 --backend cuda --cfg --iters 10 ;;
     service) stage service 300 scripts/gpu/service_check.sh $NGPU 6 ;;
     fault) stage fault 420 scripts/gpu/fault_check.sh $NGPU ;;
     step14b)
@@ -125,6 +135,23 @@ for st in "$@"; do
       done
       stage step14b720_ours_p$NGPU 240 denoised bench step --preset wan2.1-t2v-14b --tokens 75600 --ranks $NGPU --backend cuda --cfg --warmup 1 --iters 2
       stage step14b720_anchor_p$NGPU 240 torchrun --nproc_per_node $NGPU .anchor/usp_anchor.py --backend cudnn --modes direct --seq 75600 --dim 5120 --heads 40 --ffn 13824 --layers 40 --iters 2 ;;
+    cfgpar)
+      # CFG-parallel (2 CFG halves x P/2 Ulysses ranks, docs/ENGINE.md) on P = 2, 4, 8 GPUs: tiny latents
+      # against Ulysses over P/2 ... 1 (bound 1e-2 like sp: cuBLASLt may pick other kernels for other
+      # shard sizes), then the 1.3B step with and without --cfg-parallel, same call (docs/PERFORMANCE.md,
+      # "CFG-parallel: expected gain" has the figures to compare with). At P = 8 the Ulysses-only step is
+      # refused (12 heads do not divide 8): only cfg 2 x ulysses 4 runs there.
+      for p in 2 4 8; do
+        [[ $NGPU -ge $p ]] || continue
+        targs="--preset tiny --backend cuda --frames 9 --height 64 --width 96 --steps 6 --guidance 5 --seed 7 --text-len 64"
+        stage cfgpar_tiny_p$p 180 denoised run $targs --ranks $p --cfg-parallel --out $W/cfgpar_p$p.safetensors
+        stage cfgpar_tiny_ref_p$p 180 denoised run $targs --ranks $((p / 2)) --out $W/cfgpar_ref_p$p.safetensors
+        stage cfgpar_cmp_p$p 60 python3 scripts/gpu/compare_latents.py $W/cfgpar_ref_p$p.safetensors $W/cfgpar_p$p.safetensors --label "tiny cuda cfg 2 x ulysses $((p / 2)) vs ulysses $((p / 2))" --max-rel-l2 1e-2
+        for t in 32760 4096; do
+          stage cfgpar_step${t}_ulysses_p$p 300 denoised bench step --preset wan2.1-t2v-1.3b --tokens $t --ranks $p --backend cuda --cfg --warmup 3 --iters 5
+          stage cfgpar_step${t}_cfgpar_p$p 300 denoised bench step --preset wan2.1-t2v-1.3b --tokens $t --ranks $p --backend cuda --cfg --cfg-parallel --warmup 3 --iters 5
+        done
+      done ;;
     *) echo "unknown stage $st" ;;
   esac
 done

@@ -2,6 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <optional>
+#include <utility>
+#include <vector>
+
 namespace dn {
 namespace {
 
@@ -24,6 +28,29 @@ TEST(FlagSetTest, ParsesAllForms) {
   EXPECT_DOUBLE_EQ(shift, 5.5);
   EXPECT_TRUE(verbose);
   EXPECT_FALSE(color);
+}
+
+TEST(FlagSetTest, OptionalBoolStaysUnsetUnlessGiven) {
+  for (const auto& [arg, want] :
+       std::vector<std::pair<const char*, std::optional<bool>>>{
+           {nullptr, std::nullopt},
+           {"--cfg", true},
+           {"--cfg=false", false},
+           {"--no-cfg", false}}) {
+    FlagSet flags("t", "test");
+    std::optional<bool> cfg;
+    flags.OptionalBool("cfg", &cfg, "c");
+    const char* argv[] = {"t", arg};
+    ASSERT_TRUE(flags.Parse(arg == nullptr ? 1 : 2, const_cast<char**>(argv)).ok());
+    EXPECT_EQ(cfg, want) << (arg == nullptr ? "(none)" : arg);
+  }
+  FlagSet flags("t", "test");
+  std::optional<bool> cfg;
+  flags.OptionalBool("cfg", &cfg, "c");
+  const char* bad[] = {"t", "--cfg=maybe"};
+  EXPECT_NE(flags.Parse(2, const_cast<char**>(bad)).message().find("--cfg"),
+            std::string::npos);
+  EXPECT_FALSE(cfg.has_value());
 }
 
 TEST(FlagSetTest, RejectsUnknownAndBadValues) {

@@ -5,6 +5,7 @@
 
 #include <gif_lib.h>
 #include <png.h>
+#include <sys/stat.h>
 
 #include <cmath>
 #include <memory>
@@ -267,6 +268,25 @@ TEST(ClipImageTest, ContactSheetReadsBackWithLibpng) {
       ASSERT_EQ(got[1], want[1]) << x << "," << y;
       ASSERT_EQ(got[2], want[2]) << x << "," << y;
     }
+  }
+}
+
+// Output files get the usual permissions: 0644 before the umask (giflib's
+// own EGifOpenFileName would create the GIF 0600).
+TEST(ClipImageTest, OutputFilesAre0644BeforeTheUmask) {
+  testing::TempDir dir;
+  Rgb8Clip clip = DrawClip("red", "square", "left", 4, 20, 10, 1, 2, 8);
+  const mode_t old = ::umask(022);
+  const std::string gif = dir.path() + "/clip.gif", png = dir.path() + "/clip.png";
+  const absl::Status g = WriteClipGif(gif, clip);
+  const absl::Status p = WriteClipContactSheet(png, clip);
+  ::umask(old);
+  ASSERT_TRUE(g.ok()) << g;
+  ASSERT_TRUE(p.ok()) << p;
+  for (const std::string& path : {gif, png}) {
+    struct stat st {};
+    ASSERT_EQ(::stat(path.c_str(), &st), 0) << path;
+    EXPECT_EQ(st.st_mode & 0777, 0644u) << path;
   }
 }
 

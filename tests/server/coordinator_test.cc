@@ -36,6 +36,7 @@ namespace v1 = ::denoised::v1;
 namespace vi = ::denoised::v1::internal;
 using ::dn::server::testing::CoordinatorProc;
 using ::dn::server::testing::PromtoolCheck;
+using ::dn::server::testing::RawGenerateCall;
 using ::dn::server::testing::StartCoordinator;
 using ::dn::server::testing::TempDir;
 using ::dn::server::testing::TinyRequest;
@@ -961,6 +962,99 @@ TEST_F(ReadyGroupTest, DeadlineInTheQueue) {
                        {{"model", "tiny"}, {"code", "DEADLINE_EXCEEDED"}}),
             1);
   EXPECT_EQ(SumSamples(m, "denoised_queue_depth", {{"model", "tiny"}}), 0);
+}
+
+}  // namespace
+}  // namespace dn::server
+
+namespace dn::server {
+namespace {
+
+// Issue 14, defect 5: a body that is not a GenerateRequest (random bytes, a
+// truncated field, invalid UTF-8 in `model`) is INVALID_ARGUMENT saying so,
+// on both Generate methods, and is counted like every other outcome.
+TEST_F(ReadyGroupTest, UnparseableBodyIsInvalidArgumentAndCounted) {
+  SetUpGroup();
+  const std::string valid = TinyRequest(5, 32, 32, 2, 1).SerializeAsString();
+  const std::vector<std::string> bodies = {
+      std::string("\xff\xff\xff\xff\xff\xff\xff\xff", 8),     // random bytes
+      valid.substr(0, valid.size() / 2),                      // truncated field
+      std::string("\x0a\x03\xff\xfe\x41", 5),                 // model = invalid UTF-8
+  };
+  const double before = SumSamples(Scrape(), "denoised_requests_total",
+                                   {{"code", "INVALID_ARGUMENT"}});
+  int calls = 0;
+  for (const std::string method : {"Generate", "GenerateUnary"}) {
+    for (const std::string& body : bodies) {
+      SCOPED_TRACE(method + " body of " + std::to_string(body.size()) + " bytes");
+      grpc::Status s = RawGenerateCall(coord_->target, method, body);
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+      EXPECT_THAT(s.error_message(), HasSubstr("could not be parsed"));
+      ++calls;
+    }
+  }
+  double after = 0;
+  for (int i = 0; i < 50; ++i) {  // counted on the coordinator's loop
+    after = SumSamples(Scrape(), "denoised_requests_total", {{"code", "INVALID_ARGUMENT"}});
+    if (after - before >= calls) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(after - before, calls);
+  // The group is untouched.
+  EXPECT_EQ(GroupState("g").value_or(v1::GROUP_STATE_UNSPECIFIED), v1::GROUP_STATE_READY);
+}
+
+// Issue 14, defect 2: a bound on the bytes of requests in flight, checked
+// before the body is parsed or copied.
+TEST_F(ReadyGroupTest, RequestOverTheMemoryBudgetIsRefused) {
+  SetUpGroup({"--max-inflight-mb", "1"});
+  v1::GenerateRequest big = TinyRequest(5, 64, 64, 4, 1, /*text_len=*/12000);  // 1.5 MB
+  absl::StatusOr<v1::GenerateResult> r = client_->Generate(big, std::chrono::seconds(10), {});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("--max-inflight-mb"));
+  EXPECT_EQ(GroupState("g").value_or(v1::GROUP_STATE_UNSPECIFIED), v1::GROUP_STATE_READY);
+}
+
+// Issue 14, defect 2: client uploads do not starve the ranks' heartbeats.
+// Three concurrent ~200 MiB Generate calls (refused after parsing: their
+// embeddings do not match the model) while the group's only rank sends a
+// heartbeat every 300 ms; with --heartbeat-timeout 2 the group must stay
+// READY.
+TEST_F(CoordinatorTest, UploadsDoNotStarveHeartbeats) {
+  Start({"--heartbeat-timeout", "2"});
+  ScriptedRank rank(coord_->target, "g", 0, 1, 1);
+  ASSERT_TRUE(rank.welcomed());
+  rank.Ready();
+  WaitState("g", v1::GROUP_STATE_READY);
+  std::atomic<bool> stop{false};
+  std::thread beats([&] {
+    vi::RankMessage hb;
+    hb.mutable_heartbeat();
+    while (!stop) {
+      rank.Send(hb);
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    }
+  });
+  // text_len 1.6M x 32 f32 = 200 MiB; text_dim 32 matches, so the request
+  // is parsed and checked in full before it is refused.
+  const std::string body = TinyRequest(5, 32, 32, 2, 1, /*text_len=*/1600000).SerializeAsString();
+  std::vector<std::thread> uploads;
+  std::vector<grpc::Status> statuses(3);
+  for (int i = 0; i < 3; ++i) {
+    uploads.emplace_back([&, i] {
+      statuses[static_cast<size_t>(i)] = RawGenerateCall(coord_->target, "GenerateUnary", body);
+    });
+  }
+  for (auto& t : uploads) t.join();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const auto state = GroupState("g");
+  stop = true;
+  beats.join();
+  for (const grpc::Status& s : statuses) {
+    EXPECT_NE(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  }
+  EXPECT_EQ(state.value_or(v1::GROUP_STATE_UNSPECIFIED), v1::GROUP_STATE_READY)
+      << ::dn::server::testing::ReadFile(coord_->log).substr(0, 4000);
 }
 
 }  // namespace

@@ -3,7 +3,10 @@
 // `denoised worker --group-size N --first-rank R --local-ranks K` launchers,
 // each with its own rank processes.
 // - two launchers of 2 ranks serve a 4-rank Gloo group with the same latents,
-//   bit for bit, as one launcher of 4 ranks;
+//   bit for bit, as one launcher of 4 ranks; each launcher is one half of the
+//   group, so the group runs CFG-parallel by default (cfg 2 x ulysses 2: the
+//   CFG axis crosses launchers) while the single launcher runs Ulysses over 4;
+// - launchers of one group that disagree on --cfg-parallel are refused;
 // - SIGKILL of one launcher (its whole process group) mid-request: the request
 //   ends UNAVAILABLE, and the group re-forms as one unit, in a new generation,
 //   once that launcher is back;
@@ -127,6 +130,9 @@ TEST(MultiLauncherTest, TwoLaunchersServeLikeOne) {
     ASSERT_TRUE(WaitGroups(client, {"one"}, v1::GROUP_STATE_READY,
                            std::chrono::seconds(120)).ok())
         << ReadFile(dir.path() + "/one.log");
+    const v1::WorkerGroupInfo g1 = GroupInfo(client, "one");
+    EXPECT_EQ(g1.cfg_degree(), 1);
+    EXPECT_EQ(g1.ulysses_degree(), 4);
     one = client.Generate(req, std::chrono::seconds(120), {});
     ASSERT_TRUE(one.ok()) << one.status();
     EXPECT_EQ(single.Stop(), 0);
@@ -140,6 +146,9 @@ TEST(MultiLauncherTest, TwoLaunchersServeLikeOne) {
   const v1::WorkerGroupInfo g = GroupInfo(client, "two");
   EXPECT_EQ(g.world_size(), 4);
   EXPECT_EQ(g.ranks_size(), 4);
+  // Each launcher holds one half: CFG-parallel by default.
+  EXPECT_EQ(g.cfg_degree(), 2);
+  EXPECT_EQ(g.ulysses_degree(), 2);
   absl::StatusOr<v1::GenerateResult> two =
       client.Generate(req, std::chrono::seconds(120), {});
   ASSERT_TRUE(two.ok()) << two.status();
@@ -271,6 +280,30 @@ TEST(MultiLauncherTest, DisagreeingSliceIsRefusedWithTheFlagNamed) {
   EXPECT_EQ(a.Stop(), 0);
 }
 
+// Launchers of one group must agree on --cfg-parallel: one that runs its
+// half without it, beside a peer that runs CFG-parallel (the default for
+// halves), is refused naming the flag and both topologies.
+TEST(MultiLauncherTest, DisagreeingCfgParallelIsRefused) {
+  TempDir dir;
+  absl::StatusOr<std::unique_ptr<CoordinatorProc>> c = StartCoordinator(dir.path());
+  ASSERT_TRUE(c.ok()) << c.status();
+  DenoiserClient client((*c)->target);
+  Proc a = StartSlice((*c)->target, "g", 4, 0, 2, dir.path() + "/a.log");
+  ASSERT_TRUE(WaitGroups(client, {"g"}, v1::GROUP_STATE_FORMING,
+                         std::chrono::seconds(60)).ok())
+      << ReadFile(dir.path() + "/a.log");
+  const std::string log = dir.path() + "/off.log";
+  EXPECT_EQ(RunDenoised(SliceArgs((*c)->target, "g", 4, 2, 2, {"--no-cfg-parallel"}), log),
+            2);
+  EXPECT_THAT(ReadFile(log), HasSubstr("FAILED_PRECONDITION"));
+  EXPECT_THAT(ReadFile(log),
+              HasSubstr("--cfg-parallel: this launcher runs group 'g' as Ulysses over "
+                        "all 4 ranks, but its launcher of ranks 0-1 (host 127.0.0.1) "
+                        "runs it as CFG-parallel (cfg 2 x ulysses 2)"));
+  EXPECT_TRUE(a.running());
+  EXPECT_EQ(a.Stop(), 0);
+}
+
 // The second slice never comes: the launcher gives up after --slice-timeout
 // and names the missing ranks (exit 3).
 TEST(MultiLauncherTest, MissingPeerSliceTimesOutNamingTheRanks) {
@@ -333,6 +366,12 @@ TEST(MultiLauncherTest, OutOfBoundsHelloAndSliceAreRefused) {
   s = hello([](vi::Hello* h) { h->mutable_model()->mutable_info()->add_vae_stride(1 << 30); });
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("Hello.model.info.vae_stride"));
+  s = hello([](vi::Hello* h) { h->set_cfg_degree(3); });
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("Hello.cfg_degree"));
+  s = hello([](vi::Hello* h) { h->set_cfg_degree(2); });  // world_size 1: odd
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("Hello.cfg_degree"));
 
   auto slice = [&](int size, int first, int local) {
     grpc::ClientContext ctx;
@@ -404,6 +443,14 @@ TEST(SliceRegistryTest, LaunchersAgreeOnTheGenerationTheCoordinatorAssigns) {
             absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(reg.Sync({"g", 4, 1, 2, "C", 0, "h", false}, forming, now).status().code(),
             absl::StatusCode::kAlreadyExists);
+  // A and B run Ulysses over the group (cfg degree 1): a CFG-parallel slice
+  // is refused, and a cfg degree other than 1 or 2 is no slice at all.
+  absl::StatusOr<SliceAnswer> cfg =
+      reg.Sync({"g", 4, 2, 2, "B", 3, "h", false, 2}, forming, now);
+  EXPECT_EQ(cfg.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(cfg.status().message()), HasSubstr("--cfg-parallel"));
+  EXPECT_EQ(reg.Sync({"g", 4, 2, 2, "B", 3, "h", false, 3}, forming, now).status().code(),
+            absl::StatusCode::kInvalidArgument);
   // Once their leases run out, a launcher with a new size may take the name.
   now += std::chrono::milliseconds(kSliceLeaseMs + 1);
   EXPECT_FALSE(reg.ExpectedFor("g", now).has_value());

@@ -30,6 +30,7 @@ namespace {
 namespace v1 = ::denoised::v1;
 using ::dn::server::testing::CoordinatorProc;
 using ::dn::server::testing::Proc;
+using ::dn::server::testing::RawGenerateCall;
 using ::dn::server::testing::ReadFile;
 using ::dn::server::testing::RunDenoised;
 using ::dn::server::testing::StartCoordinator;
@@ -145,6 +146,23 @@ TEST_F(AuthTest, MissingOrWrongTokenIsUnauthenticated) {
   EXPECT_EQ(counted, 6);
 }
 
+// Issue 14, defect 3: with tokens on, a call is refused on its metadata
+// before its body is parsed: a body that is not even a GenerateRequest gets
+// UNAUTHENTICATED without a token (a parse error only with one).
+TEST_F(AuthTest, UnauthenticatedCallIsRefusedBeforeItsBodyIsParsed) {
+  const std::string garbage("\xff\xff\xff\xff\xff\xff\xff\xff", 8);
+  for (const std::string method : {"Generate", "GenerateUnary"}) {
+    SCOPED_TRACE(method);
+    for (const std::string token : {"", "wrong-token"}) {
+      grpc::Status s = RawGenerateCall(coord_->target, method, garbage, token);
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+    }
+    grpc::Status s = RawGenerateCall(coord_->target, method, garbage, kTokenA);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr("could not be parsed"));
+  }
+}
+
 TEST_F(AuthTest, EveryTokenOfTheFileWorks) {
   for (const char* token : {kTokenA, kTokenB}) {
     auto client = Client(coord_->target, token);
@@ -244,6 +262,24 @@ bool MakeCerts(const std::string& d) {
       "-CAcreateserial -days 2 -out rogue.pem",
       ") > openssl.log 2>&1");
   return std::system(cmd.c_str()) == 0;
+}
+
+// Issue 14, defect 1: a launcher the coordinator refuses for its secret
+// (PERMISSION_DENIED) stops with exit code 2 and says why, instead of
+// retrying forever.
+TEST(WorkerSecretTest, LauncherWithAWrongSecretStopsWithAClearError) {
+  TempDir dir;
+  absl::StatusOr<std::unique_ptr<CoordinatorProc>> c =
+      StartCoordinator(dir.path(), {"--secret", "the-right-secret"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  const std::string log = dir.path() + "/launcher.log";
+  const int rc = RunDenoised({"worker", "--coordinator", (*c)->worker, "--preset", "tiny",
+                              "--ranks", "1", "--backend", "cpu", "--name", "g",
+                              "--threads", "1", "--secret", "a-wrong-secret"},
+                             log);
+  EXPECT_EQ(rc, 2) << ReadFile(log);
+  EXPECT_THAT(ReadFile(log), HasSubstr("PERMISSION_DENIED"));
+  EXPECT_THAT(ReadFile(log), HasSubstr("secret"));
 }
 
 TEST(TlsTest, TlsClientsAndMutualTlsWorkers) {

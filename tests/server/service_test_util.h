@@ -23,7 +23,12 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "denoised/v1/denoiser.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/impl/codegen/client_unary_call.h"
+#include "grpcpp/impl/codegen/rpc_method.h"
+#include "grpcpp/impl/codegen/sync_stream.h"
 #include "gtest/gtest.h"
+#include "server/auth.h"
 #include "server/client.h"
 #include "server/metrics_scrape.h"
 #include "server/process.h"
@@ -226,6 +231,40 @@ inline denoised::v1::GenerateRequest TinyRequest(int frames, int height, int wid
   r.set_seed(seed);
   *r.mutable_prompt_embeds() = SeededEmbeds(seed, text_len, 32);
   return r;
+}
+
+// Calls denoised.v1.Denoiser/<method> (Generate or GenerateUnary) with
+// `body` as the raw request bytes (which need not be a valid message), as an
+// outside client could; returns the call's status.
+inline grpc::Status RawGenerateCall(const std::string& target, const std::string& method,
+                                    const std::string& body, const std::string& token = "") {
+  grpc::ChannelArguments args;
+  args.SetMaxSendMessageSize(512 << 20);
+  args.SetMaxReceiveMessageSize(512 << 20);
+  auto channel = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  ::dn::server::AddBearerToken(ctx, token);
+  grpc::Slice slice(body.data(), body.size());
+  grpc::ByteBuffer request(&slice, 1);
+  const std::string path = "/denoised.v1.Denoiser/" + method;
+  if (method == "GenerateUnary") {
+    grpc::ByteBuffer response;
+    return grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
+        channel.get(),
+        grpc::internal::RpcMethod(path.c_str(), grpc::internal::RpcMethod::NORMAL_RPC),
+        &ctx, request, &response);
+  }
+  std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+      grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(
+          channel.get(),
+          grpc::internal::RpcMethod(path.c_str(),
+                                    grpc::internal::RpcMethod::SERVER_STREAMING),
+          &ctx, request));
+  grpc::ByteBuffer in;
+  while (reader->Read(&in)) {
+  }
+  return reader->Finish();
 }
 
 // `promtool check metrics` on `text`; returns promtool's output, or an error.

@@ -1,7 +1,9 @@
 #include "worker/cuda/sdpa.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -181,14 +183,26 @@ absl::StatusOr<std::unique_ptr<CudnnSdpa>> CudnnSdpa::Create(
   DN_CUDNN_RETURN_IF_ERROR(cudnnCreate(&raw));
   CudnnPtr handle(raw);
   DN_CUDNN_RETURN_IF_ERROR(cudnnSetStream(raw, stream));
-  return std::unique_ptr<CudnnSdpa>(new CudnnSdpa(
-      std::move(handle), form, version, workspace, workspace_bytes));
+  const char* tune = std::getenv("DN_CUDNN_SDPA_AUTOTUNE");
+  const bool autotune = tune != nullptr && std::strcmp(tune, "1") == 0;
+  return std::unique_ptr<CudnnSdpa>(new CudnnSdpa(std::move(handle), stream, form,
+                                                  version, workspace,
+                                                  workspace_bytes, autotune));
 }
 
-absl::StatusOr<std::unique_ptr<CudnnSdpa::Plan>> CudnnSdpa::Build(
-    const SdpaShape& s) {
-  auto plan = std::make_unique<Plan>();
-  std::vector<CudnnDescPtr>& keep = plan->keep;
+namespace {
+
+// The operation graph of one shape (and the descriptors it refers to).
+struct GraphParts {
+  std::vector<CudnnDescPtr> keep;
+  CudnnDescPtr graph;
+  CudnnDescPtr devprop;  // null where the runtime has no DEVICEPROP descriptor
+};
+
+absl::StatusOr<GraphParts> BuildGraph(cudnnHandle_t handle, CudnnSdpa::Form form,
+                                      const SdpaShape& s) {
+  GraphParts parts;
+  std::vector<CudnnDescPtr>& keep = parts.keep;
   const int64_t B = s.batch, H = s.heads, Sq = s.seq_q, Skv = s.seq_kv,
                 L = s.kv_len, D = s.head_dim;
   // Token-major [B,S,H,D] buffers seen as [B,H,S,D].
@@ -205,7 +219,7 @@ absl::StatusOr<std::unique_ptr<CudnnSdpa::Plan>> CudnnSdpa::Build(
   DN_ASSIGN_OR_RETURN(CudnnDescPtr scale, MakeTensor(kUidScale, CUDNN_DATA_FLOAT,
                                                      one, one, false, true));
   std::vector<CudnnDescPtr> ops;
-  if (form_ == Form::kUnified) {
+  if (form == CudnnSdpa::Form::kUnified) {
     // The single op takes plain K [B,H,L,D].
     DN_ASSIGN_OR_RETURN(CudnnDescPtr k, MakeTensor(kUidK, CUDNN_DATA_BFLOAT16,
                                                    kv_dims, kv_strides, false));
@@ -282,12 +296,10 @@ absl::StatusOr<std::unique_ptr<CudnnSdpa::Plan>> CudnnSdpa::Build(
   DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
       graph.get(), CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
       static_cast<int64_t>(raw_ops.size()), raw_ops.data()));
-  cudnnHandle_t handle = handle_.get();
   DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
       graph.get(), kGraphHandleAttr, CUDNN_TYPE_HANDLE, 1, &handle));
   DN_CUDNN_RETURN_IF_ERROR(cudnnBackendFinalize(graph.get()));
   // Optional device-properties descriptor (ignored when unsupported).
-  CudnnDescPtr devprop;
   {
     cudnnBackendDescriptor_t d = nullptr;
     if (cudnnBackendCreateDescriptor(CUDNN_BACKEND_DEVICEPROP_DESCRIPTOR, &d) ==
@@ -297,92 +309,401 @@ absl::StatusOr<std::unique_ptr<CudnnSdpa::Plan>> CudnnSdpa::Build(
                                    CUDNN_TYPE_HANDLE, 1,
                                    &handle) == CUDNN_STATUS_SUCCESS &&
           cudnnBackendFinalize(candidate.get()) == CUDNN_STATUS_SUCCESS)
-        devprop = std::move(candidate);
+        parts.devprop = std::move(candidate);
     }
   }
   for (CudnnDescPtr& op : ops) keep.push_back(std::move(op));
+  parts.graph = std::move(graph);
+  return parts;
+}
 
-  // Heuristics (mode A, then fallback); the first config whose plan
-  // finalizes and fits the workspace wins.
-  std::string tried;
-  for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
-    const char* mode_name = mode == CUDNN_HEUR_MODE_A ? "A" : "fallback";
-    DN_ASSIGN_OR_RETURN(CudnnDescPtr heur,
-                        NewDesc(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR));
-    DN_RETURN_IF_ERROR(SetDesc(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph));
-    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
-        heur.get(), CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode));
-    if (devprop) {
-      cudnnBackendDescriptor_t dp = devprop.get();
-      (void)cudnnBackendSetAttribute(heur.get(), CUDNN_ATTR_ENGINEHEUR_DEVICEPROP,
-                                     CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dp);
-    }
-    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendFinalize(heur.get()));
+// One engine configuration whose execution plan finalized.
+struct Candidate {
+  CudnnDescPtr exec;
+  std::vector<CudnnDescPtr> keep;  // its config, engine, knob choices
+  int64_t workspace = 0;
+  std::string name;
+};
+
+void SetDevprop(const GraphParts& g, cudnnBackendDescriptor_t d,
+                cudnnBackendAttributeName_t attr) {
+  if (!g.devprop) return;
+  cudnnBackendDescriptor_t dp = g.devprop.get();
+  (void)cudnnBackendSetAttribute(d, attr, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dp);
+}
+
+// Execution plan of `cfg`; appends the reason to `tried` when it does not
+// finalize or needs more than `workspace_bytes`.
+absl::StatusOr<std::optional<Candidate>> MakeCandidate(
+    cudnnHandle_t handle, const GraphParts& g, CudnnDescPtr cfg,
+    std::vector<CudnnDescPtr> keep, size_t workspace_bytes, std::string name,
+    std::string* tried) {
+  DN_ASSIGN_OR_RETURN(CudnnDescPtr exec,
+                      NewDesc(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR));
+  DN_RETURN_IF_ERROR(SetDesc(exec, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, cfg));
+  DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
+      exec.get(), kPlanHandleAttr, CUDNN_TYPE_HANDLE, 1, &handle));
+  SetDevprop(g, exec.get(), CUDNN_ATTR_EXECUTION_PLAN_DEVICEPROP);
+  const cudnnStatus_t fin = cudnnBackendFinalize(exec.get());
+  if (fin != CUDNN_STATUS_SUCCESS) {
+    char reason[256] = {0};
+    cudnnGetLastErrorString(reason, sizeof(reason));
+    absl::StrAppend(tried, ", ", name, ": ", cudnnGetErrorString(fin),
+                    reason[0] ? absl::StrCat(" (", reason, ")") : "");
+    return std::optional<Candidate>();
+  }
+  int64_t ws = 0, n = 0;
+  DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
+      exec.get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1,
+      &n, &ws));
+  if (ws < 0 || static_cast<size_t>(ws) > workspace_bytes) {
+    absl::StrAppend(tried, ", ", name, ": needs ", ws, " workspace bytes");
+    return std::optional<Candidate>();
+  }
+  Candidate c;
+  c.exec = std::move(exec);
+  c.keep = std::move(keep);
+  c.keep.push_back(std::move(cfg));
+  c.workspace = ws;
+  c.name = std::move(name);
+  return std::optional<Candidate>(std::move(c));
+}
+
+// The configs the heuristics offer in `mode` (finalized ENGINECFG descriptors).
+absl::StatusOr<std::vector<CudnnDescPtr>> HeuristicConfigs(
+    const GraphParts& g, cudnnBackendHeurMode_t mode, CudnnDescPtr* heur_out) {
+  DN_ASSIGN_OR_RETURN(CudnnDescPtr heur, NewDesc(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR));
+  DN_RETURN_IF_ERROR(SetDesc(heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, g.graph));
+  DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
+      heur.get(), CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode));
+  SetDevprop(g, heur.get(), CUDNN_ATTR_ENGINEHEUR_DEVICEPROP);
+  std::vector<CudnnDescPtr> cfgs;
+  if (cudnnBackendFinalize(heur.get()) != CUDNN_STATUS_SUCCESS) return cfgs;
+  int64_t count = 0;
+  DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
+      heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0,
+      &count, nullptr));
+  std::vector<cudnnBackendDescriptor_t> raw;
+  for (int64_t i = 0; i < count; ++i) {
+    DN_ASSIGN_OR_RETURN(CudnnDescPtr cfg, NewDesc(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR));
+    raw.push_back(cfg.get());
+    cfgs.push_back(std::move(cfg));
+  }
+  int64_t got = 0;
+  if (count > 0)
+    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
+        heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
+        count, &got, raw.data()));
+  cfgs.resize(static_cast<size_t>(std::max<int64_t>(0, std::min(got, count))));
+  *heur_out = std::move(heur);
+  return cfgs;
+}
+
+const char* HeurName(cudnnBackendHeurMode_t mode) {
+  switch (mode) {
+    case CUDNN_HEUR_MODE_A: return "A";
+    case CUDNN_HEUR_MODE_B: return "B";
+    case CUDNN_HEUR_MODE_FALLBACK: return "fallback";
+    default: return "instant";
+  }
+}
+
+struct Knob {
+  cudnnBackendKnobType_t type;
+  int64_t min = 0, max = 0, stride = 1, value = 0;
+};
+
+// The engine of a heuristics config: its global index, its knobs (range and
+// the value the config chose).
+absl::Status DescribeConfig(const CudnnDescPtr& cfg, int64_t* global_index,
+                            std::vector<Knob>* knobs) {
+  DN_ASSIGN_OR_RETURN(CudnnDescPtr engine, NewDesc(CUDNN_BACKEND_ENGINE_DESCRIPTOR));
+  cudnnBackendDescriptor_t raw_engine = engine.get();
+  int64_t n = 0;
+  DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
+      cfg.get(), CUDNN_ATTR_ENGINECFG_ENGINE, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &n,
+      &raw_engine));
+  DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
+      engine.get(), CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1, &n,
+      global_index));
+  auto descs = [](const CudnnDescPtr& d, cudnnBackendAttributeName_t attr,
+                  cudnnBackendDescriptorType_t type)
+      -> absl::StatusOr<std::vector<CudnnDescPtr>> {
     int64_t count = 0;
     DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
-        heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
-        0, &count, nullptr));
-    absl::StrAppend(&tried, tried.empty() ? "" : "; ", "mode ", mode_name, ": ",
-                    count, " configs");
-    if (count <= 0) continue;
-    std::vector<CudnnDescPtr> cfgs;
-    std::vector<cudnnBackendDescriptor_t> raw_cfgs;
+        d.get(), attr, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &count, nullptr));
+    std::vector<CudnnDescPtr> out;
+    std::vector<cudnnBackendDescriptor_t> raw;
     for (int64_t i = 0; i < count; ++i) {
-      DN_ASSIGN_OR_RETURN(CudnnDescPtr cfg,
-                          NewDesc(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR));
-      raw_cfgs.push_back(cfg.get());
-      cfgs.push_back(std::move(cfg));
+      DN_ASSIGN_OR_RETURN(CudnnDescPtr x, NewDesc(type));
+      raw.push_back(x.get());
+      out.push_back(std::move(x));
     }
     int64_t got = 0;
-    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
-        heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR,
-        count, &got, raw_cfgs.data()));
-    for (int64_t i = 0; i < got && i < count; ++i) {
-      DN_ASSIGN_OR_RETURN(CudnnDescPtr exec,
-                          NewDesc(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR));
-      DN_RETURN_IF_ERROR(SetDesc(exec, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
-                                 cfgs[static_cast<size_t>(i)]));
-      DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
-          exec.get(), kPlanHandleAttr, CUDNN_TYPE_HANDLE, 1, &handle));
-      if (devprop) {
-        cudnnBackendDescriptor_t dp = devprop.get();
-        (void)cudnnBackendSetAttribute(exec.get(),
-                                       CUDNN_ATTR_EXECUTION_PLAN_DEVICEPROP,
-                                       CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &dp);
-      }
-      const cudnnStatus_t fin = cudnnBackendFinalize(exec.get());
-      if (fin != CUDNN_STATUS_SUCCESS) {
-        char reason[256] = {0};
-        cudnnGetLastErrorString(reason, sizeof(reason));
-        absl::StrAppend(&tried, ", config ", i, ": ", cudnnGetErrorString(fin),
-                        reason[0] ? absl::StrCat(" (", reason, ")") : "");
-        continue;
-      }
-      int64_t ws = 0, n = 0;
+    if (count > 0)
       DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
-          exec.get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-          CUDNN_TYPE_INT64, 1, &n, &ws));
-      if (ws < 0 || static_cast<size_t>(ws) > workspace_bytes_) {
-        absl::StrAppend(&tried, ", config ", i, ": needs ", ws,
-                        " workspace bytes");
-        continue;
-      }
-      plan->plan = std::move(exec);
-      plan->workspace = ws;
-      plan->engine = absl::StrCat("heuristics mode ", mode_name, " config ", i);
-      plan->keep.push_back(std::move(graph));
-      for (CudnnDescPtr& c : cfgs) plan->keep.push_back(std::move(c));
-      plan->keep.push_back(std::move(heur));
-      if (devprop) plan->keep.push_back(std::move(devprop));
-      return plan;
+          d.get(), attr, CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &got, raw.data()));
+    out.resize(static_cast<size_t>(std::max<int64_t>(0, std::min(got, count))));
+    return out;
+  };
+  DN_ASSIGN_OR_RETURN(std::vector<CudnnDescPtr> infos,
+                      descs(engine, CUDNN_ATTR_ENGINE_KNOB_INFO,
+                            CUDNN_BACKEND_KNOB_INFO_DESCRIPTOR));
+  DN_ASSIGN_OR_RETURN(std::vector<CudnnDescPtr> choices,
+                      descs(cfg, CUDNN_ATTR_ENGINECFG_KNOB_CHOICES,
+                            CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR));
+  knobs->clear();
+  for (const CudnnDescPtr& info : infos) {
+    Knob k{};
+    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
+        info.get(), CUDNN_ATTR_KNOB_INFO_TYPE, CUDNN_TYPE_KNOB_TYPE, 1, &n, &k.type));
+    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
+        info.get(), CUDNN_ATTR_KNOB_INFO_MINIMUM_VALUE, CUDNN_TYPE_INT64, 1, &n, &k.min));
+    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
+        info.get(), CUDNN_ATTR_KNOB_INFO_MAXIMUM_VALUE, CUDNN_TYPE_INT64, 1, &n, &k.max));
+    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
+        info.get(), CUDNN_ATTR_KNOB_INFO_STRIDE, CUDNN_TYPE_INT64, 1, &n, &k.stride));
+    k.value = k.min;
+    knobs->push_back(k);
+  }
+  for (const CudnnDescPtr& choice : choices) {
+    cudnnBackendKnobType_t type{};
+    int64_t value = 0;
+    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
+        choice.get(), CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE, CUDNN_TYPE_KNOB_TYPE, 1, &n, &type));
+    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendGetAttribute(
+        choice.get(), CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE, CUDNN_TYPE_INT64, 1, &n, &value));
+    for (Knob& k : *knobs)
+      if (k.type == type) k.value = value;
+  }
+  return absl::OkStatus();
+}
+
+// A config of engine `global_index` with the given knob values (none: the
+// engine's defaults). The engine and knob descriptors go to `keep`.
+absl::StatusOr<CudnnDescPtr> MakeConfig(const GraphParts& g, int64_t global_index,
+                                        const std::vector<Knob>& knobs,
+                                        std::vector<CudnnDescPtr>* keep) {
+  DN_ASSIGN_OR_RETURN(CudnnDescPtr engine, NewDesc(CUDNN_BACKEND_ENGINE_DESCRIPTOR));
+  DN_RETURN_IF_ERROR(SetDesc(engine, CUDNN_ATTR_ENGINE_OPERATION_GRAPH, g.graph));
+  DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
+      engine.get(), CUDNN_ATTR_ENGINE_GLOBAL_INDEX, CUDNN_TYPE_INT64, 1,
+      &global_index));
+  SetDevprop(g, engine.get(), CUDNN_ATTR_ENGINE_DEVICEPROP);
+  DN_CUDNN_RETURN_IF_ERROR(cudnnBackendFinalize(engine.get()));
+  DN_ASSIGN_OR_RETURN(CudnnDescPtr cfg, NewDesc(CUDNN_BACKEND_ENGINECFG_DESCRIPTOR));
+  DN_RETURN_IF_ERROR(SetDesc(cfg, CUDNN_ATTR_ENGINECFG_ENGINE, engine));
+  std::vector<cudnnBackendDescriptor_t> raw;
+  for (const Knob& k : knobs) {
+    DN_ASSIGN_OR_RETURN(CudnnDescPtr choice,
+                        NewDesc(CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR));
+    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
+        choice.get(), CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE, CUDNN_TYPE_KNOB_TYPE, 1, &k.type));
+    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
+        choice.get(), CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE, CUDNN_TYPE_INT64, 1, &k.value));
+    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendFinalize(choice.get()));
+    raw.push_back(choice.get());
+    keep->push_back(std::move(choice));
+  }
+  if (!raw.empty())
+    DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
+        cfg.get(), CUDNN_ATTR_ENGINECFG_KNOB_CHOICES, CUDNN_TYPE_BACKEND_DESCRIPTOR,
+        static_cast<int64_t>(raw.size()), raw.data()));
+  DN_CUDNN_RETURN_IF_ERROR(cudnnBackendFinalize(cfg.get()));
+  keep->push_back(std::move(engine));
+  return cfg;
+}
+
+std::string KnobText(const std::vector<Knob>& knobs) {
+  std::string s;
+  for (const Knob& k : knobs)
+    absl::StrAppend(&s, s.empty() ? "" : ",", "k", static_cast<int>(k.type), "=", k.value);
+  return s.empty() ? "-" : s;
+}
+
+// Candidates for graph `g`: without `explore`, the first config of heuristics
+// mode A (then fallback) that finalizes (what Run uses). With `explore`:
+// every config of modes A, B and fallback, every engine of the graph with its
+// default knobs, and each heuristics config with one knob moved at a time
+// (at most `limit` candidates in all).
+absl::StatusOr<std::vector<Candidate>> Candidates(cudnnHandle_t handle,
+                                                  GraphParts& g, const char* form,
+                                                  size_t workspace_bytes,
+                                                  bool explore, size_t limit,
+                                                  std::string* tried) {
+  std::vector<Candidate> out;
+  std::vector<cudnnBackendHeurMode_t> modes = {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK};
+  if (explore) modes = {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_B, CUDNN_HEUR_MODE_FALLBACK};
+  struct Seen { int64_t engine; std::vector<Knob> knobs; };
+  std::vector<Seen> heur_cfgs;
+  auto add = [&](CudnnDescPtr cfg, std::vector<CudnnDescPtr> keep,
+                 std::string name) -> absl::Status {
+    DN_ASSIGN_OR_RETURN(std::optional<Candidate> c,
+                        MakeCandidate(handle, g, std::move(cfg), std::move(keep),
+                                      workspace_bytes, std::move(name), tried));
+    if (c) out.push_back(std::move(*c));
+    return absl::OkStatus();
+  };
+  for (cudnnBackendHeurMode_t mode : modes) {
+    CudnnDescPtr heur;
+    DN_ASSIGN_OR_RETURN(std::vector<CudnnDescPtr> cfgs, HeuristicConfigs(g, mode, &heur));
+    absl::StrAppend(tried, tried->empty() ? "" : "; ", "mode ", HeurName(mode), ": ",
+                    cfgs.size(), " configs");
+    if (heur) g.keep.push_back(std::move(heur));
+    for (size_t i = 0; i < cfgs.size() && out.size() < limit; ++i) {
+      int64_t engine = -1;
+      std::vector<Knob> knobs;
+      if (explore && DescribeConfig(cfgs[i], &engine, &knobs).ok())
+        heur_cfgs.push_back({engine, knobs});
+      std::string name = absl::StrCat(form, " heuristics ", HeurName(mode), "#", i);
+      if (explore) absl::StrAppend(&name, " engine ", engine, " knobs ", KnobText(knobs));
+      DN_RETURN_IF_ERROR(add(std::move(cfgs[i]), {}, std::move(name)));
+      if (!explore && !out.empty()) return out;
     }
   }
-  return absl::UnimplementedError(absl::StrCat(
-      "cuda Attention: cuDNN ", version_, " (",
-      form_ == Form::kUnified ? "SDPA_FWD op" : "composite graph",
-      ") has no engine for bf16 ", ShapeText(s), " [", tried,
-      "]; run with CUDNN_LOGLEVEL_DBG=2 CUDNN_LOGDEST_DBG=stderr for the "
-      "reasons"));
+  if (!explore) return out;
+  int64_t engines = 0, n = 0;
+  (void)cudnnBackendGetAttribute(g.graph.get(), CUDNN_ATTR_OPERATIONGRAPH_ENGINE_GLOBAL_COUNT,
+                                 CUDNN_TYPE_INT64, 1, &n, &engines);
+  absl::StrAppend(tried, "; ", engines, " engines");
+  for (int64_t e = 0; e < engines && out.size() < limit; ++e) {
+    std::vector<CudnnDescPtr> keep;
+    absl::StatusOr<CudnnDescPtr> cfg = MakeConfig(g, e, {}, &keep);
+    if (!cfg.ok()) continue;  // engine does not support this graph
+    DN_RETURN_IF_ERROR(add(std::move(*cfg), std::move(keep),
+                           absl::StrCat(form, " engine ", e, " default knobs")));
+  }
+  for (const Seen& h : heur_cfgs) {
+    for (size_t ki = 0; ki < h.knobs.size(); ++ki) {
+      const Knob& k = h.knobs[ki];
+      const int64_t stride = std::max<int64_t>(1, k.stride);
+      int tries = 0;
+      for (int64_t v = k.min; v <= k.max && tries < 12 && out.size() < limit;
+           v += stride, ++tries) {
+        if (v == k.value) continue;
+        std::vector<Knob> knobs = h.knobs;
+        knobs[ki].value = v;
+        std::vector<CudnnDescPtr> keep;
+        absl::StatusOr<CudnnDescPtr> cfg = MakeConfig(g, h.engine, knobs, &keep);
+        if (!cfg.ok()) continue;
+        DN_RETURN_IF_ERROR(add(std::move(*cfg), std::move(keep),
+                               absl::StrCat(form, " engine ", h.engine, " knobs ",
+                                            KnobText(knobs))));
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudnnSdpa::Plan>> CudnnSdpa::Build(
+    const SdpaShape& s) {
+  DN_ASSIGN_OR_RETURN(GraphParts g, BuildGraph(handle_.get(), form_, s));
+  std::string tried;
+  DN_ASSIGN_OR_RETURN(
+      std::vector<Candidate> found,
+      Candidates(handle_.get(), g, form_ == Form::kUnified ? "unified" : "composite",
+                 workspace_bytes_, /*explore=*/false, 1, &tried));
+  if (found.empty())
+    return absl::UnimplementedError(absl::StrCat(
+        "cuda Attention: cuDNN ", version_, " (",
+        form_ == Form::kUnified ? "SDPA_FWD op" : "composite graph",
+        ") has no engine for bf16 ", ShapeText(s), " [", tried,
+        "]; run with CUDNN_LOGLEVEL_DBG=2 CUDNN_LOGDEST_DBG=stderr for the "
+        "reasons"));
+  return Adopt(std::move(g.keep), std::move(g.graph), std::move(g.devprop),
+               std::move(found.front().exec), std::move(found.front().keep),
+               found.front().workspace, found.front().name);
+}
+
+std::unique_ptr<CudnnSdpa::Plan> CudnnSdpa::Adopt(
+    std::vector<CudnnDescPtr> graph_keep, CudnnDescPtr graph, CudnnDescPtr devprop,
+    CudnnDescPtr exec, std::vector<CudnnDescPtr> exec_keep, int64_t workspace,
+    std::string name) {
+  auto plan = std::make_unique<Plan>();
+  plan->keep = std::move(graph_keep);
+  plan->keep.push_back(std::move(graph));
+  if (devprop) plan->keep.push_back(std::move(devprop));
+  for (CudnnDescPtr& d : exec_keep) plan->keep.push_back(std::move(d));
+  plan->plan = std::move(exec);
+  plan->workspace = workspace;
+  plan->engine = std::move(name);
+  return plan;
+}
+
+absl::StatusOr<std::vector<CudnnSdpa::SweepRow>> CudnnSdpa::Sweep(
+    const SdpaShape& s, const void* q, const void* k, const void* v, void* o,
+    float scale, int iters, size_t limit, bool adopt) {
+  DN_RETURN_IF_ERROR(CheckAligned(s, q, k, v, o));
+  std::vector<SweepRow> rows;
+  struct Timed { GraphParts g; std::vector<Candidate> found; };
+  std::vector<Timed> all;
+  for (Form form : {Form::kUnified, Form::kComposite}) {
+    if (form == Form::kUnified && version_ < kUnifiedSince) continue;
+    absl::StatusOr<GraphParts> g = BuildGraph(handle_.get(), form, s);
+    if (!g.ok()) {
+      rows.push_back({absl::StrCat(form == Form::kUnified ? "unified" : "composite",
+                                   ": graph: ", g.status().message()), 0, -1, false});
+      continue;
+    }
+    std::string tried;
+    DN_ASSIGN_OR_RETURN(std::vector<Candidate> found,
+                        Candidates(handle_.get(), *g,
+                                   form == Form::kUnified ? "unified" : "composite",
+                                   workspace_bytes_, true, limit, &tried));
+    DN_VLOG << "cuda Attention sweep: " << tried;
+    all.push_back({std::move(*g), std::move(found)});
+  }
+  // The plan Run would use, for the "default" mark.
+  DN_ASSIGN_OR_RETURN(Plan * current, GetPlan(s));
+  const std::string current_name = current->engine;
+  cudaEvent_t raw_start = nullptr, raw_stop = nullptr;
+  DN_CUDA_RETURN_IF_ERROR(cudaEventCreate(&raw_start));
+  EventPtr start(raw_start);
+  DN_CUDA_RETURN_IF_ERROR(cudaEventCreate(&raw_stop));
+  EventPtr stop(raw_stop);
+  double best_ms = -1;
+  Timed* best_t = nullptr;
+  size_t best_i = 0;
+  for (Timed& t : all) {
+    for (size_t i = 0; i < t.found.size(); ++i) {
+      Candidate& c = t.found[i];
+      std::vector<double> ms;
+      absl::Status run = absl::OkStatus();
+      for (int it = 0; it < iters + 2 && run.ok(); ++it) {
+        DN_CUDA_RETURN_IF_ERROR(cudaEventRecord(start.get(), stream_));
+        run = Execute(c.exec.get(), q, k, v, o, scale);
+        DN_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop.get(), stream_));
+        // A device fault here leaves the context unusable: the sweep ends.
+        DN_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop.get()));
+        float e = 0;
+        DN_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&e, start.get(), stop.get()));
+        if (run.ok() && it >= 2) ms.push_back(e);
+      }
+      if (!run.ok() || ms.empty()) {
+        rows.push_back({absl::StrCat(c.name, " (failed: ", run.message(), ")"),
+                        c.workspace, -1, false});
+        continue;
+      }
+      std::sort(ms.begin(), ms.end());
+      const double med = ms[ms.size() / 2];
+      rows.push_back({c.name, c.workspace, med, c.name == current_name});
+      if (best_ms < 0 || med < best_ms) {
+        best_ms = med;
+        best_t = &t;
+        best_i = i;
+      }
+    }
+  }
+  if (adopt && best_t != nullptr) {
+    Candidate& c = best_t->found[best_i];
+    const Key key{s.batch, s.heads, s.seq_q, s.seq_kv, s.kv_len, s.head_dim};
+    plans_[key] = Adopt(std::move(best_t->g.keep), std::move(best_t->g.graph),
+                        std::move(best_t->g.devprop), std::move(c.exec),
+                        std::move(c.keep), c.workspace, c.name + " (autotuned)");
+  }
+  return rows;
 }
 
 absl::StatusOr<CudnnSdpa::Plan*> CudnnSdpa::GetPlan(const SdpaShape& s) {
@@ -405,16 +726,21 @@ absl::StatusOr<CudnnSdpa::Plan*> CudnnSdpa::GetPlan(const SdpaShape& s) {
   return it->second.get();
 }
 
-absl::Status CudnnSdpa::Run(const SdpaShape& shape, const void* q,
-                            const void* k, const void* v, void* o,
-                            float scale) {
-  for (const void* p : {q, k, v, static_cast<const void*>(o)}) {
+absl::Status CudnnSdpa::CheckAligned(const SdpaShape& shape, const void* q,
+                                     const void* k, const void* v,
+                                     const void* o) const {
+  for (const void* p : {q, k, v, o}) {
     if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0)
       return absl::InvalidArgumentError(absl::StrCat(
           "cuda Attention: q/k/v/o must be 16-byte aligned (", ShapeText(shape),
           ")"));
   }
-  DN_ASSIGN_OR_RETURN(Plan * plan, GetPlan(shape));
+  return absl::OkStatus();
+}
+
+absl::Status CudnnSdpa::Execute(cudnnBackendDescriptor_t plan, const void* q,
+                                const void* k, const void* v, void* o,
+                                float scale) {
   DN_ASSIGN_OR_RETURN(CudnnDescPtr pack,
                       NewDesc(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR));
   // The by-value scale is read from this host float when execute is called
@@ -433,9 +759,29 @@ absl::Status CudnnSdpa::Run(const SdpaShape& shape, const void* q,
       pack.get(), CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1,
       &workspace));
   DN_CUDNN_RETURN_IF_ERROR(cudnnBackendFinalize(pack.get()));
-  DN_CUDNN_RETURN_IF_ERROR(
-      cudnnBackendExecute(handle_.get(), plan->plan.get(), pack.get()));
+  DN_CUDNN_RETURN_IF_ERROR(cudnnBackendExecute(handle_.get(), plan, pack.get()));
   return absl::OkStatus();
+}
+
+absl::Status CudnnSdpa::Run(const SdpaShape& shape, const void* q,
+                            const void* k, const void* v, void* o,
+                            float scale) {
+  DN_RETURN_IF_ERROR(CheckAligned(shape, q, k, v, o));
+  if (autotune_) {
+    const Key key{shape.batch, shape.heads, shape.seq_q, shape.seq_kv,
+                  shape.kv_len, shape.head_dim};
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    DN_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream_, &capturing));
+    if (capturing == cudaStreamCaptureStatusNone && tuned_.insert(key).second) {
+      DN_ASSIGN_OR_RETURN(std::vector<SweepRow> rows,
+                          Sweep(shape, q, k, v, o, scale, /*iters=*/5,
+                                /*limit=*/64, /*adopt=*/true));
+      DN_LOG(INFO) << "cuda Attention: autotuned " << ShapeText(shape) << " over "
+                   << rows.size() << " configs: " << plans_[key]->engine;
+    }
+  }
+  DN_ASSIGN_OR_RETURN(Plan * plan, GetPlan(shape));
+  return Execute(plan->plan.get(), q, k, v, o, scale);
 }
 
 }  // namespace dn::worker::cuda

@@ -18,6 +18,10 @@
 //   (B, H, Sq, Skv, kv_len, d, form); strides follow from these.
 // - The workspace is owned by the caller, sized at start-up; engine configs
 //   that need more are skipped.
+// - DN_CUDNN_SDPA_AUTOTUNE=1: the first (uncaptured) call of each shape times
+//   the engine space (Sweep) and keeps the fastest config; otherwise the
+//   first config of heuristics mode A is used, as measured in
+//   docs/PERFORMANCE.md ("cuDNN engine space").
 //
 // Diagnosis: "not supported" shows up as zero heuristic results or failing
 // plan finalizes, with the reasons logged by cuDNN only at warning level:
@@ -31,6 +35,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -65,6 +70,26 @@ class CudnnSdpa {
   absl::Status Run(const SdpaShape& shape, const void* q, const void* k,
                    const void* v, void* o, float scale);
 
+  // The engine space for one shape, timed on the given buffers (o is
+  // overwritten): both graph forms (unified SDPA_FWD op where the runtime has
+  // it, and the composite graph), every config of heuristics modes A, B and
+  // fallback, every engine of the graph with default knobs, and each
+  // heuristics config with one knob moved at a time; at most `limit`
+  // candidates per form. Each row is the median of `iters` runs (CUDA events),
+  // ms < 0 where the config failed. With `adopt`, the fastest becomes the
+  // plan Run uses for this shape. Not while the stream is capturing.
+  struct SweepRow {
+    std::string config;
+    int64_t workspace = 0;
+    double ms = -1;
+    bool is_default = false;  // the config Run picks without autotuning
+  };
+  absl::StatusOr<std::vector<SweepRow>> Sweep(const SdpaShape& shape,
+                                              const void* q, const void* k,
+                                              const void* v, void* o,
+                                              float scale, int iters,
+                                              size_t limit, bool adopt);
+
   Form form() const { return form_; }
   size_t cudnn_version() const { return version_; }
 
@@ -77,9 +102,11 @@ class CudnnSdpa {
   };
   using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
-  CudnnSdpa(CudnnPtr handle, Form form, size_t version, void* workspace,
-            size_t workspace_bytes)
+  CudnnSdpa(CudnnPtr handle, cudaStream_t stream, Form form, size_t version,
+            void* workspace, size_t workspace_bytes, bool autotune)
       : handle_(std::move(handle)),
+        stream_(stream),
+        autotune_(autotune),
         form_(form),
         version_(version),
         workspace_(workspace),
@@ -87,8 +114,20 @@ class CudnnSdpa {
 
   absl::StatusOr<Plan*> GetPlan(const SdpaShape& shape);
   absl::StatusOr<std::unique_ptr<Plan>> Build(const SdpaShape& shape);
+  static std::unique_ptr<Plan> Adopt(std::vector<CudnnDescPtr> graph_keep,
+                                     CudnnDescPtr graph, CudnnDescPtr devprop,
+                                     CudnnDescPtr exec,
+                                     std::vector<CudnnDescPtr> exec_keep,
+                                     int64_t workspace, std::string name);
+  absl::Status CheckAligned(const SdpaShape& shape, const void* q,
+                            const void* k, const void* v, const void* o) const;
+  absl::Status Execute(cudnnBackendDescriptor_t plan, const void* q,
+                       const void* k, const void* v, void* o, float scale);
 
   CudnnPtr handle_;
+  cudaStream_t stream_;
+  bool autotune_;
+  std::set<Key> tuned_;
   Form form_;
   size_t version_;
   void* workspace_;
