@@ -55,11 +55,14 @@ struct RankOptions {
   // The engine.
   int64_t max_tokens = 80000;
   bool graphs = true;           // EngineOptions::use_graphs
+  // EngineOptions::cfg_parallel: 2 CFG halves x ranks/2 Ulysses ranks
+  // (docs/ENGINE.md, "CFG-parallel"); needs an even `ranks`.
+  bool cfg_parallel = false;
   // Open only: the FileStore folder (set by SpawnRanks).
   std::string store_dir;
 };
 // --model, --preset, --preset-seed, --backend, --ranks, --threads,
-// --timeout-s, --max-tokens, --graphs.
+// --timeout-s, --max-tokens, --graphs, --cfg-parallel.
 void AddRankFlags(FlagSet& flags, RankOptions* options);
 // Checks what can be checked before any process starts; messages name the
 // flag.
@@ -75,13 +78,16 @@ struct RankSession {
   std::unique_ptr<Backend> backend;
   std::unique_ptr<comm::ProcessGroup> control;
   std::unique_ptr<comm::ProcessGroup> data;
+  // With cfg_parallel and ranks/2 > 1: this rank's half (its all-to-alls).
+  std::unique_ptr<comm::ProcessGroup> ulysses;
   std::unique_ptr<Engine> engine;
   RankOptions options;
 
   // Stage 1: weights and backend (local, nothing collective).
   static absl::StatusOr<std::unique_ptr<RankSession>> Prepare(const RankOptions& options);
   // Stage 2 (collective): the groups through `store`, keys under `prefix`
-  // ("<prefix>control", "<prefix>data"), then the engine. `store` must
+  // ("<prefix>control", "<prefix>data", and with CFG-parallel the half's
+  // group), then the engine. `store` must
   // outlive the call only.
   absl::Status Connect(comm::Store& store, const std::string& prefix);
   // Both stages over a FileStore in options.store_dir (owned).
