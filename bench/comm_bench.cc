@@ -297,7 +297,7 @@ absl::Status WriteJson(const std::string& path, const Config& c, const std::vect
   return absl::OkStatus();
 }
 
-absl::Status RunRank(Config c, int rank, const std::string& dir, int64_t* total_wrong) {
+absl::Status RunCommRank(Config c, int rank, const std::string& dir, int64_t* total_wrong) {
   uint64_t min_bytes = 0, max_bytes = 0;
   DN_RETURN_IF_ERROR(Resolve(&c, &min_bytes, &max_bytes));
   DN_ASSIGN_OR_RETURN(std::unique_ptr<comm::Store> store, comm::MakeFileStore(dir));
@@ -391,7 +391,7 @@ int BenchCommRankCommand(int argc, char** argv) {
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
   SetLogTag(absl::StrCat("bench-rank", rank));
   int64_t wrong = 0;
-  absl::Status st = RunRank(c, rank, dir, &wrong);
+  absl::Status st = RunCommRank(c, rank, dir, &wrong);
   if (!st.ok()) {
     DN_LOG(ERROR) << "bench comm rank " << rank << ": " << st;
     return 1;

@@ -88,7 +88,7 @@ double ForwardFlops(const worker::WanConfig& c, double l, double t) {
 }
 
 absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
-  DN_ASSIGN_OR_RETURN(auto session, worker::OpenRankSession(ro));
+  DN_ASSIGN_OR_RETURN(auto session, worker::RankSession::Open(ro));
   worker::Engine& engine = *session->engine;
   const worker::WanConfig& c = engine.config();
   worker::GenerateParams p;

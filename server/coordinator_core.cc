@@ -103,7 +103,7 @@ void CoordinatorCore::CountRefused(const std::string& model, absl::StatusCode co
 void CoordinatorCore::Submit(v1::GenerateRequest request,
                              std::shared_ptr<RequestSink> sink,
                              int64_t deadline_unix_ms) {
-  const std::string& model_name = request.model();
+  const std::string model_name = request.model();  // the request moves below
   const std::string label =
       registry_.models().count(model_name) > 0 ? model_name : kUnknownModelLabel;
   if (shutting_down_) {
@@ -136,7 +136,8 @@ void CoordinatorCore::Submit(v1::GenerateRequest request,
   v1::ModelInfo limits = registry_.models().at(model_name).info;
   limits.set_max_tokens(registry_.ModelMaxTokens(model_name));
   // The request rules (server/request_validation.h): their one call site.
-  absl::StatusOr<ResolvedRequest> resolved = ValidateRequest(request, limits);
+  // Its tensors move into the resolved job (no copy).
+  absl::StatusOr<ResolvedRequest> resolved = ValidateRequest(std::move(request), limits);
   if (!resolved.ok()) return Reject(*sink, model_name, resolved.status());
   const std::string client_id = resolved->request.client_request_id();
   if (!client_id.empty() && client_ids_.count(client_id) > 0) {
@@ -230,34 +231,19 @@ void CoordinatorCore::StartOnGroup(const std::shared_ptr<Request>& req, Group& g
   req->sink->Event(std::move(started));
   UpdateHealthAndGauges();
 
-  vi::CoordinatorMessage m;
-  vi::Job* job = m.mutable_job();
+  // One message for every rank: the job (the request's tensors were moved
+  // into it at validation) moves into it, and the ranks' streams share it.
+  auto m = std::make_shared<vi::CoordinatorMessage>();
+  vi::Job* job = m->mutable_job();
+  *job = std::move(req->resolved.job);
   job->set_request_id(req->id);
-  // The Job takes the request's tensors (moved, not copied); the core keeps
-  // the rest, which it reads later (seed, steps, step_event_interval, ...).
-  v1::GenerateRequest& sent = *job->mutable_request();
-  sent = std::move(req->resolved.request);
-  std::unique_ptr<v1::Tensor> embeds(sent.release_prompt_embeds());
-  std::unique_ptr<v1::Tensor> negative(sent.release_negative_prompt_embeds());
-  std::unique_ptr<v1::Tensor> latents(sent.release_initial_latents());
-  req->resolved.request = sent;
-  sent.set_allocated_prompt_embeds(embeds.release());
-  sent.set_allocated_negative_prompt_embeds(negative.release());
-  sent.set_allocated_initial_latents(latents.release());
-  *job->mutable_latent_shape() = req->resolved.latent;
   job->set_deadline_unix_millis(req->deadline_unix_ms);
-  // One copy per rank but the last, which takes the message.
-  for (size_t i = 0; i < group.ranks.size(); ++i) {
-    if (i + 1 == group.ranks.size()) {
-      group.ranks[i]->Send(std::move(m));
-    } else {
-      group.ranks[i]->Send(m);
-    }
-  }
+  for (auto& rank : group.ranks) rank->SendShared(m);
   DN_LOG(INFO) << "request " << req->id << " -> group " << group.name << " ("
                << group.world_size << " ranks, latent "
                << LatentString(req->resolved.latent) << ", "
-               << req->resolved.request.steps() << " steps)";
+               << req->resolved.request.steps() << " steps, "
+               << req->resolved.tensor_bytes << " tensor bytes in one shared job)";
   // A cancel that raced with dispatch.
   if (req->cancel_code != absl::StatusCode::kOk) {
     const absl::StatusCode code = req->cancel_code;

@@ -67,6 +67,12 @@ class RankLink {
  public:
   virtual ~RankLink() = default;
   virtual void Send(denoised::v1::internal::CoordinatorMessage msg) = 0;
+  // A message shared by several streams (a Job fanned out to the ranks of a
+  // group is built once). The reactor queues the pointer: no copy per rank.
+  virtual void SendShared(
+      std::shared_ptr<const denoised::v1::internal::CoordinatorMessage> msg) {
+    Send(*msg);
+  }
   // Ends the stream with `status` (idempotent).
   virtual void Close(const absl::Status& status) = 0;
 

@@ -6,6 +6,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "worker/request_rules.h"
 
 namespace dn::server {
 
@@ -76,33 +77,22 @@ absl::Status CheckTensor(const v1::Tensor& t, const std::string& field) {
   return absl::OkStatus();
 }
 
-absl::Status CheckFinite(const v1::Tensor& t, const std::string& field) {
+absl::Status CheckTensorValues(const v1::Tensor& t, const std::string& field) {
   if (absl::Status s = CheckTensor(t, field); !s.ok()) return s;
-  // An all-ones exponent is Inf (zero mantissa) or NaN, in every format.
-  uint32_t exp_mask = 0, mant_mask = 0;
-  switch (t.dtype()) {
-    case v1::DTYPE_F32: exp_mask = 0x7f800000u; mant_mask = 0x007fffffu; break;
-    case v1::DTYPE_BF16: exp_mask = 0x7f80u; mant_mask = 0x007fu; break;
-    case v1::DTYPE_F16: exp_mask = 0x7c00u; mant_mask = 0x03ffu; break;
-    default: return absl::OkStatus();  // CheckTensor refused it
-  }
+  // Decoded one element at a time: no f32 copy of the tensor is made.
   const int64_t elem = DTypeWireSize(t.dtype());
   const int64_t n = static_cast<int64_t>(t.data().size()) / elem;
   const char* src = t.data().data();
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits = 0;
-    if (elem == 4) {
-      std::memcpy(&bits, src + i * 4, 4);
+    float v = 0;
+    if (t.dtype() == v1::DTYPE_F32) {
+      std::memcpy(&v, src + i * 4, 4);
     } else {
       uint16_t h = 0;
       std::memcpy(&h, src + i * 2, 2);
-      bits = h;
+      v = t.dtype() == v1::DTYPE_BF16 ? worker::BF16ToF32(h) : worker::F16ToF32(h);
     }
-    if ((bits & exp_mask) == exp_mask) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          field, ".data: element ", i, " is ", (bits & mant_mask) ? "NaN" : "Inf",
-          " (values must be finite)"));
-    }
+    if (absl::Status s = worker::RequestRules::CheckValue(field, i, v); !s.ok()) return s;
   }
   return absl::OkStatus();
 }

@@ -31,10 +31,11 @@ std::string StatusCodeName(int code);
 // data size = numel * dtype size). `field` names it in errors.
 absl::Status CheckTensor(const denoised::v1::Tensor& t,
                          const std::string& field);
-// CheckTensor, and every value finite (no NaN or Inf); the error names the
-// field and the first bad element.
-absl::Status CheckFinite(const denoised::v1::Tensor& t,
-                         const std::string& field);
+// CheckTensor, and every value as worker::RequestRules::CheckValue wants it
+// (finite, |v| <= kMaxInputMagnitude); the error names "<field>.data" and the
+// first bad element.
+absl::Status CheckTensorValues(const denoised::v1::Tensor& t,
+                               const std::string& field);
 // Host f32 copy of a wire tensor (f32/bf16/f16 converted); `field` names it
 // in errors.
 absl::StatusOr<worker::Tensor> TensorFromProto(const denoised::v1::Tensor& t,

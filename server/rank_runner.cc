@@ -23,7 +23,6 @@
 #include "comm/base/flags.h"
 #include "comm/base/log.h"
 #include "comm/base/status_macros.h"
-#include "comm/cfg_parallel.h"
 #include "comm/process_group.h"
 #include "denoised/v1/worker.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -39,9 +38,6 @@
 #include "worker/engine.h"
 #include "worker/lora.h"
 #include "worker/wan_config.h"
-#ifdef DENOISED_WITH_CUDA
-#include "comm/nccl_process_group.h"
-#endif
 
 namespace dn::server {
 
@@ -67,11 +63,6 @@ int64_t UnixMillisNow() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
-}
-
-[[noreturn]] void ExitNow(int code) {
-  std::fflush(nullptr);
-  std::_Exit(code);
 }
 
 absl::StatusOr<worker::LatentShape> ParseWarmupLatent(const std::string& s,
@@ -120,35 +111,41 @@ absl::StatusOr<worker::Tensor> EmbedsFromProto(const v1::Tensor& t,
   return host;
 }
 
-absl::StatusOr<worker::GenerateParams> ParamsFromJob(const vi::Job& job) {
-  const v1::GenerateRequest& r = job.request();
+// The engine's params of a job. The job's tensors are decoded into host
+// f32 tensors and then released, so a rank holds each input once.
+absl::StatusOr<worker::GenerateParams> ParamsFromJob(vi::Job& job) {
   worker::GenerateParams p;
   p.latent = LatentFromProto(job.latent_shape());
-  p.steps = r.steps();
-  p.guidance = r.guidance_scale();
-  if (r.has_guidance_scale_2()) p.guidance_2 = r.guidance_scale_2();
-  for (const v1::LoraRef& l : r.lora())
+  p.steps = job.steps();
+  p.guidance = job.guidance_scale();
+  if (job.has_guidance_scale_2()) p.guidance_2 = job.guidance_scale_2();
+  for (const v1::LoraRef& l : job.lora())
     p.loras.push_back({l.name(), l.has_scale() ? l.scale() : 1.0, l.expert() - 1});
-  p.scheduler = SchedulerFromProto(r.scheduler());
-  p.shift = r.shift();
-  p.seed = r.seed();
+  p.scheduler = SchedulerFromProto(job.scheduler());
+  p.shift = job.shift();
+  p.seed = job.seed();
   DN_ASSIGN_OR_RETURN(p.prompt_embeds,
-                      EmbedsFromProto(r.prompt_embeds(), "prompt_embeds"));
-  if (r.has_negative_prompt_embeds()) {
+                      EmbedsFromProto(job.prompt_embeds(), "prompt_embeds"));
+  job.clear_prompt_embeds();
+  if (job.has_negative_prompt_embeds()) {
     DN_ASSIGN_OR_RETURN(p.negative_embeds,
-                        EmbedsFromProto(r.negative_prompt_embeds(),
+                        EmbedsFromProto(job.negative_prompt_embeds(),
                                         "negative_prompt_embeds"));
+    job.clear_negative_prompt_embeds();
   }
-  if (r.has_initial_latents()) {
+  if (job.has_initial_latents()) {
     DN_ASSIGN_OR_RETURN(p.initial_latents,
-                        TensorFromProto(r.initial_latents(), "initial_latents"));
+                        TensorFromProto(job.initial_latents(), "initial_latents"));
+    job.clear_initial_latents();
   }
-  if (r.has_image_embeds()) {
-    DN_ASSIGN_OR_RETURN(p.image_embeds, EmbedsFromProto(r.image_embeds(), "image_embeds"));
+  if (job.has_image_embeds()) {
+    DN_ASSIGN_OR_RETURN(p.image_embeds, EmbedsFromProto(job.image_embeds(), "image_embeds"));
+    job.clear_image_embeds();
   }
-  if (r.has_condition_latents()) {
+  if (job.has_condition_latents()) {
     DN_ASSIGN_OR_RETURN(p.condition_latents,
-                        TensorFromProto(r.condition_latents(), "condition_latents"));
+                        TensorFromProto(job.condition_latents(), "condition_latents"));
+    job.clear_condition_latents();
   }
   p.deadline_unix_millis = job.deadline_unix_millis();
   return p;
@@ -205,12 +202,23 @@ class JobQueue {
     }
     cv_.notify_one();
   }
-  vi::Job Pop() {
+  // The next job, or nothing once Close was called.
+  std::optional<vi::Job> Pop() {
     std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [this] { return !jobs_.empty(); });
+    cv_.wait(lock, [this] { return !jobs_.empty() || closed_; });
+    if (closed_) return std::nullopt;
     vi::Job job = std::move(jobs_.front());
     jobs_.pop_front();
     return job;
+  }
+  // Stops the job in progress at its next step boundary and ends Pop.
+  void Close() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      closed_ = true;
+      stop_.Request(absl::StatusCode::kCancelled);
+    }
+    cv_.notify_all();
   }
   void Cancel(const vi::CancelJob& c) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -226,66 +234,13 @@ class JobQueue {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<vi::Job> jobs_;
+  bool closed_ = false;
   std::string current_id_;
   worker::StopFlag stop_;
 };
 
-struct ProcessGroups {
-  std::unique_ptr<comm::ProcessGroup> data;
-  std::unique_ptr<comm::ProcessGroup> control;
-  // CFG-parallel with world_size/2 > 1: this rank's half (its all-to-alls).
-  std::unique_ptr<comm::ProcessGroup> ulysses;
-};
-
-absl::StatusOr<ProcessGroups> FormGroups(comm::Store& store,
-                                         const RankOptions& o,
-                                         const std::string& prefix,
-                                         const worker::Backend& backend,
-                                         int device) {
-  ProcessGroups pgs;
-  DN_ASSIGN_OR_RETURN(const comm::CfgSplit split,
-                      comm::SplitForCfg(o.world_size, o.rank, o.cfg_parallel));
-  const bool halves = split.cfg_degree > 1 && split.ulysses_degree > 1;
-  comm::GlooOptions control;
-  control.rank = o.rank;
-  control.size = o.world_size;
-  control.hostname = o.host;
-  control.timeout = std::chrono::seconds(o.pg_timeout_s);
-  control.prefix = prefix + "control";
-  DN_ASSIGN_OR_RETURN(pgs.control, comm::MakeGlooProcessGroup(store, control));
-  if (backend.device() == worker::Device::kCpu) {
-    comm::GlooOptions data = control;
-    data.prefix = prefix + "data";
-    DN_ASSIGN_OR_RETURN(pgs.data, comm::MakeGlooProcessGroup(store, data));
-    if (halves) {
-      DN_ASSIGN_OR_RETURN(
-          pgs.ulysses, comm::MakeGlooProcessGroup(store, comm::HalfGroupOptions(data, split)));
-    }
-  } else {
-#ifdef DENOISED_WITH_CUDA
-    comm::NcclOptions data;
-    data.rank = o.rank;
-    data.size = o.world_size;
-    data.device = device;
-    data.stream = backend.stream();
-    data.timeout = std::chrono::seconds(o.pg_timeout_s);
-    data.prefix = prefix + "data";
-    DN_ASSIGN_OR_RETURN(pgs.data, comm::MakeNcclProcessGroup(store, data));
-    if (halves) {
-      DN_ASSIGN_OR_RETURN(
-          pgs.ulysses, comm::MakeNcclProcessGroup(store, comm::HalfGroupOptions(data, split)));
-    }
-#else
-    (void)device;
-    return absl::UnimplementedError(
-        "--backend cuda: this build has no CUDA support (DENOISED_CUDA=OFF)");
-#endif
-  }
-  return pgs;
-}
-
 // Runs one job; returns the result to send.
-vi::JobResult RunJob(const vi::Job& job, worker::Engine& engine,
+vi::JobResult RunJob(vi::Job& job, worker::Engine& engine,
                      worker::Backend& backend, Connection& conn,
                      JobQueue& jobs, RankMetrics& metrics, int rank,
                      bool* fatal) {
@@ -343,278 +298,372 @@ vi::JobResult RunJob(const vi::Job& job, worker::Engine& engine,
 
 }  // namespace
 
-int RunRank(const RankOptions& o) {
-  SetLogTag(absl::StrCat(o.group, "/r", o.rank));
-  auto fail = [](const absl::Status& s) {
+class ServiceRank::Impl {
+ public:
+  explicit Impl(ServiceRankOptions o) : o_(std::move(o)) {}
+  ~Impl() { Shutdown(); }
+
+  int Run();
+  // Ends the rank with `code` (the first code wins): the job loop ends, the
+  // watchdog starts counting. `leave`: say goodbye to the coordinator first.
+  void RequestStop(int code, bool leave);
+
+ private:
+  void StartThreads();
+  void ReaderLoop();
+  void HeartbeatLoop(int interval_ms);
+  void SignalLoop();
+  void WatchdogLoop();
+  // Joins every thread (after RequestStop).
+  void Shutdown();
+  int Fail(const absl::Status& s, int code) {
     DN_LOG(ERROR) << s.ToString();
-    return 2;
-  };
-  if (o.world_size < 1 || o.rank < 0 || o.rank >= o.world_size) {
-    return fail(absl::InvalidArgumentError(absl::StrCat(
-        "--rank/--world-size: rank ", o.rank, " of ", o.world_size)));
-  }
-  if (o.model_dir.empty() == o.preset.empty()) {
-    return fail(absl::InvalidArgumentError("give exactly one of --model, --preset"));
+    RequestStop(code, false);
+    return code;
   }
 
-  // SIGTERM/SIGINT are handled by a thread (a clean leave).
+  ServiceRankOptions o_;
+  std::unique_ptr<Connection> conn_;
+  JobQueue jobs_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  bool leaving_ = false;
+  bool done_ = false;  // Run is past its work: the watchdog stands down
+  bool reader_done_ = false;
+  int exit_code_ = 0;
+  std::thread reader_, heartbeat_, signal_, watchdog_;
+};
+
+void ServiceRank::Impl::RequestStop(int code, bool leave) {
+  Connection* conn = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    exit_code_ = code;
+    leaving_ = leave;
+    conn = conn_.get();
+  }
+  cv_.notify_all();
+  jobs_.Close();
+  if (conn == nullptr) return;
+  if (leave) {
+    vi::RankMessage bye;
+    bye.mutable_leave()->set_reason("leaving the group");
+    conn->Write(bye);
+    conn->WritesDone();  // the coordinator closes the stream; the reader ends
+  } else {
+    conn->Cancel();
+  }
+}
+
+void ServiceRank::Impl::StartThreads() {
+  reader_ = std::thread([this] { ReaderLoop(); });
+  signal_ = std::thread([this] { SignalLoop(); });
+  watchdog_ = std::thread([this] { WatchdogLoop(); });
+}
+
+void ServiceRank::Impl::ReaderLoop() {
+  vi::CoordinatorMessage msg;
+  bool shutdown = false;
+  while (conn_->Read(&msg)) {
+    switch (msg.msg_case()) {
+      case vi::CoordinatorMessage::kJob:
+        jobs_.Push(std::move(*msg.mutable_job()));
+        break;
+      case vi::CoordinatorMessage::kCancel:
+        jobs_.Cancel(msg.cancel());
+        break;
+      case vi::CoordinatorMessage::kShutdown:
+        DN_LOG(INFO) << "shutdown: " << msg.shutdown().reason();
+        shutdown = true;
+        break;
+      default:
+        break;
+    }
+  }
+  const grpc::Status s = conn_->Finish();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    reader_done_ = true;
+  }
+  cv_.notify_all();
+  // Every RequestStop below is a no-op when the rank is already stopping.
+  if (shutdown) {
+    RequestStop(0, false);
+  } else if (s.ok()) {
+    DN_LOG(INFO) << "the coordinator closed the stream: " << s.error_message();
+    RequestStop(0, false);
+  } else {
+    DN_LOG(ERROR) << "coordinator stream ended: " << StatusCodeName(s.error_code())
+                  << ": " << s.error_message();
+    RequestStop(3, false);
+  }
+}
+
+void ServiceRank::Impl::HeartbeatLoop(int interval_ms) {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!cv_.wait_for(lock, std::chrono::milliseconds(interval_ms),
+                       [this] { return stopping_; })) {
+    lock.unlock();
+    vi::RankMessage m;
+    m.mutable_heartbeat()->set_unix_millis(UnixMillisNow());
+    // Rank 0 reports the LoRA files now in --lora-dir (ModelInfo.loras).
+    const worker::RankOptions& ro = o_.rank;
+    if (ro.rank == 0 && !ro.lora_dir.empty())
+      for (const std::string& l : worker::LoraLibrary(ro.lora_dir).List())
+        m.mutable_heartbeat()->add_loras(l);
+    conn_->Write(m);
+    lock.lock();
+  }
+}
+
+void ServiceRank::Impl::SignalLoop() {
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) return;
+    }
+    const int sig = WaitStopSignal(std::chrono::milliseconds(200));
+    if (sig != 0) {
+      DN_LOG(INFO) << "signal " << sig << ": leaving the group";
+      RequestStop(0, true);
+      return;
+    }
+  }
+}
+
+void ServiceRank::Impl::WatchdogLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return stopping_ || done_; });
+  if (done_) return;
+  if (cv_.wait_for(lock, std::chrono::milliseconds(kStopGraceMs), [this] { return done_; }))
+    return;
+  // Blocked in a rendezvous or a collective with a dead peer: the process
+  // ends here, with the code the stop was asked with.
+  DN_LOG(WARNING) << "could not stop within " << kStopGraceMs << " ms; exiting";
+  const int code = exit_code_;
+  std::fflush(nullptr);
+  std::_Exit(code);
+}
+
+void ServiceRank::Impl::Shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    done_ = true;
+    if (!stopping_) {
+      stopping_ = true;
+    }
+  }
+  cv_.notify_all();
+  jobs_.Close();
+  if (heartbeat_.joinable()) heartbeat_.join();
+  if (signal_.joinable()) signal_.join();
+  if (reader_.joinable()) {
+    // A leaving rank gives the coordinator up to 3 s to close the stream.
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (leaving_)
+        cv_.wait_for(lock, std::chrono::seconds(3), [this] { return reader_done_; });
+    }
+    conn_->Cancel();
+    reader_.join();
+  }
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
+int ServiceRank::Impl::Run() {
+  const worker::RankOptions& ro = o_.rank;
+  SetLogTag(absl::StrCat(o_.group, "/r", ro.rank));
+  if (ro.ranks < 1 || ro.rank < 0 || ro.rank >= ro.ranks) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+                    "--rank/--world-size: rank ", ro.rank, " of ", ro.ranks)),
+                2);
+  }
+  if (absl::Status s = worker::CheckRankOptions(ro); !s.ok()) return Fail(s, 2);
+
+  // SIGTERM/SIGINT are watched by the signal thread (a clean leave).
   InstallStopSignalHandlers();
 
-  RankMetrics metrics(o.group, o.rank);
+  RankMetrics metrics(o_.group, ro.rank);
   std::unique_ptr<MetricsEndpoint> endpoint;
-  if (!o.metrics_listen.empty()) {
+  if (!o_.metrics_listen.empty()) {
     absl::StatusOr<std::unique_ptr<MetricsEndpoint>> e =
-        MetricsEndpoint::Start(o.metrics_listen, metrics.registry);
-    if (!e.ok()) return fail(e.status());
+        MetricsEndpoint::Start(o_.metrics_listen, metrics.registry);
+    if (!e.ok()) return Fail(e.status(), 2);
     endpoint = *std::move(e);
   }
 
-  if (absl::StatusOr<comm::CfgSplit> split =
-          comm::SplitForCfg(o.world_size, o.rank, o.cfg_parallel);
-      !split.ok())
-    return fail(split.status());
-
-  // Model and backend.
-  absl::StatusOr<std::unique_ptr<worker::WeightSource>> weights;
-  if (!o.model_dir.empty()) {
-    weights = worker::OpenCheckpoint(o.model_dir);
-  } else {
-    absl::StatusOr<worker::WanConfig> config = worker::PresetConfig(o.preset);
-    if (!config.ok()) return fail(config.status());
-    weights = worker::MakePresetWeights(*config, o.preset_seed);
-  }
-  if (!weights.ok()) return fail(weights.status());
-  const worker::WanConfig& config = (*weights)->config();
-  const std::string model_name =
-      DefaultModelName(o.model_name, o.model_dir, o.preset);
-  worker::BackendOptions bo;
-  bo.name = o.backend;
-  bo.device = o.device >= 0 ? o.device : o.rank;
-  bo.threads = o.threads;
-  absl::StatusOr<std::unique_ptr<worker::Backend>> backend =
-      worker::MakeBackend(bo);
-  if (!backend.ok()) return fail(backend.status());
-  metrics.SetInfo((*backend)->name(), (*backend)->device_description());
+  // Stage 1 of the rank session: weights and backend.
+  absl::StatusOr<std::unique_ptr<worker::RankSession>> prepared =
+      worker::RankSession::Prepare(ro);
+  if (!prepared.ok()) return Fail(prepared.status(), 2);
+  worker::RankSession& session = **prepared;
+  const worker::WanConfig& config = session.weights->config();
+  const std::string model_name = DefaultModelName(o_.model_name, ro.model, ro.preset);
+  metrics.SetInfo(session.backend->name(), session.backend->device_description());
 
   // Attach.
   grpc::ChannelArguments args;
   const int max_msg = static_cast<int>(std::min<int64_t>(
-      o.max_message_bytes, std::numeric_limits<int>::max()));
+      o_.max_message_bytes, std::numeric_limits<int>::max()));
   args.SetMaxReceiveMessageSize(max_msg);
   args.SetMaxSendMessageSize(max_msg);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
   args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds =
-      MakeChannelCredentials(o.tls, "");
-  if (!creds.ok()) return fail(creds.status());
+      MakeChannelCredentials(o_.tls, "");
+  if (!creds.ok()) return Fail(creds.status(), 2);
   std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateCustomChannel(o.coordinator, *creds, args);
+      grpc::CreateCustomChannel(o_.coordinator, *creds, args);
   if (!channel->WaitForConnected(std::chrono::system_clock::now() +
-                                 std::chrono::seconds(o.connect_timeout_s))) {
-    return fail(absl::UnavailableError(
-        absl::StrCat("--coordinator: cannot reach ", o.coordinator, " within ",
-                     o.connect_timeout_s, " s")));
+                                 std::chrono::seconds(o_.connect_timeout_s))) {
+    return Fail(absl::UnavailableError(
+                    absl::StrCat("--coordinator: cannot reach ", o_.coordinator,
+                                 " within ", o_.connect_timeout_s, " s")),
+                2);
   }
-  Connection conn(channel);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    conn_ = std::make_unique<Connection>(channel);
+  }
   {
     vi::RankMessage m;
     vi::Hello* h = m.mutable_hello();
-    h->set_group(o.group);
-    h->set_rank(o.rank);
-    h->set_world_size(o.world_size);
-    h->set_generation(o.generation);
+    h->set_group(o_.group);
+    h->set_rank(ro.rank);
+    h->set_world_size(ro.ranks);
+    h->set_generation(o_.generation);
     h->mutable_model()->set_name(model_name);
     h->mutable_model()->set_config_hash(config.Hash());
     *h->mutable_model()->mutable_info() =
-        ModelInfoFromConfig(config, model_name, o.max_tokens);
-    for (const std::string& l : worker::LoraLibrary(o.lora_dir).List())
+        ModelInfoFromConfig(config, model_name, ro.max_tokens);
+    for (const std::string& l : worker::LoraLibrary(ro.lora_dir).List())
       h->mutable_model()->mutable_info()->add_loras(l);
-    h->set_backend((*backend)->name());
+    h->set_backend(session.backend->name());
     char host[256] = {0};
     gethostname(host, sizeof(host) - 1);
     h->set_host(host);
-    h->set_device((*backend)->device_description());
+    h->set_device(session.backend->device_description());
     if (endpoint) h->set_metrics_address(endpoint->address());
-    h->set_secret(o.secret);
+    h->set_secret(o_.secret);
     h->set_server_version(Version());
-    h->set_cfg_degree(o.cfg_parallel ? 2 : 1);
-    if (!conn.Write(m)) {
-      const grpc::Status s = conn.Finish();
-      return fail(absl::UnavailableError("Attach: " + s.error_message()));
+    h->set_cfg_degree(ro.cfg_parallel ? 2 : 1);
+    if (!conn_->Write(m)) {
+      const grpc::Status s = conn_->Finish();
+      return Fail(absl::UnavailableError("Attach: " + s.error_message()), 2);
     }
   }
   vi::CoordinatorMessage welcome;
-  if (!conn.Read(&welcome) || !welcome.has_welcome()) {
-    const grpc::Status s = conn.Finish();
-    return fail(absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                             "the coordinator refused this rank: " +
-                                 s.error_message()));
+  if (!conn_->Read(&welcome) || !welcome.has_welcome()) {
+    const grpc::Status s = conn_->Finish();
+    return Fail(absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                             "the coordinator refused this rank: " + s.error_message()),
+                2);
   }
   const std::string prefix = welcome.welcome().store_prefix();
   const int heartbeat_ms = welcome.welcome().heartbeat_interval_ms() > 0
                                ? welcome.welcome().heartbeat_interval_ms()
                                : kHeartbeatIntervalMs;
-  DN_LOG(INFO) << "attached to " << o.coordinator << " as rank " << o.rank
-               << "/" << o.world_size << " of group " << o.group
-               << " (generation " << o.generation << ", model " << model_name
-               << ", " << (*backend)->device_description() << ")";
+  DN_LOG(INFO) << "attached to " << o_.coordinator << " as rank " << ro.rank << "/"
+               << ro.ranks << " of group " << o_.group << " (generation "
+               << o_.generation << ", model " << model_name << ", "
+               << session.backend->device_description() << ")";
+  StartThreads();
+  heartbeat_ = std::thread([this, heartbeat_ms] { HeartbeatLoop(heartbeat_ms); });
 
-  // Reader, heartbeat and signal threads. They end the process.
-  JobQueue jobs;
-  std::atomic<bool> leaving{false};
-  std::thread reader([&] {
-    vi::CoordinatorMessage msg;
-    bool shutdown = false;
-    while (conn.Read(&msg)) {
-      switch (msg.msg_case()) {
-        case vi::CoordinatorMessage::kJob:
-          jobs.Push(std::move(*msg.mutable_job()));
-          break;
-        case vi::CoordinatorMessage::kCancel:
-          jobs.Cancel(msg.cancel());
-          break;
-        case vi::CoordinatorMessage::kShutdown:
-          DN_LOG(INFO) << "shutdown: " << msg.shutdown().reason();
-          shutdown = true;
-          break;
-        default:
-          break;
-      }
-    }
-    const grpc::Status s = conn.Finish();
-    if (shutdown || leaving.load()) ExitNow(0);
-    if (s.ok()) {
-      DN_LOG(INFO) << "the coordinator closed the stream: " << s.error_message();
-      ExitNow(0);
-    }
-    DN_LOG(ERROR) << "coordinator stream ended: "
-                  << StatusCodeName(s.error_code()) << ": " << s.error_message();
-    ExitNow(3);
-  });
-  reader.detach();
-  std::thread heartbeat([&] {
-    for (;;) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(heartbeat_ms));
-      vi::RankMessage m;
-      m.mutable_heartbeat()->set_unix_millis(UnixMillisNow());
-      if (o.rank == 0 && !o.lora_dir.empty())
-        for (const std::string& l : worker::LoraLibrary(o.lora_dir).List())
-          m.mutable_heartbeat()->add_loras(l);
-      conn.Write(m);
-    }
-  });
-  heartbeat.detach();
-  std::thread signal_thread([&] {
-    const int sig = WaitStopSignal(std::chrono::milliseconds(-1));
-    DN_LOG(INFO) << "signal " << sig << ": leaving the group";
-    leaving = true;
-    vi::RankMessage bye;
-    bye.mutable_leave()->set_reason(absl::StrCat("signal ", sig));
-    conn.Write(bye);
-    conn.WritesDone();
-    // The coordinator closes the stream; the reader then exits 0.
-    std::this_thread::sleep_for(std::chrono::seconds(3));
-    ExitNow(0);
-  });
-  signal_thread.detach();
-
-  // From here on, threads use the locals: leave only through ExitNow.
-  auto die = [](const absl::Status& s, int code) {
-    DN_LOG(ERROR) << s.ToString();
-    ExitNow(code);
-  };
-
-  // Process groups, engine, warm-up.
-  GrpcStore store(channel, o.secret);
-  absl::StatusOr<ProcessGroups> pgs =
-      FormGroups(store, o, prefix, **backend, bo.device);
-  if (!pgs.ok()) die(pgs.status(), 4);
-  worker::EngineOptions eo;
-  eo.max_tokens = o.max_tokens;
-  eo.use_graphs = o.use_graphs;
-  eo.lora_dir = o.lora_dir;
-  eo.cfg_parallel = o.cfg_parallel;
+  // Stage 2 of the rank session: process groups (through the coordinator's
+  // store) and the engine; then the warm-up.
   const auto t_load = std::chrono::steady_clock::now();
-  absl::StatusOr<std::unique_ptr<worker::Engine>> engine = worker::Engine::Create(
-      **weights, **backend, *pgs->data, *pgs->control, eo, pgs->ulysses.get());
-  if (!engine.ok()) die(engine.status(), 4);
+  GrpcStore store(channel, o_.secret);
+  if (absl::Status s = session.Connect(store, prefix); !s.ok()) return Fail(s, 4);
+  worker::Engine& engine = *session.engine;
   absl::StatusOr<worker::LatentShape> warm =
-      ParseWarmupLatent(o.warmup_latent, config.in_channels);
-  if (!warm.ok()) die(warm.status(), 2);
-  absl::StatusOr<double> step_seconds =
-      (*engine)->Warmup(*warm, o.warmup_text_len);
-  if (!step_seconds.ok()) die(step_seconds.status(), 4);
-  const double load_seconds = std::chrono::duration<double>(
-                                  std::chrono::steady_clock::now() - t_load)
-                                  .count();
-  metrics.SetMemoryPeak((*backend)->peak_memory_bytes());
+      ParseWarmupLatent(o_.warmup_latent, config.in_channels);
+  if (!warm.ok()) return Fail(warm.status(), 2);
+  absl::StatusOr<double> step_seconds = engine.Warmup(*warm, o_.warmup_text_len);
+  if (!step_seconds.ok()) return Fail(step_seconds.status(), 4);
+  const double load_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
+  metrics.SetMemoryPeak(session.backend->peak_memory_bytes());
   {
     vi::RankMessage m;
     m.mutable_ready()->set_warmup_seconds(load_seconds);
     const int64_t tokens = worker::TokenCount(config, *warm);
     m.mutable_ready()->set_seconds_per_token_step(
         tokens > 0 ? *step_seconds / static_cast<double>(tokens) : 0);
-    conn.Write(m);
+    conn_->Write(m);
   }
-  DN_LOG(INFO) << "ready: loaded " << (*weights)->description() << " and warmed up in "
-               << load_seconds << " s (" << *step_seconds
-               << " s/step at latent " << o.warmup_latent << ")";
+  DN_LOG(INFO) << "ready: loaded " << session.weights->description()
+               << " and warmed up in " << load_seconds << " s (" << *step_seconds
+               << " s/step at latent " << o_.warmup_latent << ")";
 
-  // Jobs.
-  for (;;) {
-    vi::Job job = jobs.Pop();
+  // Jobs, until a stop.
+  while (std::optional<vi::Job> job = jobs_.Pop()) {
     bool fatal = false;
-    vi::JobResult result =
-        RunJob(job, **engine, **backend, conn, jobs, metrics, o.rank, &fatal);
     vi::RankMessage m;
-    *m.mutable_result() = std::move(result);
+    *m.mutable_result() =
+        RunJob(*job, engine, *session.backend, *conn_, jobs_, metrics, ro.rank, &fatal);
     const int code = m.result().status_code();
-    conn.Write(m);
+    conn_->Write(m);
     if (fatal) {
-      die(absl::Status(static_cast<absl::StatusCode>(code),
-                       absl::StrCat("job ", job.request_id(),
-                                    " broke the group: ",
-                                    m.result().status_message())),
-          4);
+      return Fail(absl::Status(static_cast<absl::StatusCode>(code),
+                               absl::StrCat("job ", job->request_id(),
+                                            " broke the group: ",
+                                            m.result().status_message())),
+                  4);
     }
   }
+  std::lock_guard<std::mutex> lock(mu_);
+  return exit_code_;
 }
 
+ServiceRank::ServiceRank(ServiceRankOptions options)
+    : impl_(std::make_unique<Impl>(std::move(options))) {}
+ServiceRank::~ServiceRank() = default;
+int ServiceRank::Run() { return impl_->Run(); }
+void ServiceRank::Stop() { impl_->RequestStop(0, true); }
+
 int WorkerRankMain(int argc, char** argv) {
-  RankOptions o;
+  ServiceRankOptions o;
+  worker::RankOptions& r = o.rank;
+  r.rank = 0;
   int max_message_mb = static_cast<int>(o.max_message_bytes >> 20);
   FlagSet flags("denoised worker-rank",
                 "One rank of a worker group (started by `denoised worker`).");
   flags.String("coordinator", &o.coordinator, "coordinator worker address HOST:PORT");
   flags.String("group", &o.group, "worker group name");
-  flags.Int("rank", &o.rank, "this rank");
-  flags.Int("world-size", &o.world_size, "ranks in the group");
+  flags.Int("rank", &r.rank, "this rank");
+  flags.Int("world-size", &r.ranks, "ranks in the group");
   flags.Int64("generation", &o.generation, "the launcher's restart counter");
-  flags.String("model", &o.model_dir, "checkpoint folder");
-  flags.String("preset", &o.preset, "preset model with seeded random weights");
-  flags.Uint64("preset-seed", &o.preset_seed, "seed of the preset weights");
+  flags.String("model", &r.model, "checkpoint folder");
+  flags.String("preset", &r.preset, "preset model with seeded random weights");
+  flags.Uint64("preset-seed", &r.preset_seed, "seed of the preset weights");
   flags.String("model-name", &o.model_name, "registered model name");
-  flags.String("backend", &o.backend, "cpu | cuda");
-  flags.Int("device", &o.device, "CUDA device (-1: the rank)");
-  flags.Int("threads", &o.threads, "CPU backend threads (0: all cores)");
-  flags.String("host", &o.host, "address the rank's process groups listen on");
+  flags.String("backend", &r.backend, "cpu | cuda");
+  flags.Int("device", &r.device, "CUDA device (-1: the rank)");
+  flags.Int("threads", &r.threads, "CPU backend threads (0: cores / world size)");
+  flags.String("host", &r.host, "address the rank's process groups listen on");
   flags.String("metrics-listen", &o.metrics_listen, "/metrics address HOST:PORT");
-  flags.Int64("max-tokens", &o.max_tokens, "largest request, in tokens");
-  flags.String("lora-dir", &o.lora_dir, "directory of LoRA files (*.safetensors) requests may name");
-  flags.Bool("graphs", &o.use_graphs, "capture steps as CUDA graphs");
-  flags.Bool("cfg-parallel", &o.cfg_parallel,
+  flags.Int64("max-tokens", &r.max_tokens, "largest request, in tokens");
+  flags.String("lora-dir", &r.lora_dir, "directory of LoRA files (*.safetensors) requests may name");
+  flags.Bool("graphs", &r.graphs, "capture steps as CUDA graphs");
+  flags.Bool("cfg-parallel", &r.cfg_parallel,
              "run as 2 CFG halves x world-size/2 Ulysses ranks");
   flags.String("warmup-latent", &o.warmup_latent, "warm-up latent size FxHxW");
   flags.Int("warmup-text-len", &o.warmup_text_len, "warm-up text tokens");
   flags.Int("connect-timeout", &o.connect_timeout_s, "seconds to reach the coordinator");
-  flags.Int("pg-timeout", &o.pg_timeout_s, "process-group timeout, seconds");
+  flags.Int("pg-timeout", &r.timeout_s, "process-group timeout, seconds");
   flags.Int("max-message-mb", &max_message_mb, "largest gRPC message, MiB");
   AddTlsFlags(flags, "", &o.tls, "TLS to the coordinator's worker port");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
   o.max_message_bytes = int64_t{max_message_mb} << 20;
   if (const char* s = std::getenv(kSecretEnv)) o.secret = s;
-  return RunRank(o);
+  ServiceRank rank(std::move(o));
+  return rank.Run();
 }
 
 }  // namespace dn::server

@@ -1,17 +1,17 @@
 #include "server/request_validation.h"
 
-#include <cmath>
-#include <limits>
+#include <algorithm>
+#include <optional>
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "comm/base/status_macros.h"
 #include "server/proto_convert.h"
 
 namespace dn::server {
 
 namespace v1 = ::denoised::v1;
+namespace v1i = ::denoised::v1::internal;
 
 namespace {
 
@@ -19,277 +19,180 @@ absl::Status Invalid(const std::string& field, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
 }
 
-int At(const google::protobuf::RepeatedField<int32_t>& v, int i, int dflt) {
-  return i < v.size() && v.Get(i) > 0 ? v.Get(i) : dflt;
+int At(const google::protobuf::RepeatedField<int32_t>& v, int i) {
+  return i < v.size() && v.Get(i) > 0 ? v.Get(i) : 1;
 }
 
-// Checks an embeddings tensor: [T, text_dim] or [1, T, text_dim]. Returns T.
-absl::StatusOr<int> CheckEmbeds(const v1::Tensor& t, const std::string& field,
-                                int text_dim) {
-  DN_RETURN_IF_ERROR(CheckFinite(t, field));
-  const auto& s = t.shape();
-  const bool rank2 = s.size() == 2;
-  const bool rank3 = s.size() == 3 && s.Get(0) == 1;
-  if (!(rank2 || rank3) || s.Get(s.size() - 1) != text_dim ||
-      s.Get(s.size() - 2) < 1) {
-    return Invalid(field + ".shape",
-                   absl::StrCat("expected [T, ", text_dim, "] or [1, T, ",
-                                text_dim, "] with T >= 1, got [",
-                                absl::StrJoin(s, ", "), "]"));
-  }
-  if (s.Get(s.size() - 2) > worker::kMaxTextTokens) {
-    return Invalid(field + ".shape",
-                   absl::StrCat("T = ", s.Get(s.size() - 2), " text tokens is more than ",
-                                worker::kMaxTextTokens));
-  }
-  return static_cast<int>(s.Get(s.size() - 2));
+worker::Shape ShapeOf(const v1::Tensor& t) {
+  return worker::Shape(t.shape().begin(), t.shape().end());
+}
+
+// A wire embeddings tensor: well formed, the rules' shape, every value in
+// range. Returns T.
+absl::StatusOr<int64_t> CheckEmbeds(const worker::RequestRules& rules,
+                                    const v1::Tensor& t, const std::string& field) {
+  DN_RETURN_IF_ERROR(CheckTensor(t, field));
+  DN_ASSIGN_OR_RETURN(int64_t len, rules.CheckEmbedsShape(field, ShapeOf(t)));
+  DN_RETURN_IF_ERROR(CheckTensorValues(t, field));
+  return len;
 }
 
 }  // namespace
 
+worker::ModelGeometry GeometryFromModelInfo(const v1::ModelInfo& model) {
+  worker::ModelGeometry g;
+  g.in_channels = model.in_channels();
+  g.out_channels = model.out_channels();
+  g.text_dim = model.text_dim();
+  g.image_dim = model.image_dim();
+  g.experts = std::max(1, model.experts());
+  for (int i = 0; i < 3; ++i) {
+    g.vae_stride[static_cast<size_t>(i)] = At(model.vae_stride(), i);
+    g.patch_size[static_cast<size_t>(i)] = At(model.patch_size(), i);
+  }
+  g.max_tokens = model.max_tokens();
+  g.max_axis_tokens = model.max_axis_tokens();
+  return g;
+}
+
 absl::StatusOr<v1::LatentShape> ResolvePixelSize(const v1::PixelSize& pixels,
                                                  const v1::ModelInfo& model) {
-  const int st = At(model.vae_stride(), 0, 1);
-  const int sh = At(model.vae_stride(), 1, 1);
-  const int sw = At(model.vae_stride(), 2, 1);
-  if (pixels.frames() < 1 || (pixels.frames() - 1) % st != 0) {
-    return Invalid("pixel_size.frames",
-                   absl::StrCat(pixels.frames(), " is not 1 + a multiple of ",
-                                st, " (the model's temporal VAE stride)"));
-  }
-  if (pixels.height() < 1 || pixels.height() % sh != 0) {
-    return Invalid("pixel_size.height",
-                   absl::StrCat(pixels.height(),
-                                " is not a positive multiple of ", sh,
-                                " (the model's VAE stride)"));
-  }
-  if (pixels.width() < 1 || pixels.width() % sw != 0) {
-    return Invalid("pixel_size.width",
-                   absl::StrCat(pixels.width(),
-                                " is not a positive multiple of ", sw,
-                                " (the model's VAE stride)"));
-  }
-  v1::LatentShape latent;
-  latent.set_channels(model.in_channels());
-  latent.set_frames((pixels.frames() - 1) / st + 1);
-  latent.set_height(pixels.height() / sh);
-  latent.set_width(pixels.width() / sw);
-  return latent;
+  const worker::RequestRules rules(GeometryFromModelInfo(model));
+  DN_ASSIGN_OR_RETURN(
+      worker::LatentShape latent,
+      rules.LatentFromPixels({pixels.frames(), pixels.height(), pixels.width()}));
+  return LatentToProto(latent);
 }
 
 int64_t LatentTokens(const v1::LatentShape& latent, const v1::ModelInfo& model) {
-  const int pt = At(model.patch_size(), 0, 1);
-  const int ph = At(model.patch_size(), 1, 1);
-  const int pw = At(model.patch_size(), 2, 1);
-  // Each factor is < 2^31, so the product of three can overflow int64 (found
-  // by tests/fuzz): saturate, and the max_tokens check rejects it.
-  const int64_t ft = int64_t{latent.frames() / pt} * (latent.height() / ph);
-  int64_t tokens = 0;
-  if (__builtin_mul_overflow(ft, int64_t{latent.width() / pw}, &tokens)) {
-    return std::numeric_limits<int64_t>::max();
-  }
-  return tokens;
+  return worker::RequestRules(GeometryFromModelInfo(model)).Tokens(LatentFromProto(latent));
 }
 
-absl::StatusOr<ResolvedRequest> ValidateRequest(const v1::GenerateRequest& in,
+absl::StatusOr<ResolvedRequest> ValidateRequest(v1::GenerateRequest in,
                                                 const v1::ModelInfo& model) {
+  const worker::RequestRules rules(GeometryFromModelInfo(model));
   ResolvedRequest out;
-  out.request = in;
-  v1::GenerateRequest& r = out.request;
+  // Checked in place; moved into `out` at the end.
+  v1::GenerateRequest& r = in;
 
   // --- size --------------------------------------------------------------
-  v1::LatentShape latent;
-  const bool from_pixels = in.has_pixel_size();
+  worker::LatentShape latent;
+  worker::SizeField size_field = worker::SizeField::kLatentShape;
   if (in.has_latent_shape()) {
-    latent = in.latent_shape();
-    if (latent.channels() == 0) latent.set_channels(model.in_channels());
-    if (latent.channels() != model.in_channels()) {
-      return Invalid("latent_shape.channels",
-                     absl::StrCat(latent.channels(), " != the model's ",
-                                  model.in_channels(), " input channels"));
-    }
-  } else if (from_pixels) {
-    DN_ASSIGN_OR_RETURN(latent, ResolvePixelSize(in.pixel_size(), model));
+    latent = LatentFromProto(in.latent_shape());
+  } else if (in.has_pixel_size()) {
+    size_field = worker::SizeField::kPixelSize;
+    const v1::PixelSize& p = in.pixel_size();
+    DN_ASSIGN_OR_RETURN(latent, rules.LatentFromPixels({p.frames(), p.height(), p.width()}));
   } else {
     return Invalid("size", "set latent_shape or pixel_size");
   }
-  const std::string shape_field = from_pixels ? "pixel_size" : "latent_shape";
-  const int patch[3] = {At(model.patch_size(), 0, 1),
-                        At(model.patch_size(), 1, 1),
-                        At(model.patch_size(), 2, 1)};
-  const int dims[3] = {latent.frames(), latent.height(), latent.width()};
-  const char* names[3] = {"frames", "height", "width"};
-  for (int i = 0; i < 3; ++i) {
-    if (dims[i] < 1 || dims[i] % patch[i] != 0) {
-      return Invalid(
-          absl::StrCat(shape_field, ".", names[i]),
-          absl::StrCat("latent ", names[i], " ", dims[i],
-                       " is not a positive multiple of the patch size ",
-                       patch[i],
-                       from_pixels ? " (pixel size / VAE stride)" : ""));
-    }
-    if (model.max_axis_tokens() > 0 && dims[i] / patch[i] > model.max_axis_tokens()) {
-      return Invalid(absl::StrCat(shape_field, ".", names[i]),
-                     absl::StrCat("latent ", names[i], " ", dims[i], " is ", dims[i] / patch[i],
-                                  " tokens along the axis; the model has positions for ",
-                                  model.max_axis_tokens()));
-    }
-  }
-  out.latent = latent;
-  out.tokens = LatentTokens(latent, model);
-  if (model.max_tokens() > 0 && out.tokens > model.max_tokens()) {
-    return Invalid(shape_field,
-                   absl::StrCat("latent ", LatentString(latent), " is ",
-                                out.tokens, " tokens; the model serves at most ",
-                                model.max_tokens()));
-  }
-  *r.mutable_latent_shape() = latent;  // clears pixel_size (oneof)
+  DN_ASSIGN_OR_RETURN(latent, rules.CheckLatent(latent, size_field));
+  out.latent = LatentToProto(latent);
+  out.tokens = rules.Tokens(latent);
 
   // --- embeddings --------------------------------------------------------
   if (!in.has_prompt_embeds()) {
-    return Invalid("prompt_embeds", "required (text-encoder output [T, " +
-                                        std::to_string(model.text_dim()) +
-                                        "])");
+    return Invalid("prompt_embeds", absl::StrCat("required (text-encoder output [T, ",
+                                                 model.text_dim(), "])"));
   }
-  DN_ASSIGN_OR_RETURN(out.text_len, CheckEmbeds(in.prompt_embeds(),
-                                                "prompt_embeds",
-                                                model.text_dim()));
+  DN_ASSIGN_OR_RETURN(int64_t text_len,
+                      CheckEmbeds(rules, in.prompt_embeds(), "prompt_embeds"));
+  out.text_len = static_cast<int>(text_len);
   if (in.has_negative_prompt_embeds()) {
-    DN_RETURN_IF_ERROR(CheckEmbeds(in.negative_prompt_embeds(),
-                                   "negative_prompt_embeds", model.text_dim())
-                           .status());
+    DN_RETURN_IF_ERROR(
+        CheckEmbeds(rules, in.negative_prompt_embeds(), "negative_prompt_embeds").status());
   }
 
   // --- sampling ----------------------------------------------------------
-  if (!in.has_steps()) r.set_steps(kDefaultSteps);  // unset: the default; 0 is refused
-  if (r.steps() < 1 || r.steps() > kMaxSteps) {
-    return Invalid("steps", absl::StrCat("must be in [1, ", kMaxSteps,
-                                         "], got ", in.steps()));
-  }
-  if (!std::isfinite(r.guidance_scale()) || r.guidance_scale() < 0 ||
-      r.guidance_scale() > worker::kMaxGuidance) {
-    return Invalid("guidance_scale", absl::StrCat("must be finite and in [0, ",
-                                                  worker::kMaxGuidance, "], got ",
-                                                  in.guidance_scale()));
-  }
-  if (r.guidance_scale() == 0) r.set_guidance_scale(kDefaultGuidance);
-  if (in.has_guidance_scale_2()) {
-    if (model.experts() < 2)
-      return Invalid("guidance_scale_2",
-                     "is for two-expert models (Wan2.2 A14B); model '" +
-                         model.name() + "' has one transformer");
-    if (!std::isfinite(r.guidance_scale_2()) || r.guidance_scale_2() < 0 ||
-        r.guidance_scale_2() > worker::kMaxGuidance)
-      return Invalid("guidance_scale_2",
-                     absl::StrCat("must be finite and in [0, ", worker::kMaxGuidance,
-                                  "], got ", in.guidance_scale_2()));
-  }
-  if (r.lora_size() > static_cast<int>(worker::kMaxLorasPerRequest))
-    return Invalid("lora", absl::StrCat(r.lora_size(), " LoRAs, at most ",
-                                        worker::kMaxLorasPerRequest));
-  for (int i = 0; i < r.lora_size(); ++i) {
-    const v1::LoraRef& l = r.lora(i);
-    const std::string f = absl::StrCat("lora[", i, "]");
-    if (l.name().empty() || l.name().size() > 255 || l.name().find('/') != std::string::npos ||
-        l.name() == "." || l.name() == ".." || l.name().find('\0') != std::string::npos)
-      return Invalid(f + ".name", "must be a LoRA file name (ModelInfo.loras)");
-    if (l.has_scale() && (!std::isfinite(l.scale()) || std::abs(l.scale()) > worker::kMaxLoraScale))
-      return Invalid(f + ".scale", absl::StrCat("must be finite with |scale| <= ",
-                                                worker::kMaxLoraScale, ", got ", l.scale()));
-    if (l.expert() < 0 || l.expert() > std::max(1, model.experts()) ||
-        (l.expert() > 0 && model.experts() < 2))
-      return Invalid(f + ".expert", absl::StrCat("must be 0 (all)", model.experts() == 2
-                                                                      ? ", 1 (high-noise) or 2 (low-noise)"
-                                                                      : " for a one-transformer model",
-                                                 ", got ", l.expert()));
-  }
-  if (!std::isfinite(r.shift()) || r.shift() < 0 || r.shift() > worker::kMaxShift) {
-    return Invalid("shift", absl::StrCat("must be finite and in (0, ", worker::kMaxShift,
-                                         "] (0: the default), got ", in.shift()));
-  }
-  if (r.shift() == 0) r.set_shift(kDefaultShift);
   if (!v1::Scheduler_IsValid(r.scheduler())) {
     return Invalid("scheduler",
                    absl::StrCat("unknown value ", static_cast<int>(r.scheduler())));
   }
-  if (r.scheduler() == v1::SCHEDULER_UNSPECIFIED) {
-    r.set_scheduler(v1::SCHEDULER_UNIPC);
+  // Unset steps: the default; an explicit 0 is refused.
+  DN_ASSIGN_OR_RETURN(
+      worker::Sampling sampling,
+      rules.ResolveSampling(in.has_steps() ? std::optional<int>(in.steps()) : std::nullopt,
+                            in.guidance_scale(), in.shift(),
+                            SchedulerFromProto(r.scheduler())));
+  r.set_steps(sampling.steps);
+  r.set_guidance_scale(static_cast<float>(sampling.guidance));
+  r.set_shift(static_cast<float>(sampling.shift));
+  r.set_scheduler(SchedulerToProto(sampling.scheduler));
+  if (in.has_guidance_scale_2())
+    DN_RETURN_IF_ERROR(rules.CheckGuidance2(in.guidance_scale_2()));
+
+  // --- LoRA --------------------------------------------------------------
+  DN_RETURN_IF_ERROR(rules.CheckLoraCount(static_cast<size_t>(r.lora_size())));
+  for (int i = 0; i < r.lora_size(); ++i) {
+    const v1::LoraRef& l = r.lora(i);
+    DN_RETURN_IF_ERROR(rules.CheckLora(i, l.name(), l.has_scale() ? l.scale() : 1.0,
+                                       l.expert()));
   }
 
-  // --- image tokens (Wan2.1 I2V) -----------------------------------------
+  // --- conditioning (I2V) ------------------------------------------------
+  DN_RETURN_IF_ERROR(
+      rules.CheckConditioningPresent(in.has_image_embeds(), in.has_condition_latents()));
   if (in.has_image_embeds()) {
-    if (model.image_dim() <= 0)
-      return Invalid("image_embeds", "model '" + model.name() +
-                                         "' has no image branch (a t2v or Wan2.2 model)");
-    DN_RETURN_IF_ERROR(CheckFinite(in.image_embeds(), "image_embeds"));
-    const auto& s = in.image_embeds().shape();
-    const bool ok2 = s.size() == 2, ok3 = s.size() == 3 && s.Get(0) == 1;
-    const int64_t n = ok2 ? s.Get(0) : ok3 ? s.Get(1) : 0;
-    if ((!ok2 && !ok3) || s.Get(s.size() - 1) != model.image_dim() || n < 1 ||
-        n > worker::kMaxImageTokens)
-      return Invalid("image_embeds.shape",
-                     absl::StrCat("expected [N, ", model.image_dim(), "] or [1, N, ",
-                                  model.image_dim(), "] with 1 <= N <= ", worker::kMaxImageTokens,
-                                  ", got [", absl::StrJoin(s, ", "), "]"));
-  } else if (model.image_dim() > 0) {
-    return Invalid("image_embeds", absl::StrCat("required: model '", model.name(),
-                                                "' has an image branch (CLIP tokens [N, ",
-                                                model.image_dim(), "], 257 for Wan2.1)"));
+    DN_RETURN_IF_ERROR(CheckTensor(in.image_embeds(), "image_embeds"));
+    DN_RETURN_IF_ERROR(
+        rules.CheckImageEmbedsShape("image_embeds", ShapeOf(in.image_embeds())).status());
+    DN_RETURN_IF_ERROR(CheckTensorValues(in.image_embeds(), "image_embeds"));
   }
-
-  // --- initial latents / condition ---------------------------------------
-  // The sampler state has out_channels; in_channels - out_channels more are
-  // the condition (I2V).
-  const int state_channels = model.out_channels() > 0 ? model.out_channels() : latent.channels();
-  const int cond_channels = latent.channels() - state_channels;
   if (in.has_condition_latents()) {
-    if (cond_channels <= 0)
-      return Invalid("condition_latents",
-                     absl::StrCat("model '", model.name(), "' takes no condition (in_channels ",
-                                  latent.channels(), " = out_channels)"));
-    DN_RETURN_IF_ERROR(CheckFinite(in.condition_latents(), "condition_latents"));
-    const auto& s = in.condition_latents().shape();
-    if (s.size() != 4 || s.Get(0) != cond_channels || s.Get(1) != latent.frames() ||
-        s.Get(2) != latent.height() || s.Get(3) != latent.width())
-      return Invalid("condition_latents.shape",
-                     absl::StrCat("expected [", cond_channels, ", ", latent.frames(), ", ",
-                                  latent.height(), ", ", latent.width(), "], got [",
-                                  absl::StrJoin(s, ", "), "]"));
-  } else if (cond_channels > 0) {
-    return Invalid("condition_latents",
-                   absl::StrCat("required: model '", model.name(), "' takes ", latent.channels(),
-                                " input channels = ", state_channels, " latent + ", cond_channels,
-                                " condition (mask 4 | image latent 16)"));
-  }
-  if (in.has_initial_latents()) {
-    DN_RETURN_IF_ERROR(CheckFinite(in.initial_latents(), "initial_latents"));
-    const auto& s = in.initial_latents().shape();
-    if (s.size() != 4 || s.Get(0) != state_channels ||
-        s.Get(1) != latent.frames() || s.Get(2) != latent.height() ||
-        s.Get(3) != latent.width()) {
-      return Invalid("initial_latents.shape",
-                     absl::StrCat("expected the latent shape ",
-                                  LatentString(latent), ", got [",
-                                  absl::StrJoin(s, ", "), "]"));
-    }
+    DN_RETURN_IF_ERROR(CheckTensor(in.condition_latents(), "condition_latents"));
+    DN_RETURN_IF_ERROR(rules.CheckConditionShape("condition_latents",
+                                                 ShapeOf(in.condition_latents()), latent));
+    DN_RETURN_IF_ERROR(CheckTensorValues(in.condition_latents(), "condition_latents"));
   }
 
-  // --- scheduling --------------------------------------------------------
+  // --- initial latents ---------------------------------------------------
+  if (in.has_initial_latents()) {
+    DN_RETURN_IF_ERROR(CheckTensor(in.initial_latents(), "initial_latents"));
+    DN_RETURN_IF_ERROR(
+        rules.CheckLatentsShape("initial_latents", ShapeOf(in.initial_latents()), latent));
+    DN_RETURN_IF_ERROR(CheckTensorValues(in.initial_latents(), "initial_latents"));
+  }
+
+  // --- scheduling (the coordinator's own fields) --------------------------
   if (r.priority() < -kMaxPriority || r.priority() > kMaxPriority) {
-    return Invalid("priority", absl::StrCat("must be in [-", kMaxPriority,
-                                            ", ", kMaxPriority, "], got ",
-                                            in.priority()));
+    return Invalid("priority", absl::StrCat("must be in [-", kMaxPriority, ", ",
+                                            kMaxPriority, "], got ", in.priority()));
   }
   if (r.client_request_id().size() > kMaxClientRequestIdLength) {
     return Invalid("client_request_id",
-                   absl::StrCat("longer than ", kMaxClientRequestIdLength,
-                                " bytes"));
+                   absl::StrCat("longer than ", kMaxClientRequestIdLength, " bytes"));
   }
   if (r.step_event_interval() < 0) {
     return Invalid("step_event_interval",
                    absl::StrCat("must be >= 0, got ", in.step_event_interval()));
   }
   if (r.step_event_interval() == 0) r.set_step_event_interval(1);
+
+  // --- the job: the ranks' part, tensors moved -----------------------------
+  *r.mutable_latent_shape() = out.latent;  // clears pixel_size (oneof)
+  v1i::Job& job = out.job;
+  *job.mutable_latent_shape() = out.latent;
+  job.set_steps(r.steps());
+  job.set_guidance_scale(r.guidance_scale());
+  job.set_scheduler(r.scheduler());
+  job.set_shift(r.shift());
+  job.set_seed(r.seed());
+  if (r.has_guidance_scale_2()) job.set_guidance_scale_2(r.guidance_scale_2());
+  *job.mutable_lora() = r.lora();
+  job.set_allocated_prompt_embeds(r.release_prompt_embeds());
+  if (r.has_negative_prompt_embeds())
+    job.set_allocated_negative_prompt_embeds(r.release_negative_prompt_embeds());
+  if (r.has_initial_latents())
+    job.set_allocated_initial_latents(r.release_initial_latents());
+  if (r.has_condition_latents())
+    job.set_allocated_condition_latents(r.release_condition_latents());
+  if (r.has_image_embeds()) job.set_allocated_image_embeds(r.release_image_embeds());
+  out.tensor_bytes = static_cast<int64_t>(
+      job.prompt_embeds().data().size() + job.negative_prompt_embeds().data().size() +
+      job.initial_latents().data().size() + job.condition_latents().data().size() +
+      job.image_embeds().data().size());
+  out.request = std::move(in);
   return out;
 }
 

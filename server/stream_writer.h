@@ -16,6 +16,7 @@
 #define DN_SERVER_STREAM_WRITER_H_
 
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <utility>
 
@@ -30,7 +31,10 @@ class OrderedWriter {
 
   // Queues `msg`. Returns false (dropping it) once Finish was requested, the
   // call is over, or an earlier write failed (the peer is gone).
-  bool Write(Msg msg) {
+  bool Write(Msg msg) { return Write(std::make_shared<const Msg>(std::move(msg))); }
+  // Queues a message shared with other streams (a Job fanned out to every
+  // rank of a group is built once and never copied per stream).
+  bool Write(std::shared_ptr<const Msg> msg) {
     const Msg* next = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -38,7 +42,7 @@ class OrderedWriter {
       queue_.push_back(std::move(msg));
       if (writing_) return true;
       writing_ = true;
-      next = &queue_.front();
+      next = queue_.front().get();
     }
     reactor_->StartWrite(next);
     return true;
@@ -74,7 +78,7 @@ class OrderedWriter {
         queue_.clear();
       }
       if (!queue_.empty()) {
-        next = &queue_.front();
+        next = queue_.front().get();
       } else {
         writing_ = false;
         finish = finish_requested_;
@@ -97,7 +101,7 @@ class OrderedWriter {
  private:
   mutable std::mutex mu_;
   Reactor* reactor_;
-  std::deque<Msg> queue_;  // front = the write in flight
+  std::deque<std::shared_ptr<const Msg>> queue_;  // front = the write in flight
   bool writing_ = false;
   bool failed_ = false;
   bool finish_requested_ = false;

@@ -20,6 +20,9 @@ class ReactorLink final : public RankLink {
  public:
   explicit ReactorLink(AttachReactor* r) : writer(r) {}
   void Send(vi::CoordinatorMessage msg) override { writer.Write(std::move(msg)); }
+  void SendShared(std::shared_ptr<const vi::CoordinatorMessage> msg) override {
+    writer.Write(std::move(msg));
+  }
   void Close(const absl::Status& status) override {
     writer.Finish(ToGrpcStatus(status));
   }

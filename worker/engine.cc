@@ -24,38 +24,14 @@ namespace dn::worker {
 absl::StatusOr<LatentShape> LatentFromPixels(const WanConfig& config,
                                              int frames, int height,
                                              int width) {
-  const auto& vs = config.vae_stride;
-  const auto& ps = config.patch_size;
-  if (frames < 1 || (frames - 1) % vs[0] != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "frames ", frames, " must be 1 + a multiple of the VAE time stride ",
-        vs[0], " (e.g. 1, ", 1 + vs[0], ", ", 1 + 4 * vs[0], ")"));
-  const int latent_frames = (frames - 1) / vs[0] + 1;
-  if (latent_frames % ps[0] != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "frames ", frames, " give ", latent_frames,
-        " latent frames, not a multiple of the patch size ", ps[0]));
-  const int hmul = vs[1] * ps[1], wmul = vs[2] * ps[2];
-  if (height < 1 || height % hmul != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "height ", height, " must be a positive multiple of ", hmul,
-        " (VAE stride ", vs[1], " x patch ", ps[1], ")"));
-  if (width < 1 || width % wmul != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "width ", width, " must be a positive multiple of ", wmul,
-        " (VAE stride ", vs[2], " x patch ", ps[2], ")"));
-  LatentShape s;
-  s.channels = config.in_channels;
-  s.frames = latent_frames;
-  s.height = height / vs[1];
-  s.width = width / vs[2];
-  return s;
+  const RequestRules rules(GeometryOf(config, 0));
+  DN_ASSIGN_OR_RETURN(LatentShape latent,
+                      rules.LatentFromPixels({frames, height, width}));
+  return rules.CheckLatent(latent, SizeField::kPixelSize);
 }
 
 int64_t TokenCount(const WanConfig& config, const LatentShape& shape) {
-  const auto& p = config.patch_size;
-  return static_cast<int64_t>(shape.frames / p[0]) * (shape.height / p[1]) *
-         (shape.width / p[2]);
+  return RequestRules(GeometryOf(config, 0)).Tokens(shape);
 }
 
 namespace {
@@ -125,6 +101,9 @@ class EngineImpl : public Engine {
   WanModel& expert(int e) { return e == 0 ? *model_ : *low_noise_; }
   int num_experts() const { return low_noise_ != nullptr ? 2 : 1; }
   void Unpatchify(const float* gathered, int batch_index, float* v) const;
+  // INVALID_ARGUMENT naming the likely input when the latent x_ holds a NaN
+  // or Inf after the last step.
+  absl::Status CheckOutputFinite(const GenerateParams& params) const;
   // The text context of each batch row this rank runs (CFG-parallel: its
   // half's branch only).
   std::vector<const Tensor*> BranchEmbeds(const GenerateParams& p, bool cfg);
@@ -163,143 +142,73 @@ class EngineImpl : public Engine {
 };
 
 absl::Status EngineImpl::Validate(const GenerateParams& p) const {
-  const WanConfig& c = config();
-  if (p.steps < 1 || p.steps > kMaxSteps)
-    return absl::InvalidArgumentError(
-        absl::StrCat("steps ", p.steps, " must be in [1, ", kMaxSteps, "]"));
-  if (!std::isfinite(p.guidance) || p.guidance < 0 || p.guidance > kMaxGuidance)
-    return absl::InvalidArgumentError(absl::StrCat("guidance ", p.guidance,
-                                                   " must be finite and in [0, ", kMaxGuidance,
-                                                   "] (CFG on iff > 1)"));
-  if (p.guidance_2.has_value()) {
-    if (num_experts() < 2)
+  // The same rules as the coordinator's admission (server/request_validation.cc).
+  const RequestRules rules(GeometryOf(config(), options_.max_tokens));
+  DN_RETURN_IF_ERROR(rules.CheckSampling({p.steps, p.guidance, p.shift, p.scheduler}));
+  if (p.guidance_2.has_value()) DN_RETURN_IF_ERROR(rules.CheckGuidance2(*p.guidance_2));
+  DN_ASSIGN_OR_RETURN(LatentShape latent,
+                      rules.CheckLatent(p.latent, SizeField::kLatentShape));
+  if (latent.channels != p.latent.channels)  // 0 is the coordinator's to fill
+    return absl::InvalidArgumentError(absl::StrCat(
+        "latent_shape.channels: ", p.latent.channels, " != the model's ",
+        latent.channels, " input channels"));
+  auto host_f32 = [](const Tensor& t, const char* field) -> absl::Status {
+    if (t.device() != Device::kCpu || t.dtype() != DType::kF32)
       return absl::InvalidArgumentError(absl::StrCat(
-          "guidance_scale_2 ", *p.guidance_2,
-          " is for two-expert models (Wan2.2 A14B); this model has one "
-          "transformer"));
-    if (!std::isfinite(*p.guidance_2) || *p.guidance_2 < 0 ||
-        *p.guidance_2 > kMaxGuidance)
-      return absl::InvalidArgumentError(absl::StrCat(
-          "guidance_scale_2 ", *p.guidance_2, " must be finite and in [0, ",
-          kMaxGuidance, "]"));
-  }
-  if (!std::isfinite(p.shift) || p.shift <= 0 || p.shift > kMaxShift)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "shift ", p.shift, " must be finite and in (0, ", kMaxShift, "]"));
-  const LatentShape& l = p.latent;
-  if (l.channels != c.in_channels)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "latent channels ", l.channels, " must equal the model's in_channels ",
-        c.in_channels));
-  const auto& ps = c.patch_size;
-  if (l.frames < 1 || l.frames % ps[0] != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "latent frames ", l.frames, " must be a positive multiple of ", ps[0]));
-  if (l.height < 1 || l.height % ps[1] != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "latent height ", l.height, " must be a positive multiple of ", ps[1]));
-  if (l.width < 1 || l.width % ps[2] != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "latent width ", l.width, " must be a positive multiple of ", ps[2]));
-  const int max_pos = c.rope_max_seq_len;
-  if (l.frames / ps[0] > max_pos || l.height / ps[1] > max_pos ||
-      l.width / ps[2] > max_pos)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "latent frames/height/width ", l.frames, "/", l.height, "/", l.width,
-        " exceed rope_max_seq_len ", max_pos, " tokens on an axis"));
-  const int64_t tokens = TokenCount(c, l);
-  if (tokens > options_.max_tokens)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tokens ", tokens, " (latent ", l.frames, "x", l.height, "x", l.width,
-        ") over max_tokens ", options_.max_tokens));
-  auto check_embeds = [&](const Tensor& e, const char* name) -> absl::Status {
-    if (e.device() != Device::kCpu || e.dtype() != DType::kF32 ||
-        e.rank() != 2 || e.dim(0) < 1 || e.dim(1) != c.text_dim)
-      return absl::InvalidArgumentError(absl::StrCat(
-          name, " must be host f32 [T, text_dim = ", c.text_dim,
-          "] with T >= 1, got ", e.DebugString()));
-    if (e.dim(0) > kMaxTextTokens)
-      return absl::InvalidArgumentError(absl::StrCat(
-          name, " has ", e.dim(0), " tokens, more than ", kMaxTextTokens));
+          field, ": must be a host f32 tensor, got ", t.DebugString()));
     return absl::OkStatus();
   };
+  auto values = [](const Tensor& t, const char* field) {
+    return RequestRules::CheckValues(field, t.data_as<float>(), t.numel());
+  };
+  auto check_embeds = [&](const Tensor& e, const char* field) -> absl::Status {
+    DN_RETURN_IF_ERROR(host_f32(e, field));
+    if (e.rank() != 2)  // the ranks take [T, text_dim]; [1, T, D] is flattened before
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".shape: expected [T, ", config().text_dim, "], got ",
+          ShapeString(e.shape())));
+    DN_RETURN_IF_ERROR(rules.CheckEmbedsShape(field, e.shape()).status());
+    return values(e, field);
+  };
   if (!p.prompt_embeds.defined())
-    return absl::InvalidArgumentError("prompt_embeds are missing");
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt_embeds: required (text-encoder output [T, ", config().text_dim, "])"));
   DN_RETURN_IF_ERROR(check_embeds(p.prompt_embeds, "prompt_embeds"));
   if (p.negative_embeds.defined())
-    DN_RETURN_IF_ERROR(check_embeds(p.negative_embeds, "negative_embeds"));
-  if (c.is_i2v() && !p.image_embeds.defined())
-    return absl::InvalidArgumentError(absl::StrCat(
-        "image_embeds are required: the model has an image branch (CLIP image tokens [N, image_dim = ",
-        c.image_dim, "], 257 for Wan2.1 I2V)"));
+    DN_RETURN_IF_ERROR(check_embeds(p.negative_embeds, "negative_prompt_embeds"));
+  DN_RETURN_IF_ERROR(rules.CheckConditioningPresent(p.image_embeds.defined(),
+                                                    p.condition_latents.defined()));
   if (p.image_embeds.defined()) {
-    if (!c.is_i2v())
-      return absl::InvalidArgumentError(
-          "image_embeds: this model has no image branch (image_dim unset; a t2v or Wan2.2 model)");
-    const Tensor& e = p.image_embeds;
-    if (e.device() != Device::kCpu || e.dtype() != DType::kF32 || e.rank() != 2 ||
-        e.dim(0) < 1 || e.dim(0) > kMaxImageTokens || e.dim(1) != c.image_dim)
+    DN_RETURN_IF_ERROR(host_f32(p.image_embeds, "image_embeds"));
+    if (p.image_embeds.rank() != 2)  // [1, N, D] is flattened before
       return absl::InvalidArgumentError(absl::StrCat(
-          "image_embeds must be host f32 [N, image_dim = ", c.image_dim, "] with 1 <= N <= ",
-          kMaxImageTokens, ", got ", e.DebugString()));
-    const float* v = e.data_as<float>();
-    for (int64_t i = 0; i < e.numel(); ++i)
-      if (!std::isfinite(v[i]))
-        return absl::InvalidArgumentError(
-            absl::StrCat("image_embeds: non-finite value at element ", i));
+          "image_embeds.shape: expected [N, ", config().image_dim, "], got ",
+          ShapeString(p.image_embeds.shape())));
+    DN_RETURN_IF_ERROR(rules.CheckImageEmbedsShape("image_embeds", p.image_embeds.shape()).status());
+    DN_RETURN_IF_ERROR(values(p.image_embeds, "image_embeds"));
   }
-  const int cond_channels = c.in_channels - c.out_channels;
-  if (cond_channels > 0 && !p.condition_latents.defined())
-    return absl::InvalidArgumentError(absl::StrCat(
-        "condition_latents are required: the model takes ", c.in_channels, " input channels = ",
-        c.out_channels, " of the latent + ", cond_channels,
-        " of condition (I2V: mask 4 | image latent 16)"));
   if (p.condition_latents.defined()) {
-    const Shape want = {cond_channels, l.frames, l.height, l.width};
-    if (cond_channels <= 0)
-      return absl::InvalidArgumentError(absl::StrCat(
-          "condition_latents: this model (in_channels ", c.in_channels, " = out_channels ",
-          c.out_channels, ") takes no condition"));
-    if (p.condition_latents.device() != Device::kCpu ||
-        p.condition_latents.dtype() != DType::kF32 || p.condition_latents.shape() != want)
-      return absl::InvalidArgumentError(absl::StrCat(
-          "condition_latents must be host f32 ", ShapeString(want), ", got ",
-          p.condition_latents.DebugString()));
-    const float* v = p.condition_latents.data_as<float>();
-    for (int64_t i = 0; i < p.condition_latents.numel(); ++i)
-      if (!std::isfinite(v[i]))
-        return absl::InvalidArgumentError(absl::StrCat(
-            "condition_latents: non-finite value at element ", i));
+    DN_RETURN_IF_ERROR(host_f32(p.condition_latents, "condition_latents"));
+    DN_RETURN_IF_ERROR(rules.CheckConditionShape("condition_latents",
+                                                 p.condition_latents.shape(), latent));
+    DN_RETURN_IF_ERROR(values(p.condition_latents, "condition_latents"));
   }
   if (p.initial_latents.defined()) {
-    const Shape want = {c.out_channels, l.frames, l.height, l.width};
-    if (p.initial_latents.device() != Device::kCpu ||
-        p.initial_latents.dtype() != DType::kF32 ||
-        p.initial_latents.shape() != want)
-      return absl::InvalidArgumentError(absl::StrCat(
-          "initial_latents must be host f32 ", ShapeString(want), ", got ",
-          p.initial_latents.DebugString()));
+    DN_RETURN_IF_ERROR(host_f32(p.initial_latents, "initial_latents"));
+    DN_RETURN_IF_ERROR(
+        rules.CheckLatentsShape("initial_latents", p.initial_latents.shape(), latent));
+    DN_RETURN_IF_ERROR(values(p.initial_latents, "initial_latents"));
   }
-  if (p.loras.size() > kMaxLorasPerRequest)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "lora: ", p.loras.size(), " LoRAs, more than ", kMaxLorasPerRequest));
+  DN_RETURN_IF_ERROR(rules.CheckLoraCount(p.loras.size()));
   for (size_t i = 0; i < p.loras.size(); ++i) {
     const LoraRef& l = p.loras[i];
-    if (l.name.empty() || l.name.find('/') != std::string::npos || l.name == "." ||
-        l.name == ".." || l.name.find('\0') != std::string::npos)
-      return absl::InvalidArgumentError(absl::StrCat(
-          "lora[", i, "].name '", l.name, "' must be a file name of the LoRA directory"));
-    if (!std::isfinite(l.scale) || std::abs(l.scale) > kMaxLoraScale)
-      return absl::InvalidArgumentError(absl::StrCat(
-          "lora[", i, "].scale ", l.scale, " must be finite with |scale| <= ", kMaxLoraScale));
-    if (l.expert < -1 || l.expert >= num_experts())
-      return absl::InvalidArgumentError(absl::StrCat(
-          "lora[", i, "].expert ", l.expert, ": the model has ", num_experts(),
-          " expert(s) (-1 = all, 0 = high-noise, 1 = low-noise)"));
+    // LoraRef::expert: -1 = all, 0 = high-noise, 1 = low-noise; the API's
+    // encoding (the rules') is one more.
+    DN_RETURN_IF_ERROR(rules.CheckLora(static_cast<int>(i), l.name, l.scale, l.expert + 1));
   }
   if (p.deadline_unix_millis < 0)
     return absl::InvalidArgumentError(absl::StrCat(
-        "deadline_unix_millis ", p.deadline_unix_millis, " is negative"));
+        "deadline_unix_millis: ", p.deadline_unix_millis, " is negative"));
   return absl::OkStatus();
 }
 
@@ -602,10 +511,39 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
                                              " of ", steps));
     }
   }
+  // Finite inputs within the rules can still overflow inside the model (a
+  // checkpoint with huge weights, extreme guidance): every rank holds the
+  // same latent, so every rank refuses alike, and the engine stays usable.
+  if (absl::Status finite = CheckOutputFinite(params); !finite.ok()) return finite;
   Tensor result = Tensor::Host({config_.out_channels, params.latent.frames,
                                 params.latent.height, params.latent.width});
   std::memcpy(result.data(), x_.data(), x_.size() * sizeof(float));
   return result;
+}
+
+absl::Status EngineImpl::CheckOutputFinite(const GenerateParams& p) const {
+  int64_t bad = 0;
+  for (float v : x_) bad += std::isfinite(v) ? 0 : 1;
+  if (bad == 0) return absl::OkStatus();
+  // The likely cause: the input largest relative to the limit on inputs.
+  std::string field = "guidance_scale";
+  double worst = 0, worst_abs = p.guidance;
+  auto consider = [&](const Tensor& t, const char* name) {
+    if (!t.defined()) return;
+    const double m = MaxAbs(t.data_as<float>(), t.numel());
+    if (m / kMaxInputMagnitude > worst) {
+      worst = m / kMaxInputMagnitude;
+      worst_abs = m;
+      field = name;
+    }
+  };
+  consider(p.prompt_embeds, "prompt_embeds");
+  consider(p.negative_embeds, "negative_prompt_embeds");
+  consider(p.initial_latents, "initial_latents");
+  consider(p.condition_latents, "condition_latents");
+  consider(p.image_embeds, "image_embeds");
+  return RequestRules::NonFiniteOutputError(bad, static_cast<int64_t>(x_.size()),
+                                            field, worst_abs);
 }
 
 absl::StatusOr<double> EngineImpl::Warmup(const LatentShape& shape,

@@ -27,45 +27,36 @@
 #include "worker/backend.h"
 #include "worker/checkpoint.h"
 #include "worker/lora.h"
+#include "worker/request_rules.h"
 #include "worker/sampler.h"
 #include "worker/tensor.h"
 #include "worker/wan_config.h"
 
 namespace dn::worker {
 
-struct LatentShape {
-  int channels = 0;
-  int frames = 0;
-  int height = 0;
-  int width = 0;
-};
-
 // Pixel size (frames, height, width) -> latent shape through the config's
-// VAE strides: frames (F-1)/st+1, height H/sh, width W/sw, channels
-// in_channels. Errors name the field that does not fit the strides.
+// VAE strides (RequestRules::LatentFromPixels, then CheckLatent without a
+// token limit). Errors name pixel_size.frames/height/width.
 absl::StatusOr<LatentShape> LatentFromPixels(const WanConfig& config,
                                              int frames, int height, int width);
 // Token count of a latent shape after patching (F/pt * H/ph * W/pw).
 int64_t TokenCount(const WanConfig& config, const LatentShape& shape);
 
-// What every request must meet; the engine checks them (Validate), and the
-// coordinator checks the same at admission so that a request it accepts is
-// never refused by the ranks.
-inline constexpr int kMaxSteps = 1000;
-inline constexpr double kMaxGuidance = 100;
-inline constexpr double kMaxShift = 1000;
-inline constexpr int64_t kMaxTextTokens = 4096;
+// The limits and defaults every request must meet live in
+// worker/request_rules.h; Engine::Validate and the coordinator's admission
+// both apply them, so a request the coordinator accepts is never refused by
+// the ranks.
 
 struct GenerateParams {
   LatentShape latent;
-  int steps = 50;
-  double guidance = 5.0;  // CFG on iff > 1
+  int steps = kDefaultSteps;
+  double guidance = kDefaultGuidance;  // CFG on iff > 1
   // Two-expert models: the low-noise expert's scale (guidance_scale_2);
   // unset = `guidance`. CFG on/off follows `guidance` alone (diffusers).
   // Setting it for a one-transformer model is INVALID_ARGUMENT.
   std::optional<double> guidance_2;
-  SchedulerKind scheduler = SchedulerKind::kUniPC;
-  double shift = 3.0;
+  SchedulerKind scheduler = kDefaultScheduler;
+  double shift = kDefaultShift;
   uint64_t seed = 0;
   Tensor prompt_embeds;    // host f32 [T, text_dim]
   Tensor negative_embeds;  // host f32 [T', text_dim]; undefined -> zeros [T, text_dim]
@@ -133,9 +124,6 @@ struct EngineOptions {
   // group (this rank's half) when N/2 > 1.
   bool cfg_parallel = false;
 };
-inline constexpr size_t kMaxLorasPerRequest = 16;
-inline constexpr int64_t kMaxImageTokens = 1024;
-inline constexpr double kMaxLoraScale = 100;
 // `options` after the environment, as Engine::Create applies it:
 // DN_CUDA_GRAPHS=0 turns use_graphs off, DN_A2A_SAMPLE_EVERY=N sets
 // timing_every.
@@ -160,13 +148,18 @@ class Engine {
   virtual const WanConfig& config() const = 0;
   // This rank's place in the group: cfg degree, Ulysses degree, half.
   virtual const comm::CfgSplit& split() const = 0;
-  // Checks params against the model and limits; messages name the field.
+  // Checks params with the request rules (worker/request_rules.h) for this
+  // model and max_tokens, plus what only the engine sees (host f32 tensors,
+  // the deadline); messages start with the API field name.
   virtual absl::Status Validate(const GenerateParams& params) const = 0;
   // Runs the denoising loop (collective). Returns the final latents
   // [C,F,H,W] (host f32) on every rank. Every rank returns the same outcome
   // class: an agreed stop (CANCELLED / DEADLINE_EXCEEDED at the same step),
   // a setup failure of some rank (its code, before any data collective), or
-  // a failure mid-step, after which the engine is broken().
+  // a failure mid-step, after which the engine is broken(). Latents that
+  // come out non-finite end the request with INVALID_ARGUMENT naming the
+  // likely input (RequestRules::NonFiniteOutputError); the engine stays
+  // usable.
   virtual absl::StatusOr<Tensor> Generate(const GenerateParams& params,
                                           const StepCallback& on_step,
                                           const StopFlag* stop) = 0;

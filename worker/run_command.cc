@@ -22,57 +22,14 @@
 #include "absl/strings/str_split.h"
 #include "comm/base/log.h"
 #include "comm/base/status_macros.h"
-#include "comm/cfg_parallel.h"
 #include "worker/noise.h"
 #include "worker/safetensors.h"
 #include "worker/sampler.h"
 #include "worker/wan_config.h"
 
-#ifdef DENOISED_WITH_CUDA
-#include "comm/nccl_process_group.h"
-#endif
 
 namespace dn::worker {
 namespace {
-
-// A weight source that keeps only the first `layers` blocks of another
-// (`--layers`, to run cut-down big presets).
-class LayerLimitedWeights : public WeightSource {
- public:
-  LayerLimitedWeights(std::unique_ptr<WeightSource> inner, int layers)
-      : LayerLimitedWeights(inner.get(), layers) {
-    owned_ = std::move(inner);
-  }
-  // Non-owning: `inner` outlives this.
-  LayerLimitedWeights(const WeightSource* inner, int layers)
-      : inner_(inner), config_(inner->config()) {
-    config_.num_layers = layers;
-    if (inner->num_experts() == 2)  // each expert cut down alike
-      for (int e = 0; e < 2; ++e)
-        experts_.push_back(
-            std::make_unique<LayerLimitedWeights>(&inner->expert(e), layers));
-  }
-  const WanConfig& config() const override { return config_; }
-  std::string description() const override {
-    return absl::StrCat(inner_->description(), ", first ", config_.num_layers,
-                        " layers");
-  }
-  absl::Status ReadF32(const std::string& name, float* dst) const override {
-    return inner_->ReadF32(name, dst);
-  }
-  const RandomInit* random_init(const std::string& name) const override {
-    return inner_->random_init(name);
-  }
-  const WeightSource& expert(int i) const override {
-    return experts_.empty() ? *this : *experts_[static_cast<size_t>(i)];
-  }
-
- private:
-  std::unique_ptr<WeightSource> owned_;
-  const WeightSource* inner_;
-  WanConfig config_;
-  std::vector<std::unique_ptr<LayerLimitedWeights>> experts_;
-};
 
 struct RunFlags {
   int frames = 0;
@@ -201,13 +158,21 @@ void DrawProgress(const StepStats& s) {
   std::fflush(stderr);
 }
 
-absl::Status RunRank(const RankOptions& ro, const RunFlags& rf) {
-  DN_ASSIGN_OR_RETURN(std::unique_ptr<RankSession> session, OpenRankSession(ro));
+// One rank of `denoised run`: one Generate; rank 0 writes the latents.
+absl::Status RunGeneration(const RankOptions& ro, const RunFlags& rf) {
+  DN_ASSIGN_OR_RETURN(std::unique_ptr<RankSession> session, RankSession::Open(ro));
   Engine& engine = *session->engine;
   const WanConfig& config = engine.config();
   GenerateParams p;
-  DN_ASSIGN_OR_RETURN(p.latent,
-                      LatentFromPixels(config, rf.frames, rf.height, rf.width));
+  absl::StatusOr<LatentShape> latent =
+      LatentFromPixels(config, rf.frames, rf.height, rf.width);
+  if (!latent.ok()) {
+    // The rules name the API field (pixel_size.frames); here it is a flag.
+    std::string message(latent.status().message());
+    if (message.rfind("pixel_size.", 0) == 0) message = "--" + message.substr(11);
+    return absl::Status(latent.status().code(), message);
+  }
+  p.latent = *latent;
   p.steps = rf.steps;
   p.guidance = rf.guidance;
   if (rf.guidance_2 >= 0) p.guidance_2 = rf.guidance_2;
@@ -320,120 +285,6 @@ bool IsSecondary(absl::StatusCode code) {
 }
 
 }  // namespace
-
-void AddRankFlags(FlagSet& flags, RankOptions* o) {
-  flags.String("model", &o->model, "diffusers checkpoint folder");
-  flags.String("preset", &o->preset,
-               "preset with seeded random weights instead of --model "
-               "(tiny, demo-pixel, wan2.1-t2v-1.3b, wan2.1-t2v-14b)");
-  flags.Uint64("preset-seed", &o->preset_seed, "seed of the preset's weights");
-  flags.String("backend", &o->backend, "cpu | cuda");
-  flags.Int("ranks", &o->ranks, "rank processes (sequence-parallel degree)");
-  flags.Int("threads", &o->threads,
-            "CPU threads per rank (0 = cores / ranks)");
-  flags.Int("timeout-s", &o->timeout_s,
-            "rendezvous and collective timeout in seconds");
-  flags.Int64("max-tokens", &o->max_tokens, "admission limit on tokens");
-  flags.String("lora-dir", &o->lora_dir,
-               "directory of LoRA files (*.safetensors) that --lora may name");
-  flags.Bool("graphs", &o->graphs,
-             "capture each step as a CUDA graph (all-to-alls inside) and "
-             "replay it; DN_CUDA_GRAPHS=0 also turns it off");
-  flags.Bool("cfg-parallel", &o->cfg_parallel,
-             "run the ranks as 2 CFG halves x ranks/2 Ulysses ranks (the "
-             "conditional branch on ranks [0, N/2), the unconditional on "
-             "[N/2, N)); needs an even --ranks");
-}
-
-absl::Status CheckRankOptions(const RankOptions& o) {
-  if (o.model.empty() == o.preset.empty())
-    return absl::InvalidArgumentError("give exactly one of --model and --preset");
-  if (o.ranks < 1 || o.ranks > 64)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--ranks ", o.ranks, " must be in [1, 64]"));
-  if (o.backend != "cpu" && o.backend != "cuda")
-    return absl::InvalidArgumentError(
-        absl::StrCat("--backend '", o.backend, "' must be cpu or cuda"));
-  if (o.threads < 0)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--threads ", o.threads, " must be >= 0"));
-  if (o.timeout_s < 1)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--timeout-s ", o.timeout_s, " must be >= 1"));
-  if (o.layers < 0)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--layers ", o.layers, " must be >= 0"));
-  if (o.cfg_parallel && o.ranks % 2 != 0)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--cfg-parallel needs an even --ranks (2 CFG halves x ranks/2 Ulysses "
-        "ranks), got --ranks ",
-        o.ranks));
-  return absl::OkStatus();
-}
-
-absl::StatusOr<std::unique_ptr<RankSession>> OpenRankSession(
-    const RankOptions& o) {
-  DN_RETURN_IF_ERROR(CheckRankOptions(o));
-  auto s = std::make_unique<RankSession>();
-  DN_ASSIGN_OR_RETURN(s->store, comm::MakeFileStore(o.store_dir));
-  BackendOptions bo;
-  bo.name = o.backend;
-  bo.device = o.rank;
-  bo.threads = o.threads > 0
-                   ? o.threads
-                   : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) /
-                                     o.ranks);
-  DN_ASSIGN_OR_RETURN(s->backend, MakeBackend(bo));
-  comm::GlooOptions go;
-  go.rank = o.rank;
-  go.size = o.ranks;
-  go.timeout = std::chrono::milliseconds(int64_t{o.timeout_s} * 1000);
-  go.prefix = "ctl";
-  DN_ASSIGN_OR_RETURN(s->control, comm::MakeGlooProcessGroup(*s->store, go));
-  DN_ASSIGN_OR_RETURN(const comm::CfgSplit split,
-                      comm::SplitForCfg(o.ranks, o.rank, o.cfg_parallel));
-  if (o.backend == "cuda") {
-#ifdef DENOISED_WITH_CUDA
-    comm::NcclOptions no;
-    no.rank = o.rank;
-    no.size = o.ranks;
-    no.device = o.rank;
-    no.timeout = go.timeout;
-    no.prefix = "data";
-    no.stream = s->backend->stream();
-    DN_ASSIGN_OR_RETURN(s->data, comm::MakeNcclProcessGroup(*s->store, no));
-    if (split.cfg_degree > 1 && split.ulysses_degree > 1) {
-      DN_ASSIGN_OR_RETURN(
-          s->ulysses, comm::MakeNcclProcessGroup(*s->store, comm::HalfGroupOptions(no, split)));
-    }
-#else
-    return absl::UnimplementedError("this build has no CUDA backend");
-#endif
-  } else {
-    go.prefix = "data";
-    DN_ASSIGN_OR_RETURN(s->data, comm::MakeGlooProcessGroup(*s->store, go));
-    if (split.cfg_degree > 1 && split.ulysses_degree > 1) {
-      DN_ASSIGN_OR_RETURN(
-          s->ulysses, comm::MakeGlooProcessGroup(*s->store, comm::HalfGroupOptions(go, split)));
-    }
-  }
-  if (!o.model.empty()) {
-    DN_ASSIGN_OR_RETURN(s->weights, OpenCheckpoint(o.model));
-  } else {
-    DN_ASSIGN_OR_RETURN(WanConfig config, PresetConfig(o.preset));
-    DN_ASSIGN_OR_RETURN(s->weights, MakePresetWeights(config, o.preset_seed));
-  }
-  if (o.layers > 0 && o.layers < s->weights->config().num_layers)
-    s->weights = std::make_unique<LayerLimitedWeights>(std::move(s->weights), o.layers);
-  EngineOptions eo;
-  eo.max_tokens = o.max_tokens;
-  eo.use_graphs = o.graphs;
-  eo.lora_dir = o.lora_dir;
-  eo.cfg_parallel = o.cfg_parallel;
-  DN_ASSIGN_OR_RETURN(s->engine, Engine::Create(*s->weights, *s->backend, *s->data,
-                                                *s->control, eo, s->ulysses.get()));
-  return s;
-}
 
 void ReportRankError(const RankOptions& o, const absl::Status& status) {
   DN_LOG(ERROR) << "rank " << o.rank << " failed: " << status;
@@ -595,7 +446,7 @@ int RunRankCommand(int argc, char** argv) {
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
   SetLogTag(absl::StrCat("rank", ro.rank));
   absl::Status s = CheckRunFlags(rf);
-  if (s.ok()) s = RunRank(ro, rf);
+  if (s.ok()) s = RunGeneration(ro, rf);
   if (!s.ok()) {
     ReportRankError(ro, s);
     return 1;

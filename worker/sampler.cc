@@ -24,6 +24,14 @@ constexpr int kMaxSteps = 100000;
 
 double Shift(double shift, double u) { return shift * u / (1.0 + (shift - 1.0) * u); }
 
+// diffusers' int64 truncation of a timestep. A degenerate shift can make t
+// infinite or NaN (1 + (shift - 1)·u rounds to 0 for shift near 0): t is
+// kept as is, so CheckSchedule refuses it, instead of an undefined cast.
+double TruncatedTimestep(double t) {
+  if (!(std::fabs(t) < 9.0e18)) return t;
+  return static_cast<double>(static_cast<int64_t>(t));
+}
+
 // λ(σ) = ln α − ln σ with α = 1 − σ (flow sigmas).
 double Lambda(double sigma) { return std::log(1.0 - sigma) - std::log(sigma); }
 
@@ -58,8 +66,7 @@ class UniPCSampler : public Sampler {
       grid[i] = Shift(shift, static_cast<double>(i) * step + start);
     if (std::fabs(grid[0] - 1.0) < 1e-6) grid[0] -= 1e-6;
     for (int i = 0; i < steps; ++i) {
-      timesteps_.push_back(static_cast<double>(
-          static_cast<int64_t>(grid[i] * kNumTrainTimesteps)));
+      timesteps_.push_back(TruncatedTimestep(grid[i] * kNumTrainTimesteps));
       sigmas_.push_back(static_cast<double>(static_cast<float>(grid[i])));
     }
     sigmas_.push_back(0.0);

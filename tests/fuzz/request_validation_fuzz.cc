@@ -4,7 +4,7 @@
 // GenerateRequest: protobuf parse of the wire bytes, then
 // server::ValidateRequest against a fixed tiny model. A request that
 // validates must have a consistent resolved shape within the model's token
-// limit, and its prompt embeddings must convert (TensorFromProto).
+// limit, and the tensors moved into its Job must convert (TensorFromProto).
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -49,8 +49,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (r->tokens < 1 || r->tokens > model->max_tokens()) abort();
   if (r->tokens != dn::server::LatentTokens(r->latent, *model)) abort();
   if (r->request.steps() < 1 || r->request.steps() > dn::server::kMaxSteps) abort();
-  absl::StatusOr<dn::worker::Tensor> embeds =
-      dn::server::TensorFromProto(r->request.prompt_embeds(), "prompt_embeds");
-  if (!embeds.ok()) abort();
+  // The tensors moved into the job (the request keeps none) and convert.
+  if (r->request.has_prompt_embeds() || !r->job.has_prompt_embeds()) abort();
+  if (!dn::server::TensorFromProto(r->job.prompt_embeds(), "prompt_embeds").ok()) abort();
+  if (r->job.has_negative_prompt_embeds() &&
+      !dn::server::TensorFromProto(r->job.negative_prompt_embeds(), "negative_prompt_embeds").ok())
+    abort();
+  if (r->job.has_initial_latents() &&
+      !dn::server::TensorFromProto(r->job.initial_latents(), "initial_latents").ok())
+    abort();
+  if (r->job.steps() != r->request.steps()) abort();
   return 0;
 }

@@ -54,6 +54,10 @@ class RecordingSink final : public RequestSink {
 class RecordingLink final : public RankLink {
  public:
   void Send(vi::CoordinatorMessage m) override { sent.push_back(std::move(m)); }
+  void SendShared(std::shared_ptr<const vi::CoordinatorMessage> m) override {
+    sent.push_back(*m);  // a copy for the test's own record
+    shared.push_back(std::move(m));
+  }
   void Close(const absl::Status& s) override {
     if (!closed.has_value()) closed = s;
   }
@@ -70,6 +74,7 @@ class RecordingLink final : public RankLink {
     return false;
   }
   std::vector<vi::CoordinatorMessage> sent;
+  std::vector<std::shared_ptr<const vi::CoordinatorMessage>> shared;  // as sent
   std::optional<absl::Status> closed;
 };
 
@@ -415,10 +420,14 @@ TEST_F(CoreTest, RequestRunsStepByStepToItsResult) {
   std::optional<vi::Job> job = ranks[1]->LastJob();
   ASSERT_TRUE(job.has_value());
   const std::string id = job->request_id();
-  EXPECT_EQ(job->request().steps(), 3);
-  // Every rank gets the tensors (the last one's Job is moved, not copied).
-  EXPECT_EQ(job->request().prompt_embeds().data().size(), 8u * 32 * 4);
-  EXPECT_EQ(ranks[0]->LastJob()->request().prompt_embeds().data().size(), 8u * 32 * 4);
+  EXPECT_EQ(job->steps(), 3);
+  // Every rank gets the tensors, in one message the ranks' streams share
+  // (moved from the request, never copied per rank).
+  EXPECT_EQ(job->prompt_embeds().data().size(), 8u * 32 * 4);
+  ASSERT_EQ(ranks[0]->shared.size(), 1u);
+  ASSERT_EQ(ranks[1]->shared.size(), 1u);
+  EXPECT_EQ(ranks[0]->shared[0].get(), ranks[1]->shared[0].get());
+  EXPECT_EQ(ranks[0]->shared[0]->job().prompt_embeds().data().size(), 8u * 32 * 4);
   for (int i = 0; i < 3; ++i) {
     vi::RankMessage m;
     m.mutable_step()->set_request_id(id);

@@ -595,10 +595,14 @@ TEST_F(ReadyGroupTest, JobIsRelayedStepByStep) {
   std::optional<vi::Job> job = rank_->NextJob();
   ASSERT_TRUE(job.has_value());
   // Defaults filled and the latent shape resolved.
-  EXPECT_EQ(job->request().steps(), 50);
-  EXPECT_FLOAT_EQ(job->request().guidance_scale(), 5.0f);
-  EXPECT_FLOAT_EQ(job->request().shift(), 3.0f);
-  EXPECT_EQ(job->request().scheduler(), v1::SCHEDULER_UNIPC);
+  EXPECT_EQ(job->steps(), 50);
+  EXPECT_FLOAT_EQ(job->guidance_scale(), 5.0f);
+  EXPECT_FLOAT_EQ(job->shift(), 3.0f);
+  EXPECT_EQ(job->scheduler(), v1::SCHEDULER_UNIPC);
+  // The job carries what the ranks run: the prompt's tensor, the seed.
+  EXPECT_EQ(job->prompt_embeds().data().size(),
+            req.prompt_embeds().data().size());
+  EXPECT_EQ(job->seed(), req.seed());
   EXPECT_EQ(job->latent_shape().channels(), 16);
   EXPECT_EQ(job->latent_shape().frames(), 2);
   EXPECT_EQ(job->latent_shape().height(), 8);
@@ -676,7 +680,7 @@ TEST_F(ReadyGroupTest, VideoSizedMessagesPass) {
   Call call(*client_, req);
   std::optional<vi::Job> job = rank_->NextJob();
   ASSERT_TRUE(job.has_value());
-  EXPECT_EQ(job->request().initial_latents().data().size(), 4u * 16 * 21 * 90 * 160);
+  EXPECT_EQ(job->initial_latents().data().size(), 4u * 16 * 21 * 90 * 160);
   rank_->Result(job->request_id(), 0, &*job);
   absl::StatusOr<v1::GenerateResult> r = call.done.get();
   ASSERT_TRUE(r.ok()) << r.status();

@@ -1,6 +1,8 @@
 // Units of server/: request validation and pixel -> latent resolution, the
 // metric bucket layouts, and the Prometheus text parser / quantile helper.
 #include <cmath>
+#include <cstring>
+#include <vector>
 #include <string>
 
 #include "gmock/gmock.h"
@@ -78,6 +80,148 @@ TEST(RequestValidation, TooManyTokens) {
   const absl::Status s = ValidateRequest(r, WanLike()).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("pixel_size: latent"));
+}
+
+v1::GenerateRequest SmallRequest() {
+  v1::GenerateRequest r;
+  r.set_model("wan");
+  r.mutable_latent_shape()->set_frames(1);
+  r.mutable_latent_shape()->set_height(4);
+  r.mutable_latent_shape()->set_width(4);
+  *r.mutable_prompt_embeds() = SeededEmbeds(0, 3, 32);
+  return r;
+}
+
+v1::Tensor F32Tensor(std::vector<int64_t> shape, float fill) {
+  v1::Tensor t;
+  t.set_dtype(v1::DTYPE_F32);
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    t.add_shape(d);
+    n *= d;
+  }
+  std::string data(static_cast<size_t>(n) * 4, '\0');
+  for (int64_t i = 0; i < n; ++i) std::memcpy(data.data() + 4 * i, &fill, 4);
+  t.set_data(std::move(data));
+  return t;
+}
+
+void ExpectRefused(const v1::GenerateRequest& r, const std::string& field_prefix) {
+  const absl::Status s = ValidateRequest(r, WanLike()).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << field_prefix << ": " << s;
+  EXPECT_THAT(std::string(s.message()), ::testing::StartsWith(field_prefix + ":"))
+      << "the message must start with the field name";
+}
+
+// Issue 14 defect 8: an extreme shift made a degenerate schedule that
+// admission passed and the ranks refused after Accepted/Started.
+TEST(RequestValidation, RefusesDegenerateScheduleUpFront) {
+  for (v1::Scheduler sch : {v1::SCHEDULER_UNIPC, v1::SCHEDULER_EULER}) {
+    v1::GenerateRequest r = SmallRequest();
+    r.set_scheduler(sch);
+    r.set_shift(1e-30f);
+    ExpectRefused(r, "shift");
+    r.set_shift(3.0f);
+    EXPECT_TRUE(ValidateRequest(r, WanLike()).ok());
+  }
+}
+
+// Issue 14 defect 7: finite but extreme inputs returned OK with NaN
+// latents; magnitudes over 1e4 are refused up front, naming the field.
+TEST(RequestValidation, RefusesExtremeInputMagnitudes) {
+  v1::GenerateRequest r = SmallRequest();
+  *r.mutable_prompt_embeds() = F32Tensor({3, 32}, 3.4e38f);
+  ExpectRefused(r, "prompt_embeds.data");
+  *r.mutable_prompt_embeds() = F32Tensor({3, 32}, -2e4f);
+  ExpectRefused(r, "prompt_embeds.data");
+  *r.mutable_prompt_embeds() = F32Tensor({3, 32}, 1e4f);  // the limit itself is fine
+  EXPECT_TRUE(ValidateRequest(r, WanLike()).ok());
+
+  r = SmallRequest();
+  *r.mutable_negative_prompt_embeds() = F32Tensor({2, 32}, 1e30f);
+  ExpectRefused(r, "negative_prompt_embeds.data");
+
+  r = SmallRequest();
+  *r.mutable_initial_latents() = F32Tensor({16, 1, 4, 4}, 3e38f);
+  ExpectRefused(r, "initial_latents.data");
+  *r.mutable_initial_latents() = F32Tensor({16, 1, 4, 4}, 2.5f);
+  EXPECT_TRUE(ValidateRequest(r, WanLike()).ok());
+
+  // bf16 inputs are decoded and held to the same limit (0x7f00 = 1.7e38).
+  r = SmallRequest();
+  v1::Tensor bf16;
+  bf16.set_dtype(v1::DTYPE_BF16);
+  bf16.add_shape(1);
+  bf16.add_shape(32);
+  std::string data(64, '\0');
+  for (int i = 0; i < 32; ++i) {
+    data[2 * i] = 0x00;
+    data[2 * i + 1] = 0x7f;
+  }
+  bf16.set_data(data);
+  *r.mutable_prompt_embeds() = bf16;
+  ExpectRefused(r, "prompt_embeds.data");
+}
+
+TEST(RequestValidation, MessagesStartWithTheField) {
+  v1::GenerateRequest r = SmallRequest();
+  r.set_steps(0);
+  ExpectRefused(r, "steps");
+  r = SmallRequest();
+  r.set_guidance_scale(101);
+  ExpectRefused(r, "guidance_scale");
+  r = SmallRequest();
+  r.set_shift(-1);
+  ExpectRefused(r, "shift");
+  r = SmallRequest();
+  r.mutable_latent_shape()->set_height(3);
+  ExpectRefused(r, "latent_shape.height");
+  r = SmallRequest();
+  r.mutable_latent_shape()->set_channels(4);
+  ExpectRefused(r, "latent_shape.channels");
+  r = SmallRequest();
+  r.mutable_pixel_size()->set_frames(2);
+  r.mutable_pixel_size()->set_height(32);
+  r.mutable_pixel_size()->set_width(32);
+  ExpectRefused(r, "pixel_size.frames");
+  r = SmallRequest();
+  *r.mutable_initial_latents() = F32Tensor({16, 1, 4, 5}, 0);
+  ExpectRefused(r, "initial_latents.shape");
+  // A huge shape is not echoed whole.
+  r = SmallRequest();
+  v1::Tensor wide;
+  wide.set_dtype(v1::DTYPE_F32);
+  for (int i = 0; i < 20000; ++i) wide.add_shape(1);
+  wide.set_data(std::string(4, '\0'));
+  *r.mutable_prompt_embeds() = wide;
+  const absl::Status s = ValidateRequest(r, WanLike()).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_LT(s.message().size(), 300u) << s;
+}
+
+// The ranks' Job takes the request's tensors by move: the very bytes the
+// client sent, counted, and none left in the public request.
+TEST(RequestValidation, JobTakesTheTensorsWithoutACopy) {
+  v1::GenerateRequest r = SmallRequest();
+  *r.mutable_negative_prompt_embeds() = SeededEmbeds(1, 2, 32);
+  *r.mutable_initial_latents() = F32Tensor({16, 1, 4, 4}, 0.5f);
+  r.set_seed(99);
+  const char* prompt = r.prompt_embeds().data().data();
+  const char* latents = r.initial_latents().data().data();
+  const int64_t bytes = static_cast<int64_t>(r.prompt_embeds().data().size() +
+                                             r.negative_prompt_embeds().data().size() +
+                                             r.initial_latents().data().size());
+  absl::StatusOr<ResolvedRequest> ok = ValidateRequest(std::move(r), WanLike());
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->job.prompt_embeds().data().data(), prompt);
+  EXPECT_EQ(ok->job.initial_latents().data().data(), latents);
+  EXPECT_EQ(ok->tensor_bytes, bytes);
+  EXPECT_FALSE(ok->request.has_prompt_embeds());
+  EXPECT_FALSE(ok->request.has_negative_prompt_embeds());
+  EXPECT_FALSE(ok->request.has_initial_latents());
+  EXPECT_EQ(ok->job.seed(), 99u);
+  EXPECT_EQ(ok->job.steps(), kDefaultSteps);
+  EXPECT_EQ(ok->job.latent_shape().channels(), 16);
 }
 
 TEST(Protocol, FatalCodes) {

@@ -272,7 +272,7 @@ TEST_F(RunTest, BadInputsFailWithTheFlagNamed) {
   r = Run(absl::StrCat("--frames 4 --height 48 --width 48 --steps 1 --ranks 2 --out ",
                        Out("x.safetensors")));
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_NE(r.err.find("frames 4"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--frames: 4"), std::string::npos) << r.err;
   r = Run(absl::StrCat("--frames 5 --height 48 --width 48 --steps 1 --ranks 2 --scheduler dpm --out ",
                        Out("x.safetensors")));
   EXPECT_EQ(r.exit_code, 2);

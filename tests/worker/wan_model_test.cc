@@ -461,19 +461,19 @@ TEST(EngineTest, ValidationNamesTheField) {
   expect(p, "steps");
   p = good;
   p.guidance = std::nan("");
-  expect(p, "guidance");
+  expect(p, "guidance_scale");
   p = good;
   p.shift = 0;
   expect(p, "shift");
   p = good;
   p.latent.channels = 16;
-  expect(p, "latent channels");
+  expect(p, "latent_shape.channels");
   p = good;
   p.latent.height = 5;
-  expect(p, "latent height");
+  expect(p, "latent_shape.height");
   p = good;
   p.latent.width = 0;
-  expect(p, "latent width");
+  expect(p, "latent_shape.width");
   p = good;
   p.latent.frames = 4;  // 4 x 2 x 3 = 24 tokens > 12
   expect(p, "max_tokens");
@@ -485,7 +485,7 @@ TEST(EngineTest, ValidationNamesTheField) {
   expect(p, "prompt_embeds");
   p = good;
   p.negative_embeds = Tensor::Host({3, 2});
-  expect(p, "negative_embeds");
+  expect(p, "negative_prompt_embeds");
   p = good;
   p.initial_latents = Tensor::Host({4, 2, 4, 5});
   expect(p, "initial_latents");
