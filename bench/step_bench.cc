@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "comm/base/flags.h"
+#include "worker/lora.h"
 #include "comm/base/log.h"
 #include "comm/base/status_macros.h"
 #include "worker/engine.h"
@@ -29,6 +30,7 @@ struct StepFlags {
   int iters = 5;
   int warmup = 1;
   int text_len = 512;
+  std::string loras;  // --lora NAME[:SCALE[:EXPERT]][,...] of --lora-dir
 };
 
 void AddStepFlags(FlagSet& flags, StepFlags* f, worker::RankOptions* ro) {
@@ -42,6 +44,9 @@ void AddStepFlags(FlagSet& flags, StepFlags* f, worker::RankOptions* ro) {
   flags.Int("iters", &f->iters, "timed steps");
   flags.Int("warmup", &f->warmup, "untimed steps first (plans, graphs)");
   flags.Int("text-len", &f->text_len, "text tokens");
+  flags.String("lora", &f->loras,
+               "LoRAs of --lora-dir applied to every step: NAME[:SCALE[:EXPERT]][,...] "
+               "(the step then includes the unmerged low-rank path)");
   flags.Int("layers", &ro->layers,
             "keep only the first L blocks (cut-down big presets); 0 = all");
 }
@@ -96,6 +101,7 @@ absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
   p.steps = f.warmup + f.iters;
   p.guidance = f.cfg ? 5.0 : 1.0;
   p.scheduler = worker::SchedulerKind::kEuler;
+  DN_ASSIGN_OR_RETURN(p.loras, worker::ParseLoraSpecs(f.loras, "--lora"));
   p.prompt_embeds = worker::Tensor::Host({f.text_len, c.text_dim});
   worker::FillNormal(1, worker::kEmbedStream, 0, 0.0f, 1.0f,
                      p.prompt_embeds.data_as<float>(),
@@ -166,10 +172,10 @@ absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
   // One machine-readable line for scripts.
   std::printf(
       "RESULT ranks=%d backend=%s tokens=%lld cfg=%d layers=%d graphs=%d "
-      "step_ms=%.4f alltoall_ms=%.4f tflops=%.5f peak_mib=%.1f cfg_parallel=%d\n",
+      "step_ms=%.4f alltoall_ms=%.4f tflops=%.5f peak_mib=%.1f cfg_parallel=%d loras=%zu\n",
       ro.ranks, ro.backend.c_str(), static_cast<long long>(tokens), f.cfg ? 1 : 0,
       c.num_layers, eo.use_graphs ? 1 : 0, med * 1e3, Median(a2a_s) * 1e3, tflops,
-      static_cast<double>(peak_max) / (1 << 20), ro.cfg_parallel ? 1 : 0);
+      static_cast<double>(peak_max) / (1 << 20), ro.cfg_parallel ? 1 : 0, p.loras.size());
   std::fflush(stdout);
   return absl::OkStatus();
 }

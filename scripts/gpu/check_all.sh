@@ -5,7 +5,7 @@
 #                mkdir -p .anchor && cp ../shared/anchors/usp_anchor.py .anchor/
 # Run there:     . .gpu/env.sh && scripts/gpu/check_all.sh STAGE...   (carry .gpu and .anchor)
 # Stages: info ops nccl tiny sp graphs commbench commvariants perf sdpasweep step step4k stepauto graphstep service fault step14b
-#         cfgpar models
+#         cfgpar models lora
 # (sp needs tiny first: it compares against tiny's 1-rank runs.)
 # Graphs are on by default everywhere (--no-graphs or DN_CUDA_GRAPHS=0 turns them off;
 # DN_FUSED_QKV_PACK=0 turns the fused q/k norm+RoPE+pack kernel off).
@@ -139,6 +139,14 @@ for st in "$@"; do
       # The step with the SDPA config autotuned at first use (DN_CUDNN_SDPA_AUTOTUNE=1) beside the default.
       stage step32k_auto_p1 300 env DN_CUDNN_SDPA_AUTOTUNE=1 denoised bench step --preset wan2.1-t2v-1.3b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 5
       stage step4k_auto_p1 300 env DN_CUDNN_SDPA_AUTOTUNE=1 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks 1 --backend cuda --cfg --iters 10 ;;
+    lora)
+      # Issue 15: the step with a rank-64 LoRA on every block Linear (unmerged low-rank path) against
+      # none, 1.3B at 32760 tokens, beside the anchor, one GPU.
+      mkdir -p $W/lora64
+      denoised make-checkpoint --preset wan2.1-t2v-1.3b --lora-rank 64 --lora-out $W/lora64/r64.safetensors > /dev/null
+      stage lora_none_p1 300 denoised bench step --preset wan2.1-t2v-1.3b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 5
+      stage lora_r64_p1 300 denoised bench step --preset wan2.1-t2v-1.3b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 5 --lora-dir $W/lora64 --lora r64
+      stage lora_anchor_p1 300 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 32760 ;;
     service) stage service 300 scripts/gpu/service_check.sh $NGPU 6 ;;
     fault) stage fault 420 scripts/gpu/fault_check.sh $NGPU ;;
     step14b)

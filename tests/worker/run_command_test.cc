@@ -314,5 +314,25 @@ TEST_F(RunTest, BenchStepReportsOnTheTinyPreset) {
   EXPECT_NE(r.out.find("peak memory per rank"), std::string::npos) << r.out;
 }
 
+
+TEST_F(RunTest, BenchStepAppliesALoraOfTheLoraDir) {
+  const std::string dir = Out("loras");
+  std::filesystem::create_directories(dir);
+  const std::string make = absl::StrCat(DENOISED_BIN, " make-checkpoint --preset tiny --lora-rank 4 "
+                                        "--lora-out ", dir, "/a.safetensors > /dev/null");
+  ASSERT_EQ(std::system(make.c_str()), 0) << make;
+  const Result r = Run(absl::StrCat("--tokens 12 --ranks 1 --cfg --iters 2 --text-len 8 "
+                                    "--lora-dir ", dir, " --lora a:0.5"),
+                       "bench step --preset tiny");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("loras=1"), std::string::npos) << r.out;
+  // An unknown LoRA fails the bench, naming the file.
+  const Result bad = Run(absl::StrCat("--tokens 12 --ranks 1 --iters 1 --text-len 8 "
+                                      "--lora-dir ", dir, " --lora nope"),
+                         "bench step --preset tiny");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("nope"), std::string::npos) << bad.err;
+}
+
 }  // namespace
 }  // namespace dn::worker

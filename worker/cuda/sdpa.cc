@@ -6,6 +6,7 @@
 #include <optional>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "comm/base/cuda_check.h"
 #include "comm/base/log.h"
@@ -688,7 +689,10 @@ absl::StatusOr<std::vector<CudnnSdpa::SweepRow>> CudnnSdpa::Sweep(
       }
       std::sort(ms.begin(), ms.end());
       const double med = ms[ms.size() / 2];
-      rows.push_back({c.name, c.workspace, med, c.name == current_name});
+      // Explored names extend the plain one with " engine E knobs ..." (Candidates).
+      const bool is_default = c.name == current_name ||
+                              absl::StartsWith(c.name, absl::StrCat(current_name, " engine "));
+      rows.push_back({c.name, c.workspace, med, is_default});
       if (best_ms < 0 || med < best_ms) {
         best_ms = med;
         best_t = &t;
