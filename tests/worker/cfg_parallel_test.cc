@@ -10,23 +10,15 @@
 //   right degree and flag.
 // Nothing here sets OPENBLAS_* variables: the equality must hold under
 // whatever the machine sets.
-#include <stdlib.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "worker/safetensors.h"
-#include "worker/tensor.h"
+#include "tests/worker/cli_test_util.h"
 
 namespace dn::worker {
 namespace {
@@ -35,68 +27,29 @@ using ::testing::HasSubstr;
 
 class CfgParallelTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/dn_cfgpar_test_XXXXXX";
-    dir_ = mkdtemp(tmpl);
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
-
-  struct Result {
-    int exit_code = -1;
-    std::string err;
-  };
-  static std::string Slurp(const std::string& path) {
-    std::ifstream in(path);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
+  using Result = testing_util::CliResult;
   // `denoised run <model> --threads 1 <args>`.
   Result Run(const std::string& model, const std::string& args) {
-    const std::string err_file = absl::StrCat(dir_, "/stderr", counter_++);
-    const std::string cmd =
-        absl::StrCat(DENOISED_BIN, " run ", model, " --threads 1 --timeout-s 60 ",
-                     args, " > /dev/null 2> ", err_file);
-    Result r;
-    const int st = std::system(cmd.c_str());
-    r.exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    r.err = Slurp(err_file);
-    return r;
+    return testing_util::RunDenoised(DENOISED_BIN, dir_.path(), &counter_, "run " + model, args);
   }
-  // The raw bytes of the latents `run` wrote (empty on failure).
-  std::string Latents(const std::string& model, const std::string& args) {
-    const std::string out = absl::StrCat(dir_, "/out", counter_, ".safetensors");
+  // The latents `run` wrote (empty on failure).
+  std::vector<float> Latents(const std::string& model, const std::string& args) {
+    const std::string out = dir_ / absl::StrCat("out", counter_, ".safetensors");
     const Result r = Run(model, absl::StrCat(args, " --out ", out));
     EXPECT_EQ(r.exit_code, 0) << args << "\n" << r.err;
     if (r.exit_code != 0) return {};
-    auto file = SafetensorsFile::Open(out);
-    if (!file.ok()) {
-      ADD_FAILURE() << file.status();
-      return {};
-    }
-    const SafetensorsEntry* e = (*file)->Find("latents");
-    if (e == nullptr) {
-      ADD_FAILURE() << "no latents in " << out;
-      return {};
-    }
-    std::vector<float> v(static_cast<size_t>(NumElements(e->shape)));
-    EXPECT_TRUE((*file)->ReadF32(*e, v.data()).ok());
-    return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+    return testing_util::ReadLatents(out);
   }
-  static double MaxDiff(const std::string& a, const std::string& b) {
-    EXPECT_EQ(a.size(), b.size());
-    const size_t n = std::min(a.size(), b.size()) / sizeof(float);
-    double m = 0;
-    for (size_t i = 0; i < n; ++i) {
-      float x, y;
-      std::memcpy(&x, a.data() + i * sizeof(float), sizeof(float));
-      std::memcpy(&y, b.data() + i * sizeof(float), sizeof(float));
-      m = std::max(m, static_cast<double>(std::fabs(x - y)));
-    }
-    return m;
+  // Bit for bit (unlike ==, tells -0 from 0 and matches NaN payloads).
+  static bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() &&
+           std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  }
+  static double MaxDiff(const std::vector<float>& a, const std::vector<float>& b) {
+    return testing_util::MaxDiff(a, b);
   }
 
-  std::string dir_;
+  testing_util::TempDir dir_;
   int counter_ = 0;
 };
 
@@ -109,19 +62,19 @@ TEST_F(CfgParallelTest, EqualsUlyssesBitForBitOnTheDemoModel) {
   const std::string args =
       "--frames 2 --height 32 --width 32 --steps 4 --guidance 5 --scheduler unipc "
       "--seed 7 --text-len 80";
-  const std::string ref = Latents(kDemo, absl::StrCat(args, " --ranks 1"));
+  const std::vector<float> ref = Latents(kDemo, absl::StrCat(args, " --ranks 1"));
   ASSERT_FALSE(ref.empty());
   const struct {
     const char* flags;
   } runs[] = {{"--ranks 2"}, {"--ranks 4"}, {"--ranks 2 --cfg-parallel"},
               {"--ranks 4 --cfg-parallel"}};
   for (const auto& r : runs) {
-    const std::string got = Latents(kDemo, absl::StrCat(args, " ", r.flags));
-    EXPECT_EQ(MaxDiff(ref, got), 0.0) << r.flags << " vs --ranks 1";
-    EXPECT_TRUE(got == ref) << r.flags << ": not bit-identical to --ranks 1";
+    const std::vector<float> got = Latents(kDemo, absl::StrCat(args, " ", r.flags));
+    EXPECT_TRUE(SameBits(ref, got)) << "max diff " << MaxDiff(ref, got) << " " << r.flags << " vs --ranks 1";
+    EXPECT_TRUE(SameBits(ref, got)) << r.flags << ": not bit-identical to --ranks 1";
   }
   // Not vacuous: CFG matters here (the unconditional branch changes the result).
-  const std::string no_cfg =
+  const std::vector<float> no_cfg =
       Latents(kDemo, absl::StrCat(args, " --ranks 1 --guidance 1"));
   EXPECT_GT(MaxDiff(ref, no_cfg), 1e-3);
 }
@@ -131,10 +84,10 @@ TEST_F(CfgParallelTest, EqualsUlyssesBitForBitOnTheDemoModel) {
 TEST_F(CfgParallelTest, WithoutCfgEqualsUlysses) {
   const std::string args =
       "--frames 2 --height 32 --width 32 --steps 3 --guidance 1 --seed 3 --text-len 9";
-  const std::string ref = Latents(kDemo, absl::StrCat(args, " --ranks 1"));
+  const std::vector<float> ref = Latents(kDemo, absl::StrCat(args, " --ranks 1"));
   ASSERT_FALSE(ref.empty());
-  const std::string got = Latents(kDemo, absl::StrCat(args, " --ranks 4 --cfg-parallel"));
-  EXPECT_TRUE(got == ref) << "max diff " << MaxDiff(ref, got);
+  const std::vector<float> got = Latents(kDemo, absl::StrCat(args, " --ranks 4 --cfg-parallel"));
+  EXPECT_TRUE(SameBits(ref, got)) << "max diff " << MaxDiff(ref, got);
 }
 
 // Heads divide the Ulysses degree N/2, not N: the tiny preset (4 heads)
@@ -144,22 +97,22 @@ TEST_F(CfgParallelTest, HeadsDivideTheUlyssesDegreeOnly) {
   const std::string tiny = "--preset tiny";
   const std::string args =
       "--frames 5 --height 48 --width 48 --steps 2 --guidance 4 --seed 11 --text-len 7";
-  const std::string out = absl::StrCat(" --out ", dir_, "/refused.safetensors");
+  const std::string out = absl::StrCat(" --out ", dir_ / "refused.safetensors");
   const Result refused = Run(tiny, absl::StrCat(args, out, " --ranks 8"));
   EXPECT_NE(refused.exit_code, 0);
   EXPECT_THAT(refused.err, HasSubstr("num_attention_heads 4 does not divide by the group size 8"));
   EXPECT_THAT(refused.err, HasSubstr("--cfg-parallel would run 2 CFG halves x 4 Ulysses ranks"));
 
-  const std::string ref = Latents(tiny, absl::StrCat(args, " --ranks 1"));
+  const std::vector<float> ref = Latents(tiny, absl::StrCat(args, " --ranks 1"));
   ASSERT_FALSE(ref.empty());
-  const std::string got = Latents(tiny, absl::StrCat(args, " --ranks 8 --cfg-parallel"));
-  EXPECT_TRUE(got == ref) << "max diff " << MaxDiff(ref, got);
+  const std::vector<float> got = Latents(tiny, absl::StrCat(args, " --ranks 8 --cfg-parallel"));
+  EXPECT_TRUE(SameBits(ref, got)) << "max diff " << MaxDiff(ref, got);
 
   const Result six = Run(tiny, absl::StrCat(args, out, " --ranks 6 --cfg-parallel"));
   EXPECT_NE(six.exit_code, 0);
   EXPECT_THAT(six.err, HasSubstr("num_attention_heads 4 does not divide by the Ulysses "
                                  "degree 3 (--cfg-parallel: 6 ranks = 2 CFG halves x 3"));
-  EXPECT_FALSE(std::filesystem::exists(absl::StrCat(dir_, "/refused.safetensors")));
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "refused.safetensors"));
 }
 
 TEST_F(CfgParallelTest, OddRanksAreRefusedNamingTheFlag) {

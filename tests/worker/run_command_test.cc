@@ -18,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "tests/worker/cli_test_util.h"
 #include "worker/noise.h"
 #include "worker/safetensors.h"
 #include "worker/tensor.h"
@@ -37,38 +38,12 @@ constexpr double kShardTolerance = 0.0;
 
 class RunTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/dn_run_test_XXXXXX";
-    dir_ = mkdtemp(tmpl);
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
-
-  struct Result {
-    int exit_code = -1;
-    std::string out;
-    std::string err;
-  };
-  static std::string Slurp(const std::string& path) {
-    std::ifstream in(path);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
-  // Runs `denoised run --preset tiny --threads 1 <args>`.
+  using Result = testing_util::CliResult;
+  // Runs `denoised <command> --threads 1 --timeout-s 60 <args>`.
   Result Run(const std::string& args, const std::string& command = "run --preset tiny") {
-    const std::string err_file = absl::StrCat(dir_, "/stderr", counter_);
-    const std::string out_file = absl::StrCat(dir_, "/stdout", counter_++);
-    const std::string cmd = absl::StrCat(DENOISED_BIN, " ", command,
-                                         " --threads 1 --timeout-s 60 ", args,
-                                         " > ", out_file, " 2> ", err_file);
-    Result r;
-    const int st = std::system(cmd.c_str());
-    r.exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    r.out = Slurp(out_file);
-    r.err = Slurp(err_file);
-    return r;
+    return testing_util::RunDenoised(DENOISED_BIN, dir_.path(), &counter_, command, args);
   }
-  std::string Out(const std::string& name) { return absl::StrCat(dir_, "/", name); }
+  std::string Out(const std::string& name) { return dir_ / name; }
 
   // Runs and returns the latents written to --out (fails the test otherwise).
   std::vector<float> Latents(const std::string& args, const std::string& name) {
@@ -76,38 +51,16 @@ class RunTest : public ::testing::Test {
     EXPECT_EQ(r.exit_code, 0) << r.err;
     return ReadLatents(Out(name));
   }
-  std::vector<float> ReadLatents(const std::string& path, Shape* shape = nullptr,
-                                 SafetensorsHeader* header = nullptr) {
-    auto file = SafetensorsFile::Open(path);
-    if (!file.ok()) {
-      ADD_FAILURE() << file.status();
-      return {};
-    }
-    const SafetensorsEntry* e = (*file)->Find("latents");
-    if (e == nullptr) {
-      ADD_FAILURE() << "no latents in " << path;
-      return {};
-    }
-    std::vector<float> v(static_cast<size_t>(NumElements(e->shape)));
-    EXPECT_TRUE((*file)->ReadF32(*e, v.data()).ok());
-    if (shape != nullptr) *shape = e->shape;
-    if (header != nullptr) *header = (*file)->header();
-    return v;
+  static std::vector<float> ReadLatents(const std::string& path, Shape* shape = nullptr,
+                                        SafetensorsHeader* header = nullptr) {
+    return testing_util::ReadLatents(path, shape, header);
   }
-  static double MaxAbs(const std::vector<float>& v) {
-    double m = 0;
-    for (float x : v) m = std::max(m, static_cast<double>(std::abs(x)));
-    return m;
-  }
+  static double MaxAbs(const std::vector<float>& v) { return testing_util::MaxAbs(v); }
   static double MaxDiff(const std::vector<float>& a, const std::vector<float>& b) {
-    EXPECT_EQ(a.size(), b.size());
-    double m = 0;
-    for (size_t i = 0; i < std::min(a.size(), b.size()); ++i)
-      m = std::max(m, static_cast<double>(std::abs(a[i] - b[i])));
-    return m;
+    return testing_util::MaxDiff(a, b);
   }
 
-  std::string dir_;
+  testing_util::TempDir dir_;
   int counter_ = 0;
 };
 
