@@ -49,6 +49,7 @@ RUN apt-get update \
 
 WORKDIR /src
 COPY CMakeLists.txt ./
+COPY base/ base/
 COPY proto/ proto/
 COPY comm/ comm/
 COPY worker/ worker/

@@ -25,16 +25,16 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "comm/base/flags.h"
-#include "comm/base/log.h"
-#include "comm/base/status_macros.h"
+#include "base/flags.h"
+#include "base/log.h"
+#include "base/status_macros.h"
 #include "comm/process_group.h"
 #include "comm/store.h"
 
 #ifdef DENOISED_WITH_CUDA
 #include <cuda_runtime_api.h>
 
-#include "comm/base/cuda_check.h"
+#include "base/cuda_check.h"
 #include "comm/nccl_process_group.h"
 #endif
 

@@ -16,7 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "comm/base/flags.h"
+#include "base/flags.h"
 #include "denoised/v1/denoiser.grpc.pb.h"
 #include "server/client.h"
 #include "server/protocol.h"

@@ -21,9 +21,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "comm/base/cuda_check.h"
-#include "comm/base/flags.h"
-#include "comm/base/status_macros.h"
+#include "base/cuda_check.h"
+#include "base/flags.h"
+#include "base/status_macros.h"
 #include "worker/cuda/sdpa.h"
 
 namespace dn::bench {

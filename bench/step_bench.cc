@@ -7,10 +7,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/flags.h"
+#include "base/flags.h"
 #include "worker/lora.h"
-#include "comm/base/log.h"
-#include "comm/base/status_macros.h"
+#include "base/log.h"
+#include "base/status_macros.h"
 #include "worker/engine.h"
 #include "worker/noise.h"
 #include "worker/run_command.h"

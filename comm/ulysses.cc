@@ -7,7 +7,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/status_macros.h"
+#include "base/status_macros.h"
 
 namespace dn::comm {
 

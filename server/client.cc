@@ -14,8 +14,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "comm/base/flags.h"
-#include "comm/base/status_macros.h"
+#include "base/flags.h"
+#include "base/status_macros.h"
 #include "denoised/v1/denoiser.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"

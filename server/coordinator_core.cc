@@ -8,7 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "comm/base/log.h"
+#include "base/log.h"
 #include "server/proto_convert.h"
 #include "server/protocol.h"
 #include "server/request_validation.h"

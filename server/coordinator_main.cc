@@ -8,11 +8,11 @@
 #include <utility>
 #include <vector>
 
-#include "comm/base/flags.h"
-#include "comm/base/log.h"
+#include "base/flags.h"
+#include "base/log.h"
 #include "server/auth.h"
 #include "server/coordinator.h"
-#include "server/process.h"
+#include "base/process.h"
 #include "server/protocol.h"
 #include "server/version.h"
 

@@ -4,8 +4,8 @@
 #include <iterator>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/flags.h"
-#include "comm/base/status_macros.h"
+#include "base/flags.h"
+#include "base/status_macros.h"
 
 namespace dn::server {
 namespace {

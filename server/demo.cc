@@ -21,11 +21,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "comm/base/flags.h"
+#include "base/flags.h"
 #include "server/client.h"
 #include "server/demo_model.h"
 #include "server/metrics_scrape.h"
-#include "server/process.h"
+#include "base/process.h"
 #include "server/proto_convert.h"
 #include "server/request_validation.h"
 #include "worker/prompt_table.h"

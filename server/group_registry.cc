@@ -5,7 +5,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "comm/base/log.h"
+#include "base/log.h"
 #include "server/hello_validation.h"
 #include "server/protocol.h"
 #include "server/version.h"

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/status_macros.h"
+#include "base/status_macros.h"
 #include "server/proto_convert.h"
 
 namespace dn::server {

@@ -11,8 +11,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "comm/base/log.h"
-#include "comm/base/status_macros.h"
+#include "base/log.h"
+#include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "worker/checkpoint_format.h"
 #include "worker/noise.h"

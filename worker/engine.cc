@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/log.h"
-#include "comm/base/status_macros.h"
+#include "base/log.h"
+#include "base/status_macros.h"
 #include "worker/expert_schedule.h"
 #include "worker/noise.h"
 #include "worker/wan_model.h"

@@ -11,7 +11,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "comm/base/status_macros.h"
+#include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "worker/checkpoint.h"
 #include "worker/checkpoint_format.h"

@@ -9,7 +9,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/flags.h"
+#include "base/flags.h"
 #include "worker/checkpoint.h"
 #include "worker/lora.h"
 #include "worker/noise.h"

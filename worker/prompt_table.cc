@@ -9,7 +9,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "comm/base/status_macros.h"
+#include "base/status_macros.h"
 #include "worker/noise.h"
 #include "worker/safetensors.h"
 

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/status_macros.h"
+#include "base/status_macros.h"
 #include "comm/cfg_parallel.h"
 #include "worker/wan_config.h"
 

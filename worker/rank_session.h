@@ -25,7 +25,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "comm/base/flags.h"
+#include "base/flags.h"
 #include "comm/process_group.h"
 #include "comm/store.h"
 #include "worker/backend.h"

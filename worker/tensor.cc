@@ -4,7 +4,7 @@
 #include <cstring>
 #include <sstream>
 
-#include "comm/base/log.h"
+#include "base/log.h"
 
 namespace dn::worker {
 

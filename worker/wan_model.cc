@@ -6,8 +6,8 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/log.h"
-#include "comm/base/status_macros.h"
+#include "base/log.h"
+#include "base/status_macros.h"
 
 namespace dn::worker {
 

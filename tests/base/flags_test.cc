@@ -1,4 +1,4 @@
-#include "comm/base/flags.h"
+#include "base/flags.h"
 
 #include <gtest/gtest.h>
 

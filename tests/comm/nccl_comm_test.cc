@@ -30,8 +30,8 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "comm/base/flags.h"
-#include "comm/base/log.h"
+#include "base/flags.h"
+#include "base/log.h"
 #include "comm/nccl_process_group.h"
 #include "comm/store.h"
 #include "comm/ulysses.h"

@@ -30,7 +30,7 @@
 #include "absl/strings/str_replace.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "comm/base/status_macros.h"
+#include "base/status_macros.h"
 #include "server/clip_image.h"
 #include "server/client.h"
 #include "server/demo_model.h"

@@ -12,7 +12,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/process.h"
+#include "base/process.h"
 #include "tests/server/service_test_util.h"
 #include "worker/prompt_table.h"
 #include "worker/safetensors.h"

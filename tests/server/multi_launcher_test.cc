@@ -38,7 +38,7 @@
 #include "gtest/gtest.h"
 #include "server/client.h"
 #include "server/group_slices.h"
-#include "server/process.h"
+#include "base/process.h"
 #include "tests/server/service_test_util.h"
 
 namespace dn::server {

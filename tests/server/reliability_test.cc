@@ -34,7 +34,7 @@
 #include "gtest/gtest.h"
 #include "server/client.h"
 #include "server/metrics_scrape.h"
-#include "server/process.h"
+#include "base/process.h"
 #include "server/protocol.h"
 #include "tests/server/service_test_util.h"
 

@@ -21,7 +21,7 @@
 #include "server/auth.h"
 #include "server/client.h"
 #include "server/credentials.h"
-#include "server/process.h"
+#include "base/process.h"
 #include "tests/server/service_test_util.h"
 
 namespace dn::server {

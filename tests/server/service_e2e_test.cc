@@ -26,7 +26,7 @@
 #include "gtest/gtest.h"
 #include "server/client.h"
 #include "server/metrics_scrape.h"
-#include "server/process.h"
+#include "base/process.h"
 #include "tests/server/service_test_util.h"
 #include "worker/wan_config.h"
 #include "worker/safetensors.h"

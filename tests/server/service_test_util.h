@@ -31,7 +31,7 @@
 #include "server/auth.h"
 #include "server/client.h"
 #include "server/metrics_scrape.h"
-#include "server/process.h"
+#include "base/process.h"
 
 namespace dn::server::testing {
 

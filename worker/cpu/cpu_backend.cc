@@ -12,7 +12,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/status_macros.h"
+#include "base/status_macros.h"
 #include "comm/ulysses.h"
 #include "worker/noise.h"
 

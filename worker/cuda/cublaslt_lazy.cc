@@ -19,7 +19,7 @@
 #include <dlfcn.h>
 
 
-#include "comm/base/log.h"
+#include "base/log.h"
 
 namespace {
 

@@ -14,9 +14,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/cuda_check.h"
-#include "comm/base/log.h"
-#include "comm/base/status_macros.h"
+#include "base/cuda_check.h"
+#include "base/log.h"
+#include "base/status_macros.h"
 #include "worker/cuda/cuda_handles.h"
 #include "worker/cuda/device_allocator.h"
 #include "worker/cuda/gemm.h"

@@ -6,8 +6,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/cuda_check.h"
-#include "comm/base/log.h"
+#include "base/cuda_check.h"
+#include "base/log.h"
 
 namespace dn::worker::cuda {
 

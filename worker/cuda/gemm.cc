@@ -4,8 +4,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/cuda_check.h"
-#include "comm/base/status_macros.h"
+#include "base/cuda_check.h"
+#include "base/status_macros.h"
 
 namespace dn::worker::cuda {
 

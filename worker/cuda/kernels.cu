@@ -8,8 +8,8 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "comm/base/cuda_check.h"
-#include "comm/base/status_macros.h"
+#include "base/cuda_check.h"
+#include "base/status_macros.h"
 #include "worker/noise.h"
 
 namespace dn::worker::cuda {

@@ -8,9 +8,9 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "comm/base/cuda_check.h"
-#include "comm/base/log.h"
-#include "comm/base/status_macros.h"
+#include "base/cuda_check.h"
+#include "base/log.h"
+#include "base/status_macros.h"
 
 namespace dn::worker::cuda {
 

@@ -1,4 +1,4 @@
-#include "server/process.h"
+#include "base/process.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -18,7 +18,7 @@
 
 extern char** environ;
 
-namespace dn::server {
+namespace dn {
 
 absl::StatusOr<pid_t> Spawn(const SpawnOptions& options) {
   // Everything the child needs is built before fork: after fork in a
@@ -160,4 +160,4 @@ std::string DescribeWaitStatus(int status) {
   return absl::StrCat("wait status ", status);
 }
 
-}  // namespace dn::server
+}  // namespace dn

@@ -1,12 +1,12 @@
-// File: server/process.h
+// File: base/process.h
 //
 // Child processes of the `denoised` binary: spawning (fork + exec, with the
 // child tied to its parent's life through PR_SET_PDEATHSIG so no rank or
 // demo child outlives a killed parent), waiting with a timeout, and
 // terminating (SIGTERM, a grace period, then SIGKILL). Used by the worker
 // launcher, the demo and the service tests.
-#ifndef DN_SERVER_PROCESS_H_
-#define DN_SERVER_PROCESS_H_
+#ifndef DN_BASE_PROCESS_H_
+#define DN_BASE_PROCESS_H_
 
 #include <sys/types.h>
 
@@ -18,7 +18,7 @@
 
 #include "absl/status/statusor.h"
 
-namespace dn::server {
+namespace dn {
 
 struct SpawnOptions {
   std::string exe = "/proc/self/exe";
@@ -57,6 +57,6 @@ void InstallStopSignalHandlers();
 // (negative: wait forever).
 int WaitStopSignal(std::chrono::milliseconds timeout);
 
-}  // namespace dn::server
+}  // namespace dn
 
-#endif  // DN_SERVER_PROCESS_H_
+#endif  // DN_BASE_PROCESS_H_

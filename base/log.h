@@ -1,4 +1,4 @@
-// File: comm/base/log.h
+// File: base/log.h
 //
 // Minimal leveled logging to stderr (Debian's absl 20220623 has no absl/log).
 //
@@ -7,8 +7,8 @@
 // Each line is prefixed with the level, the time, the process tag (set once
 // with dn::SetLogTag, e.g. "rank1") and file:line. DN_VLOG is on only when
 // DENOISED_VERBOSE is set in the environment.
-#ifndef DN_COMM_BASE_LOG_H_
-#define DN_COMM_BASE_LOG_H_
+#ifndef DN_BASE_LOG_H_
+#define DN_BASE_LOG_H_
 
 #include <sstream>
 #include <string>
@@ -44,4 +44,4 @@ class LogMessage {
 #define DN_VLOG \
   if (!::dn::VerboseLogging()) {} else DN_LOG(INFO)
 
-#endif  // DN_COMM_BASE_LOG_H_
+#endif  // DN_BASE_LOG_H_

@@ -1,4 +1,4 @@
-// File: comm/base/status_macros.h
+// File: base/status_macros.h
 //
 // The project's error-propagation macros, shaped like absl's 2026 status
 // macros (which Debian's absl 20220623 lacks). Every module boundary passes
@@ -7,8 +7,8 @@
 //   DN_RETURN_IF_ERROR(DoThing());
 //   DN_ASSIGN_OR_RETURN(auto value, MakeValue());
 //   DN_ASSIGN_OR_RETURN(existing_var, MakeValue());
-#ifndef DN_COMM_BASE_STATUS_MACROS_H_
-#define DN_COMM_BASE_STATUS_MACROS_H_
+#ifndef DN_BASE_STATUS_MACROS_H_
+#define DN_BASE_STATUS_MACROS_H_
 
 #include <utility>
 
@@ -36,4 +36,4 @@
   if (!statusor.ok()) return std::move(statusor).status(); \
   lhs = std::move(statusor).value()
 
-#endif  // DN_COMM_BASE_STATUS_MACROS_H_
+#endif  // DN_BASE_STATUS_MACROS_H_

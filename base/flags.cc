@@ -1,4 +1,4 @@
-#include "comm/base/flags.h"
+#include "base/flags.h"
 
 #include <cstdio>
 #include <sstream>

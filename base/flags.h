@@ -1,4 +1,4 @@
-// File: comm/base/flags.h
+// File: base/flags.h
 //
 // Per-subcommand command-line flags. The `denoised` binary has many
 // subcommands with different flags, so each one declares its own FlagSet
@@ -13,8 +13,8 @@
 //
 // Accepted forms: --name=value, --name value, --bool, --bool=true|false,
 // --no-bool. --help prints the usage. Unknown flags are an error.
-#ifndef DN_COMM_BASE_FLAGS_H_
-#define DN_COMM_BASE_FLAGS_H_
+#ifndef DN_BASE_FLAGS_H_
+#define DN_BASE_FLAGS_H_
 
 #include <cstdint>
 #include <functional>
@@ -71,4 +71,4 @@ class FlagSet {
 
 }  // namespace dn
 
-#endif  // DN_COMM_BASE_FLAGS_H_
+#endif  // DN_BASE_FLAGS_H_

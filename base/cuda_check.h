@@ -1,4 +1,4 @@
-// File: comm/base/cuda_check.h
+// File: base/cuda_check.h
 //
 // The one place where CUDA runtime, cuBLAS(Lt), cuDNN and NCCL return codes
 // become absl::Status. Include only from CUDA-enabled code (comm/nccl_*,
@@ -13,8 +13,8 @@
 // The resulting status carries the statement, file:line and the library's
 // error text. CUDA errors map to INTERNAL; NCCL remote/system errors to
 // UNAVAILABLE (a peer is gone); NCCL in-progress is not an error here.
-#ifndef DN_COMM_BASE_CUDA_CHECK_H_
-#define DN_COMM_BASE_CUDA_CHECK_H_
+#ifndef DN_BASE_CUDA_CHECK_H_
+#define DN_BASE_CUDA_CHECK_H_
 
 #include <string>
 
@@ -113,4 +113,4 @@ inline absl::Status CudnnStatus(cudnnStatus_t s, const char* expr,
 #define DN_CUDA_STATUS(expr) ::dn::internal::CudaStatus((expr), #expr, __FILE__, __LINE__)
 #define DN_NCCL_STATUS(expr) ::dn::internal::NcclStatus((expr), #expr, __FILE__, __LINE__)
 
-#endif  // DN_COMM_BASE_CUDA_CHECK_H_
+#endif  // DN_BASE_CUDA_CHECK_H_
