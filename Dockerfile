@@ -55,6 +55,7 @@ COPY comm/ comm/
 COPY worker/ worker/
 COPY server/ server/
 COPY bench/ bench/
+COPY cmd/ cmd/
 COPY tests/ tests/
 RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DDENOISED_CUDA="${DENOISED_CUDA}" \

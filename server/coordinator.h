@@ -98,15 +98,6 @@ class Coordinator {
 // Whether a listen address is on loopback (127.x, localhost, [::1], unix:).
 bool IsLoopbackListen(const std::string& listen);
 
-// `denoised coordinator --listen HOST:PORT --metrics-listen HOST:PORT
-//  [--worker-listen HOST:PORT] [--max-queue N] [--max-message-mb M]
-//  [--max-inflight-mb M]
-//  [--secret S] [--ready-file PATH] [--auth-token-file F]
-//  [--max-streams-per-client N] [--tls-cert/--tls-key]
-//  [--worker-tls-cert/--worker-tls-key/--worker-tls-ca]`. Runs until
-// SIGTERM/SIGINT (coordinator_main.cc).
-int CoordinatorMain(int argc, char** argv);
-
 }  // namespace dn::server
 
 #endif  // DN_SERVER_COORDINATOR_H_

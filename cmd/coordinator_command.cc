@@ -1,5 +1,7 @@
 // `denoised coordinator`: flags -> CoordinatorOptions, then serve until
 // SIGTERM/SIGINT.
+#include "cmd/coordinator_command.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -16,7 +18,9 @@
 #include "server/protocol.h"
 #include "server/version.h"
 
-namespace dn::server {
+namespace dn::cmd {
+
+using namespace ::dn::server;  // NOLINT: this file only wires the server's parts
 
 namespace {
 
@@ -37,7 +41,7 @@ absl::Status WriteReadyFile(const std::string& path, const Coordinator& c) {
 
 }  // namespace
 
-int CoordinatorMain(int argc, char** argv) {
+int CoordinatorCommand(int argc, char** argv) {
   CoordinatorOptions o;
   int max_message_mb = static_cast<int>(o.max_message_bytes >> 20);
   int max_inflight_mb = static_cast<int>(o.max_inflight_bytes >> 20);
@@ -124,4 +128,4 @@ int CoordinatorMain(int argc, char** argv) {
   std::_Exit(0);
 }
 
-}  // namespace dn::server
+}  // namespace dn::cmd

@@ -1,4 +1,8 @@
-// The `denoised` executable: one binary, many subcommands.
+// File: cmd/main.cc
+//
+// The `denoised` executable: one binary, many subcommands. This table is the
+// only place that knows every command; each library exposes its commands as
+// `int XxxMain/XxxCommand(int argc, char** argv)` and nothing depends on cmd/.
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -6,6 +10,7 @@
 #include "bench/comm_bench.h"
 #include "bench/load_bench.h"
 #include "bench/step_bench.h"
+#include "cmd/coordinator_command.h"
 #include "server/client.h"
 #include "server/coordinator.h"
 #include "server/demo.h"
@@ -37,7 +42,7 @@ const Command kCommands[] = {
     {"demo", "run the whole service locally (CPU, demo model): one prompt -> an animated GIF",
      dn::server::DemoMain, false},
     {"coordinator", "serve the Denoiser gRPC API and dispatch to worker groups",
-     dn::server::CoordinatorMain, false},
+     dn::cmd::CoordinatorCommand, false},
     {"worker", "start and supervise one worker group (N rank processes)",
      dn::server::WorkerMain, false},
     {"generate", "call a coordinator's Generate and write the latents (or a GIF/PNG)",
