@@ -16,7 +16,7 @@
 #include "server/demo.h"
 #include "server/health_check_command.h"
 #include "server/rank_runner.h"
-#include "server/worker_launcher.h"
+#include "server/launcher.h"
 #include "server/version.h"
 #include "worker/make_checkpoint_command.h"
 #include "worker/run_command.h"
@@ -44,13 +44,13 @@ const Command kCommands[] = {
     {"coordinator", "serve the Denoiser gRPC API and dispatch to worker groups",
      dn::cmd::CoordinatorCommand, false},
     {"worker", "start and supervise one worker group (N rank processes)",
-     dn::server::WorkerMain, false},
+     dn::server::LauncherMain, false},
     {"generate", "call a coordinator's Generate and write the latents (or a GIF/PNG)",
      dn::server::GenerateMain, false},
     {"health", "check a server's grpc.health.v1 status (exit 0 iff SERVING)",
      dn::server::HealthCommand, false},
     {"worker-rank", "one rank of a worker group (started by `worker`)",
-     dn::server::WorkerRankMain, true},
+     dn::server::RankMain, true},
     {"bench comm", "all-to-all latency and bus bandwidth (Gloo CPU ranks or NCCL GPUs)", dn::bench::BenchCommCommand, false},
     {"bench comm-rank", "one rank of `bench comm` (internal)", dn::bench::BenchCommRankCommand, true},
     {"make-checkpoint", "write a diffusers-layout checkpoint with seeded random weights", dn::worker::MakeCheckpointCommand, false},

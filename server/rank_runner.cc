@@ -627,7 +627,7 @@ ServiceRank::~ServiceRank() = default;
 int ServiceRank::Run() { return impl_->Run(); }
 void ServiceRank::Stop() { impl_->RequestStop(0, true); }
 
-int WorkerRankMain(int argc, char** argv) {
+int RankMain(int argc, char** argv) {
   ServiceRankOptions o;
   worker::RankOptions& r = o.rank;
   r.rank = 0;

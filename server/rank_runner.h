@@ -77,7 +77,7 @@ class ServiceRank {
 };
 
 // `denoised worker-rank ...` (hidden; started by `denoised worker`).
-int WorkerRankMain(int argc, char** argv);
+int RankMain(int argc, char** argv);
 
 // The model name a worker registers: `name` if set, else the basename of
 // `model_dir` (trailing slashes ignored), else the preset name.

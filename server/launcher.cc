@@ -1,4 +1,4 @@
-#include "server/worker_launcher.h"
+#include "server/launcher.h"
 
 #include <signal.h>
 #include <sys/wait.h>
@@ -431,7 +431,7 @@ int RunLauncher(const LauncherOptions& options) {
   }
 }
 
-int WorkerMain(int argc, char** argv) {
+int LauncherMain(int argc, char** argv) {
   LauncherOptions o;
   o.ranks = 0;
   int local_ranks = 0;

@@ -1,4 +1,4 @@
-// File: server/worker_launcher.h
+// File: server/launcher.h
 //
 // `denoised worker`: launches the N rank processes of one worker group
 // (`denoised worker-rank`, fork + exec of this binary; under CUDA rank r uses
@@ -20,8 +20,8 @@
 // slice against its peers' and assigns the generation, and a launcher whose
 // group moved to another generation (a peer's rank failed) restarts its
 // ranks in it. docs/SERVICE.md, "Groups across hosts".
-#ifndef DN_SERVER_WORKER_LAUNCHER_H_
-#define DN_SERVER_WORKER_LAUNCHER_H_
+#ifndef DN_SERVER_LAUNCHER_H_
+#define DN_SERVER_LAUNCHER_H_
 
 #include <cstdint>
 #include <memory>
@@ -86,8 +86,8 @@ int RunLauncher(const LauncherOptions& options);
 
 // `denoised worker --coordinator HOST:PORT (--model DIR | --preset NAME)
 //  --ranks N --backend cpu|cuda [--name] [--metrics-listen] [--secret]`.
-int WorkerMain(int argc, char** argv);
+int LauncherMain(int argc, char** argv);
 
 }  // namespace dn::server
 
-#endif  // DN_SERVER_WORKER_LAUNCHER_H_
+#endif  // DN_SERVER_LAUNCHER_H_
