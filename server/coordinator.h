@@ -32,6 +32,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/credentials.h"
+#include "server/protocol.h"
 
 namespace dn::server {
 
@@ -49,7 +50,7 @@ struct CoordinatorOptions {
   int64_t max_inflight_bytes = int64_t{1} << 30;
   // When set, ranks must present it in Hello and store calls.
   std::string secret;
-  int heartbeat_timeout_ms = 15000;
+  int heartbeat_timeout_ms = kHeartbeatTimeoutMs;
   // How long a model may have no live worker group (none forming, ready or
   // busy) before its queued requests end UNAVAILABLE, and how long a FAILED
   // group waits for its launcher to register a new generation before it is

@@ -31,6 +31,7 @@
 #include "server/metrics.h"
 #include "server/rendezvous_store.h"
 #include "server/request_queue.h"
+#include "server/protocol.h"
 
 namespace dn::server {
 
@@ -38,7 +39,7 @@ struct CoreOptions {
   int max_queue = 16;                           // waiting requests per model
   int64_t max_message_bytes = int64_t{256} << 20;  // reported in ServerInfo
   std::string secret;                           // worker secret ("" = none)
-  int heartbeat_timeout_ms = 15000;
+  int heartbeat_timeout_ms = kHeartbeatTimeoutMs;
   int unserved_timeout_ms = 60000;
   bool admission_by_cost = true;
 };

@@ -19,8 +19,8 @@ namespace dn::server {
 // the command line (which `ps` shows).
 inline constexpr char kSecretEnv[] = "DENOISED_SECRET";
 
-// Ranks send a Heartbeat this often; the coordinator fails a group whose rank
-// has been silent for kHeartbeatTimeoutMs.
+// Ranks send a Heartbeat this often; by default (--heartbeat-timeout) the
+// coordinator fails a group whose rank has been silent for kHeartbeatTimeoutMs.
 inline constexpr int kHeartbeatIntervalMs = 1000;
 inline constexpr int kHeartbeatTimeoutMs = 15000;
 

@@ -2,13 +2,16 @@
 //
 // Loads cuBLASLt with dlopen on first use instead of linking it.
 //
-// Why: libcublasLt.so.13 carries a ~94 KB static TLS segment. When it is a
-// load-time dependency of the `denoised` binary, every thread must fit that
-// TLS in its stack, and civetweb (the HTTP server behind prometheus-cpp's
-// /metrics) creates its worker threads with a small fixed stack: thread
-// creation fails ("Cannot create first worker thread") and no CUDA build of
-// the coordinator or of a rank could serve /metrics. A library opened with
-// dlopen gets dynamic TLS instead, allocated per thread on first use.
+// Why: libcublasLt.so.13 carries a ~94 KB static TLS segment, and glibc
+// carves a library's static TLS out of every thread's stack. It was first
+// opened lazily because civetweb (prometheus-cpp's HTTP server) starts its
+// threads with a fixed 100 KB stack, which that TLS nearly filled. civetweb
+// is gone since /metrics moved to our own server thread (server/metrics.h,
+// MetricsEndpoint), so that failure cannot happen any more. What remains
+// true: opened with dlopen, cuBLASLt gets dynamic TLS, allocated per thread
+// on first use, so the threads that never run a GEMM (gRPC, heartbeat,
+// metrics, Gloo) do not pay 94 KB of their stack for it. Linking it directly
+// would also work now; keeping dlopen costs one indirect call per entry point.
 //
 // This file defines the cuBLASLt entry points the backend uses, with the
 // exact prototypes of <cublasLt.h>; each forwards to the real function,
