@@ -18,6 +18,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "denoised/v1/worker.grpc.pb.h"
 #include "base/flags.h"
 #include "base/log.h"
@@ -28,6 +29,7 @@
 #include "server/proto_convert.h"
 #include "server/protocol.h"
 #include "server/rank_runner.h"
+#include "worker/wan_config.h"
 
 namespace dn::server {
 
@@ -446,8 +448,8 @@ int LauncherMain(int argc, char** argv) {
                "the coordinator's worker address HOST:PORT");
   flags.String("model", &o.model_dir, "diffusers checkpoint folder");
   flags.String("preset", &o.preset,
-               "or a preset with seeded random weights (tiny, demo-pixel, "
-               "wan2.1-t2v-1.3b, wan2.1-t2v-14b)");
+               "or a preset with seeded random weights (" +
+                   absl::StrJoin(worker::PresetNames(), ", ") + ")");
   flags.Uint64("preset-seed", &o.preset_seed, "seed of the preset weights");
   flags.String("model-name", &o.model_name,
                "model name clients ask for (default: the folder's basename "

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "base/flags.h"
 #include "worker/checkpoint.h"
 #include "worker/lora.h"
@@ -94,12 +95,10 @@ int MakeCheckpointCommand(int argc, char** argv) {
   int lora_rank = 4;
   double lora_alpha = 0;
   flags.String("preset", &preset,
-               "tiny | demo-pixel | wan2.1-t2v-1.3b | wan2.1-t2v-14b | "
-               "wan2.2-t2v-a14b | tiny-t2v-a14b | wan2.2-i2v-a14b | tiny-i2v-a14b | "
-               "wan2.1-i2v-14b | tiny-i2v-14b "
-               "(two experts: a pipeline folder "
+               absl::StrCat(absl::StrJoin(PresetNames(), " | "),
+                            " (two experts: a pipeline folder "
                "with transformer/ and transformer_2/, the low-noise expert "
-               "seeded with --seed + 1)");
+               "seeded with --seed + 1)"));
   flags.Uint64("seed", &seed, "seed of the random weights");
   flags.String("out", &out, "output folder (created if missing)");
   flags.String("dtype", &dtype_name, "stored dtype: f32 | bf16 | f16");

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 #include "comm/cfg_parallel.h"
 #include "worker/wan_config.h"
@@ -63,8 +64,7 @@ void AddRankFlags(FlagSet& flags, RankOptions* o) {
   flags.String("model", &o->model, "diffusers checkpoint folder");
   flags.String("preset", &o->preset,
                "preset with seeded random weights instead of --model "
-               "(tiny, demo-pixel, wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.1-i2v-14b, "
-               "wan2.2-t2v-a14b, wan2.2-i2v-a14b, tiny-t2v-a14b, tiny-i2v-a14b, tiny-i2v-14b)");
+               "(" + absl::StrJoin(PresetNames(), ", ") + ")");
   flags.Uint64("preset-seed", &o->preset_seed, "seed of the preset's weights");
   flags.String("backend", &o->backend, "cpu | cuda");
   flags.Int("ranks", &o->ranks, "rank processes (sequence-parallel degree)");

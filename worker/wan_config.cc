@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -376,90 +378,83 @@ absl::Status WanConfig::Validate() const {
   return absl::OkStatus();
 }
 
+namespace {
+
+// One preset: its name and its config. Fields not named keep
+// WanConfig's defaults (the Wan2.1-14B shape, 16 channels, text_dim 4096,
+// VAE stride 4,8,8). Designated initializers follow WanConfig's field order.
+struct Preset {
+  const char* name;
+  WanConfig config;
+};
+
+// The presets, in the order PresetNames() lists them. Their config hashes
+// are pinned by tests/worker/wan_config_test.cc (EveryPresetKeepsItsConfigHash).
+const std::vector<Preset>& Presets() {
+  static const std::vector<Preset> presets = {
+      {"tiny",
+       {.num_attention_heads = 4, .attention_head_dim = 16, .in_channels = 16,
+        .out_channels = 16, .text_dim = 32, .freq_dim = 256, .ffn_dim = 128,
+        .num_layers = 2}},
+      // The architecture of the demo model (tools/README.md, tools/demo_model):
+      // pixel space, RGB. With seeded random weights it is the demo's stand-in
+      // until the trained weights are there.
+      {"demo-pixel",
+       {.num_attention_heads = 4, .attention_head_dim = 32, .in_channels = 3,
+        .out_channels = 3, .text_dim = 64, .freq_dim = 256, .ffn_dim = 512,
+        .num_layers = 4, .vae_stride = {1, 1, 1}}},
+      {"wan2.1-t2v-1.3b",
+       {.num_attention_heads = 12, .attention_head_dim = 128, .ffn_dim = 8960,
+        .num_layers = 30}},
+      {"wan2.1-t2v-14b",
+       {.num_attention_heads = 40, .attention_head_dim = 128, .ffn_dim = 13824,
+        .num_layers = 40}},
+      // Two experts of the Wan2.1-14B shape (docs/MODELS.md §1, §3).
+      {"wan2.2-t2v-a14b",
+       {.num_attention_heads = 40, .attention_head_dim = 128, .ffn_dim = 13824,
+        .num_layers = 40, .boundary_ratio = 0.875}},
+      // The two-expert pipeline on two tiny transformers (CI).
+      {"tiny-t2v-a14b",
+       {.num_attention_heads = 4, .attention_head_dim = 16, .in_channels = 16,
+        .out_channels = 16, .text_dim = 32, .freq_dim = 256, .ffn_dim = 128,
+        .num_layers = 2, .boundary_ratio = 0.875}},
+      // Two 14B experts with the 36-channel input (noise 16 | mask 4 | image
+      // latent 16), no image embedder (docs/MODELS.md §3, §4).
+      {"wan2.2-i2v-a14b",
+       {.num_attention_heads = 40, .attention_head_dim = 128, .in_channels = 36,
+        .ffn_dim = 13824, .num_layers = 40, .boundary_ratio = 0.9}},
+      {"tiny-i2v-a14b",
+       {.num_attention_heads = 4, .attention_head_dim = 16, .in_channels = 36,
+        .out_channels = 16, .text_dim = 32, .freq_dim = 256, .ffn_dim = 128,
+        .num_layers = 2, .boundary_ratio = 0.9}},
+      // Wan2.1-I2V-14B (480P and 720P share the config): 36 channels, CLIP
+      // image branch (docs/MODELS.md §1, §4).
+      {"wan2.1-i2v-14b",
+       {.num_attention_heads = 40, .attention_head_dim = 128, .in_channels = 36,
+        .ffn_dim = 13824, .num_layers = 40, .image_dim = 1280,
+        .added_kv_proj_dim = 5120}},
+      // added_kv_proj_dim = inner_dim (4 x 16), as in the real model (5120).
+      {"tiny-i2v-14b",
+       {.num_attention_heads = 4, .attention_head_dim = 16, .in_channels = 36,
+        .out_channels = 16, .text_dim = 32, .freq_dim = 256, .ffn_dim = 128,
+        .num_layers = 2, .image_dim = 24, .added_kv_proj_dim = 64}},
+  };
+  return presets;
+}
+
+}  // namespace
+
 absl::StatusOr<WanConfig> PresetConfig(const std::string& name) {
-  WanConfig c;
-  if (name == "tiny") {
-    c.num_attention_heads = 4;
-    c.attention_head_dim = 16;
-    c.in_channels = 16;
-    c.out_channels = 16;
-    c.text_dim = 32;
-    c.freq_dim = 256;
-    c.ffn_dim = 128;
-    c.num_layers = 2;
-  } else if (name == "demo-pixel") {
-    // The architecture of the demo model (tools/README.md, tools/demo_model):
-    // pixel space, RGB. With seeded random weights it is the demo's stand-in
-    // until the trained weights are there.
-    c.num_attention_heads = 4;
-    c.attention_head_dim = 32;
-    c.in_channels = 3;
-    c.out_channels = 3;
-    c.text_dim = 64;
-    c.freq_dim = 256;
-    c.ffn_dim = 512;
-    c.num_layers = 4;
-    c.vae_stride = {1, 1, 1};
-  } else if (name == "wan2.1-t2v-1.3b") {
-    c.num_attention_heads = 12;
-    c.attention_head_dim = 128;
-    c.ffn_dim = 8960;
-    c.num_layers = 30;
-  } else if (name == "wan2.1-t2v-14b") {
-    c.num_attention_heads = 40;
-    c.attention_head_dim = 128;
-    c.ffn_dim = 13824;
-    c.num_layers = 40;
-  } else if (name == "wan2.2-t2v-a14b") {
-    // Two experts of the Wan2.1-14B shape (docs/MODELS.md §1, §3).
-    c.num_attention_heads = 40;
-    c.attention_head_dim = 128;
-    c.ffn_dim = 13824;
-    c.num_layers = 40;
-    c.boundary_ratio = 0.875;
-  } else if (name == "wan2.2-i2v-a14b") {
-    // Two 14B experts with the 36-channel input (noise 16 | mask 4 | image
-    // latent 16), no image embedder (docs/MODELS.md §3, §4).
-    c.num_attention_heads = 40;
-    c.attention_head_dim = 128;
-    c.ffn_dim = 13824;
-    c.num_layers = 40;
-    c.in_channels = 36;
-    c.boundary_ratio = 0.9;
-  } else if (name == "wan2.1-i2v-14b") {
-    // Wan2.1-I2V-14B (480P and 720P share the config): 36 channels, CLIP
-    // image branch (docs/MODELS.md §1, §4).
-    c.num_attention_heads = 40;
-    c.attention_head_dim = 128;
-    c.ffn_dim = 13824;
-    c.num_layers = 40;
-    c.in_channels = 36;
-    c.image_dim = 1280;
-    c.added_kv_proj_dim = 5120;
-  } else if (name == "tiny-i2v-14b") {
-    WanConfig t = *PresetConfig("tiny");
-    t.in_channels = 36;
-    t.image_dim = 24;
-    t.added_kv_proj_dim = t.inner_dim();
-    return t;
-  } else if (name == "tiny-i2v-a14b") {
-    WanConfig t = *PresetConfig("tiny");
-    t.in_channels = 36;
-    t.boundary_ratio = 0.9;
-    return t;
-  } else if (name == "tiny-t2v-a14b") {
-    // The two-expert pipeline on two tiny transformers (CI).
-    WanConfig t = *PresetConfig("tiny");
-    t.boundary_ratio = 0.875;
-    return t;
-  } else {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "unknown preset '", name,
-        "' (known: tiny, demo-pixel, wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
-        "wan2.2-t2v-a14b, tiny-t2v-a14b, wan2.2-i2v-a14b, tiny-i2v-a14b, wan2.1-i2v-14b, "
-        "tiny-i2v-14b)"));
-  }
-  return c;
+  for (const Preset& p : Presets())
+    if (name == p.name) return p.config;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown preset '", name, "' (known: ", absl::StrJoin(PresetNames(), ", "), ")"));
+}
+
+std::vector<std::string> PresetNames() {
+  std::vector<std::string> names;
+  for (const Preset& p : Presets()) names.push_back(p.name);
+  return names;
 }
 
 }  // namespace dn::worker

@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -66,15 +67,11 @@ struct WanConfig {
   absl::Status Validate() const;
 };
 
-// Presets: "tiny" (the built-in demo/test model: 2 layers, 4 heads of 16,
-// in/out 16 channels, text_dim 32, ffn 128, freq_dim 256, VAE stride 4,8,8), "demo-pixel" (the
-// demo model's architecture: 4 layers, 4 heads of 32, RGB in/out, text_dim 64, ffn 512, pixel
-// space, VAE stride 1,1,1), "wan2.1-t2v-1.3b", "wan2.1-t2v-14b",
-// "wan2.2-t2v-a14b" (two 14B experts, boundary_ratio 0.875) and its CI-sized
-// twin "tiny-t2v-a14b" (two tiny experts, boundary_ratio 0.875),
-// "wan2.2-i2v-a14b" (two 14B experts, 36 input channels, boundary_ratio 0.9)
-// and "tiny-i2v-a14b" (its tiny twin).
+// Presets: named configs for make-checkpoint, run and bench (--preset). They
+// are one data table in wan_config.cc; PresetNames() lists them in its order.
+// An unknown name is INVALID_ARGUMENT listing the known ones.
 absl::StatusOr<WanConfig> PresetConfig(const std::string& name);
+std::vector<std::string> PresetNames();
 
 }  // namespace dn::worker
 

@@ -1,6 +1,8 @@
 #include "worker/wan_config.h"
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -88,6 +90,31 @@ TEST(WanConfigTest, JsonRoundTripsAndHashIsStable) {
   // sha256sum). A change here changes every config hash in metadata.
   EXPECT_EQ(Preset("tiny").Hash(),
             "1898e045260026d997f58336a82c5e336a61cdfc043464ac16b0e972f5e489e2");
+}
+
+// Every preset's config hash, pinned (the hash is sha256 of the canonical JSON,
+// which holds every field, so a changed value in any preset fails here; logs
+// print its first 12 digits, e.g. "config a5c97e6408bb" for wan2.1-t2v-1.3b).
+// A new preset gets a row here; PresetNames() must list exactly these.
+TEST(WanConfigTest, EveryPresetKeepsItsConfigHash) {
+  const std::vector<std::pair<std::string, std::string>> pinned = {
+      {"tiny", "1898e045260026d997f58336a82c5e336a61cdfc043464ac16b0e972f5e489e2"},
+      {"demo-pixel", "0fcf059baaea7c37cb57a84435dd788d1f11ace358d811c856f28fc16e10e939"},
+      {"wan2.1-t2v-1.3b", "a5c97e6408bb684c5f01e6614c128b592f24f8233dafd5bb18a14f560f4a314b"},
+      {"wan2.1-t2v-14b", "a9306c6f2de08834315c15accbbdfa3c0a01371b7ef993431fa32aeca431c090"},
+      {"wan2.2-t2v-a14b", "5020d1eec23150868dfc1509d52811ec87fd654acabd797ce720c3e31c3facb5"},
+      {"tiny-t2v-a14b", "5f858ce7abdb45ce3306e6aa29b25a5996a6089f4b8bd69183c81e661fad54c4"},
+      {"wan2.2-i2v-a14b", "3cb2f45dbfaf6044ba4047dc3f60adc0f029ccb5ff1a64865870ea057466cc0c"},
+      {"tiny-i2v-a14b", "356aeb91712f6ce7f9c16a6190db53e1be89756405210a3644cc0c120bb94b09"},
+      {"wan2.1-i2v-14b", "b9f0cfde2930e1e39765398917ebdfc05fa6aa7c0b8931fc5a33956bb4832802"},
+      {"tiny-i2v-14b", "43a92bffaae32cf4f0ce2f5309d3c0e5c966768d489383d39e8643b7bb88b226"},
+  };
+  std::vector<std::string> names;
+  for (const auto& [name, hash] : pinned) {
+    names.push_back(name);
+    EXPECT_EQ(Preset(name).Hash(), hash) << name;
+  }
+  EXPECT_THAT(PresetNames(), ::testing::UnorderedElementsAreArray(names));
 }
 
 TEST(WanConfigTest, ReadsTheDiffusersHubConfig) {
