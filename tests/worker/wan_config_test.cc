@@ -190,5 +190,68 @@ TEST(WanConfigTest, ErrorsNameTheField) {
               HasSubstr(R"(got [1, [2, {...}], 4, 5])"));
 }
 
+// Wan2.2-TI2V-5B (docs/MODELS.md §1 table, §5) and its CI twin.
+TEST(WanConfigTest, Ti2vPresetsAndConfigs) {
+  const WanConfig c = Preset("wan2.2-ti2v-5b");
+  EXPECT_EQ(c.num_attention_heads, 24);
+  EXPECT_EQ(c.attention_head_dim, 128);
+  EXPECT_EQ(c.inner_dim(), 3072);
+  EXPECT_EQ(c.ffn_dim, 14336);
+  EXPECT_EQ(c.num_layers, 30);
+  EXPECT_EQ(c.in_channels, 48);
+  EXPECT_EQ(c.out_channels, 48);
+  EXPECT_EQ(c.text_dim, 4096);
+  EXPECT_EQ(c.freq_dim, 256);
+  EXPECT_EQ(c.eps, 1e-6);
+  EXPECT_EQ(c.rope_max_seq_len, 1024);
+  EXPECT_EQ(c.patch_size, (std::array<int, 3>{1, 2, 2}));
+  EXPECT_EQ(c.vae_stride, (std::array<int, 3>{4, 16, 16}));
+  EXPECT_EQ(c.image_dim, 0);
+  EXPECT_EQ(c.num_experts(), 1);
+  EXPECT_TRUE(c.is_ti2v());
+  EXPECT_FALSE(c.is_i2v());
+  const WanConfig tiny = Preset("tiny-ti2v");
+  EXPECT_TRUE(tiny.is_ti2v());
+  EXPECT_EQ(tiny.in_channels, 48);
+  EXPECT_EQ(tiny.out_channels, 48);
+  EXPECT_EQ(tiny.num_attention_heads, 4);
+  EXPECT_EQ(tiny.vae_stride, (std::array<int, 3>{4, 16, 16}));
+  for (const WanConfig& t : {c, tiny}) {
+    ASSERT_TRUE(t.Validate().ok()) << t.Validate();
+    absl::StatusOr<WanConfig> back = WanConfig::FromJson(t.ToJson());
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(back->ToJson(), t.ToJson());
+    EXPECT_TRUE(back->is_ti2v());
+  }
+  // Only TI2V writes the field: no other model's hash changes.
+  EXPECT_EQ(Preset("tiny").ToJson().find("expand_timesteps"), std::string::npos);
+  EXPECT_NE(c.ToJson().find("\"expand_timesteps\": true"), std::string::npos);
+  // The diffusers Hub transformer config (no vae_stride, no expand_timesteps):
+  // 48 channels in and out = the Wan2.2 VAE and TI2V.
+  const std::string hub = R"({"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": null,
+    "attention_head_dim": 128, "cross_attn_norm": true, "eps": 1e-06, "ffn_dim": 14336,
+    "freq_dim": 256, "image_dim": null, "in_channels": 48, "num_attention_heads": 24,
+    "num_layers": 30, "out_channels": 48, "patch_size": [1, 2, 2], "pos_embed_seq_len": null,
+    "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096})";
+  absl::StatusOr<WanConfig> h = WanConfig::FromJson(hub);
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_EQ(h->ToJson(), c.ToJson());
+  // The original Wan2.2 config: model_type "ti2v".
+  absl::StatusOr<WanConfig> o = WanConfig::FromJson(
+      R"({"_class_name": "WanModel", "dim": 3072, "num_heads": 24, "in_dim": 48, "out_dim": 48,
+          "ffn_dim": 14336, "freq_dim": 256, "num_layers": 30, "eps": 1e-06,
+          "model_type": "ti2v"})");
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->ToJson(), c.ToJson());
+  // An explicit false wins over the 48-channel default; a bad value is named.
+  absl::StatusOr<WanConfig> off = WanConfig::FromJson(
+      R"({"in_channels": 48, "out_channels": 48, "expand_timesteps": false})");
+  ASSERT_TRUE(off.ok());
+  EXPECT_FALSE(off->is_ti2v());
+  EXPECT_THAT(ErrorOf(R"({"expand_timesteps": 1})"), HasSubstr("'expand_timesteps'"));
+  EXPECT_THAT(ErrorOf(R"({"in_channels": 36, "expand_timesteps": true})"),
+              HasSubstr("'expand_timesteps' needs in_channels"));
+}
+
 }  // namespace
 }  // namespace dn::worker
