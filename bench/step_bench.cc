@@ -117,6 +117,13 @@ absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
   if (c.in_channels > c.out_channels)
     p.condition_latents = worker::Tensor::Host({c.in_channels - c.out_channels, p.latent.frames,
                                                 p.latent.height, p.latent.width});
+  // TI2V: a seeded first-frame condition, so the step runs the per-token
+  // timestep path (frame 0's tokens at t = 0; docs/MODELS.md §5).
+  if (c.is_ti2v()) {
+    p.condition_latents = worker::Tensor::Host({c.out_channels, 1, p.latent.height, p.latent.width});
+    worker::FillNormal(3, worker::kNoiseStream, 0, 0.0f, 1.0f, p.condition_latents.data_as<float>(),
+                       static_cast<size_t>(p.condition_latents.numel()));
+  }
   std::vector<double> step_s, a2a_s, skew_s;
   DN_RETURN_IF_ERROR(engine
                          .Generate(p,

@@ -389,7 +389,8 @@ int GenerateMain(int argc, char** argv) {
   flags.String("image-embeds", &image_file,
                "Wan2.1 I2V: safetensors file with tensor image_embeds [N, image_dim] (CLIP, 257 x 1280)");
   flags.String("condition", &condition_file,
-               "I2V models: safetensors file with tensor condition_latents [in - out, F, H, W]");
+               "I2V models: safetensors file with tensor condition_latents [in - out, F, H, W]; "
+               "TI2V (optional): the image latent of frame 0 [out_channels, 1, H, W]");
   flags.Int("text-len", &text_len,
             "tokens of the seeded random embeddings used without --embeds");
   flags.Double("deadline", &deadline_s, "gRPC deadline in seconds (0: none)");

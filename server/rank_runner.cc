@@ -97,7 +97,9 @@ v1::ModelInfo ModelInfoFromConfig(const worker::WanConfig& config,
   info.set_max_tokens(max_tokens);
   info.set_max_axis_tokens(config.rope_max_seq_len);
   info.set_experts(config.num_experts());
-  info.set_kind(config.in_channels > config.out_channels || config.is_i2v() ? "i2v" : "t2v");
+  info.set_kind(config.is_ti2v() ? "ti2v"
+                : config.in_channels > config.out_channels || config.is_i2v() ? "i2v"
+                                                                                : "t2v");
   info.set_image_dim(config.image_dim);
   info.set_boundary_ratio(config.boundary_ratio);
   return info;

@@ -46,6 +46,7 @@ worker::ModelGeometry GeometryFromModelInfo(const v1::ModelInfo& model) {
   g.text_dim = model.text_dim();
   g.image_dim = model.image_dim();
   g.experts = std::max(1, model.experts());
+  g.first_frame_condition = model.kind() == "ti2v";
   for (int i = 0; i < 3; ++i) {
     g.vae_stride[static_cast<size_t>(i)] = At(model.vae_stride(), i);
     g.patch_size[static_cast<size_t>(i)] = At(model.patch_size(), i);

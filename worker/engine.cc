@@ -111,6 +111,15 @@ class EngineImpl : public Engine {
   // gathered outputs and combine them; returns the velocity to step with.
   const float* CombineVelocities(bool cfg, float guidance);
   bool cfg_split() const { return split_.cfg_degree > 1; }
+  // latent [C, F, H, W] (the request's shape): frame 0 of every channel :=
+  // first_frame_ [C, 1, H, W].
+  void ReplaceFirstFrame(float* latent) const {
+    const size_t hw = static_cast<size_t>(latent_.height) * latent_.width;
+    const size_t per_channel = hw * static_cast<size_t>(latent_.frames);
+    for (int ch = 0; ch < config_.out_channels; ++ch)
+      std::memcpy(latent + ch * per_channel, first_frame_.data() + ch * hw,
+                  hw * sizeof(float));
+  }
 
   WanConfig config_;  // the model's (with boundary_ratio for two experts)
   // The only transformer, or the high-noise expert; low_noise_ is the
@@ -133,7 +142,9 @@ class EngineImpl : public Engine {
   Tensor gathered_;                   // backend [P, B, S, patch_out]
   std::vector<float> gathered_host_;  // host copy of it
   std::vector<float> x_;              // the replicated latent (sampler state)
-  std::vector<float> xin_;            // model input: x_ | condition (in > out)
+  std::vector<float> xin_;            // model input: x_ | condition (in > out),
+                                      // or x_ with frame 0 replaced (TI2V)
+  std::vector<float> first_frame_;    // TI2V condition [C, 1, H, W]; empty = none
   std::vector<float> v_cond_, v_uncond_, v_;
   Tensor zero_negative_;
   MarkerList markers_;
@@ -239,7 +250,14 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
   const size_t plane = static_cast<size_t>(p.latent.frames) * p.latent.height * p.latent.width;
   const size_t n = static_cast<size_t>(c.out_channels) * plane;
   x_.resize(n);
-  if (p.condition_latents.defined()) {
+  first_frame_.clear();
+  if (c.is_ti2v() && p.condition_latents.defined()) {
+    // TI2V (docs/MODELS.md §5): the image latent of frame 0 [C, 1, H, W]
+    // replaces frame 0 of the model input at every step and of the result.
+    first_frame_.assign(p.condition_latents.data_as<float>(),
+                        p.condition_latents.data_as<float>() + p.condition_latents.numel());
+    xin_.resize(n);
+  } else if (p.condition_latents.defined()) {
     xin_.resize(static_cast<size_t>(c.in_channels) * plane);
     std::memcpy(xin_.data() + n, p.condition_latents.data(),
                 (xin_.size() - n) * sizeof(float));
@@ -370,7 +388,17 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
       e == 1 && params.guidance_2.has_value() ? *params.guidance_2 : params.guidance);
   DN_ASSIGN_OR_RETURN(std::unique_ptr<Marker> start, backend_.Mark());
   if (!xin_.empty()) std::memcpy(xin_.data(), x_.data(), x_.size() * sizeof(float));
-  DN_RETURN_IF_ERROR(model.UploadInputs(xin_.empty() ? x_.data() : xin_.data(), t));
+  int64_t zero_t_tokens = 0;
+  if (!first_frame_.empty()) {
+    // Model input (1 - M)·z + M·x: frame 0 is the condition, and its tokens
+    // (the first grid_h·grid_w) get t = 0 (diffusers' expand_timesteps).
+    ReplaceFirstFrame(xin_.data());
+    const ModelShape& ms = model.shape();
+    // (Token frame 0 reads M[0] = 0 through the stride-pt subsampling.)
+    zero_t_tokens = static_cast<int64_t>(ms.grid_h) * ms.grid_w;
+  }
+  DN_RETURN_IF_ERROR(
+      model.UploadInputs(xin_.empty() ? x_.data() : xin_.data(), t, zero_t_tokens));
   // A graph is captured per expert at its first non-sampled step.
   const bool graph = options_.use_graphs && !sampled;
   DN_RETURN_IF_ERROR(model.Forward(model.world() > 1 ? ulysses_ : nullptr,
@@ -514,6 +542,9 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
   // Finite inputs within the rules can still overflow inside the model (a
   // checkpoint with huge weights, extreme guidance): every rank holds the
   // same latent, so every rank refuses alike, and the engine stays usable.
+  // TI2V: the sampler state's frame 0 evolved unread; the result's frame 0
+  // is the condition (docs/MODELS.md §5).
+  if (!first_frame_.empty()) ReplaceFirstFrame(x_.data());
   if (absl::Status finite = CheckOutputFinite(params); !finite.ok()) return finite;
   Tensor result = Tensor::Host({config_.out_channels, params.latent.frames,
                                 params.latent.height, params.latent.width});

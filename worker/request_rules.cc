@@ -38,6 +38,7 @@ ModelGeometry GeometryOf(const WanConfig& config, int64_t max_tokens) {
   g.text_dim = config.text_dim;
   g.image_dim = config.is_i2v() ? config.image_dim : 0;
   g.experts = config.num_experts();
+  g.first_frame_condition = config.is_ti2v();
   g.vae_stride = config.vae_stride;
   g.patch_size = config.patch_size;
   g.max_tokens = max_tokens;
@@ -205,6 +206,17 @@ absl::Status RequestRules::CheckLatentsShape(absl::string_view field,
 absl::Status RequestRules::CheckConditionShape(absl::string_view field,
                                                const Shape& s,
                                                const LatentShape& l) const {
+  if (model_.first_frame_condition) {
+    // TI2V: the normalised VAE latent of the conditioning image = frame 0.
+    const Shape want = {StateChannels(), 1, l.height, l.width};
+    if (s != want)
+      return Invalid(absl::StrCat(field, ".shape"),
+                     absl::StrCat("expected ", ShapeString(want),
+                                  " (the image latent of frame 0: out_channels ",
+                                  StateChannels(), ", 1 frame, the latent's H, W), got ",
+                                  BoundedShape(s)));
+    return absl::OkStatus();
+  }
   const int cond = model_.in_channels - StateChannels();
   if (cond <= 0)
     return Invalid(field, absl::StrCat("this model takes no condition (in_channels ",

@@ -75,6 +75,10 @@ struct ModelGeometry {
   int text_dim = 0;
   int image_dim = 0;  // CLIP image-token width; 0 = no image branch
   int experts = 1;    // 2 = Wan2.2 A14B (high- and low-noise transformers)
+  // Wan2.2 TI2V (expand_timesteps; ModelInfo kind "ti2v"): condition_latents
+  // is optional and is the image latent of frame 0, [out_channels, 1, H, W]
+  // (docs/MODELS.md §5), instead of extra input channels.
+  bool first_frame_condition = false;
   std::array<int, 3> vae_stride = {1, 1, 1};  // (t, h, w); values < 1 count as 1
   std::array<int, 3> patch_size = {1, 1, 1};  // (t, h, w); values < 1 count as 1
   int64_t max_tokens = 0;   // most tokens of a request; 0 = not limited
@@ -144,7 +148,8 @@ class RequestRules {
       return absl::OkStatus();
     return ValueError(field, index, v);
   }
-  // condition_latents of [in_channels - out_channels, F, H, W].
+  // condition_latents of [in_channels - out_channels, F, H, W], or on a
+  // first_frame_condition model (TI2V) [out_channels, 1, H, W].
   absl::Status CheckConditionShape(absl::string_view field, const Shape& shape,
                                    const LatentShape& latent) const;
   // image_embeds [N, image_dim] or [1, N, image_dim], 1 <= N <=
@@ -153,7 +158,8 @@ class RequestRules {
                                                 const Shape& shape) const;
   // The model's conditioning inputs are present exactly when it takes them:
   // image_embeds iff it has an image branch, condition_latents iff
-  // in_channels > out_channels. Errors name the field.
+  // in_channels > out_channels (optional on a first_frame_condition model).
+  // Errors name the field.
   absl::Status CheckConditioningPresent(bool has_image_embeds,
                                         bool has_condition_latents) const;
 

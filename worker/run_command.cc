@@ -81,7 +81,8 @@ void AddRunFlags(FlagSet& flags, RunFlags* f) {
   flags.String("out", &f->out, "output safetensors file (tensor latents)");
   flags.String("condition", &f->condition,
                "I2V models (in_channels > out_channels): safetensors file with tensor "
-               "condition_latents [in - out, F, H, W] (mask 4 | image latent 16)");
+               "condition_latents [in - out, F, H, W] (mask 4 | image latent 16); TI2V "
+               "(optional): the image latent of frame 0 [out_channels, 1, H, W]");
   flags.String("image-embeds", &f->image_embeds,
                "Wan2.1 I2V: safetensors file with tensor image_embeds [N, image_dim] "
                "(CLIP penultimate hidden states, 257 x 1280)");

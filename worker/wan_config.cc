@@ -215,6 +215,17 @@ absl::StatusOr<WanConfig> WanConfig::FromJson(const std::string& json) {
       return FieldError("boundary_ratio", "expected a number in (0, 1) or null", *it);
     }
   }
+  std::optional<bool> expand;
+  if (auto it = root.find("expand_timesteps"); it != root.end()) {
+    // Pipeline field (model_index.json; our own config.json of a TI2V preset).
+    if (it->is_null()) {
+      expand = false;
+    } else if (it->is_boolean()) {
+      expand = it->get<bool>();
+    } else {
+      return FieldError("expand_timesteps", "expected true, false or null", *it);
+    }
+  }
   if (auto it = root.find("cross_attn_norm"); it != root.end()) {
     if (!it->is_boolean())
       return FieldError("cross_attn_norm", "expected true or false", *it);
@@ -247,11 +258,14 @@ absl::StatusOr<WanConfig> WanConfig::FromJson(const std::string& json) {
   if (auto it = root.find("model_type"); it != root.end()) {
     // Original Wan2.1: "t2v", "i2v" or "flf2v"; the I2V image branch takes
     // 1280-wide CLIP features projected to dim (spec §1).
+    // Wan2.2 adds "ti2v" (TI2V-5B: per-token timesteps, no image branch).
     if (!it->is_string() ||
-        (*it != "t2v" && *it != "i2v" && *it != "flf2v"))
-      return FieldError("model_type", "expected \"t2v\", \"i2v\" or \"flf2v\"",
-                        *it);
-    if (*it != "t2v") {
+        (*it != "t2v" && *it != "i2v" && *it != "flf2v" && *it != "ti2v"))
+      return FieldError("model_type",
+                        "expected \"t2v\", \"i2v\", \"flf2v\" or \"ti2v\"", *it);
+    if (*it == "ti2v") {
+      if (!expand) expand = true;
+    } else if (*it != "t2v") {
       if (!image_dim) c.image_dim = 1280;
       // (inner_dim() in int64: the factors are not validated yet.)
       if (!added_kv)
@@ -261,6 +275,12 @@ absl::StatusOr<WanConfig> WanConfig::FromJson(const std::string& json) {
       if (*it == "flf2v" && !pos_len) c.pos_embed_seq_len = 2 * 257;
     }
   }
+  // The Wan2.2 VAE (z_dim 48, strides 4,16,16) is the only 48-channel Wan
+  // latent space, and TI2V-5B the only model on it (docs/MODELS.md §1, §5):
+  // a diffusers transformer config says neither, so default both from it.
+  const bool wan22_vae = c.in_channels == 48 && c.out_channels == 48;
+  if (!stride && wan22_vae) c.vae_stride = {4, 16, 16};
+  c.expand_timesteps = expand ? *expand : wan22_vae;
   return c;
 }
 
@@ -273,6 +293,7 @@ std::string WanConfig::ToJson() const {
   if (boundary_ratio > 0) j["boundary_ratio"] = boundary_ratio;
   j["cross_attn_norm"] = cross_attn_norm;
   j["eps"] = eps;
+  if (expand_timesteps) j["expand_timesteps"] = true;
   j["ffn_dim"] = ffn_dim;
   j["freq_dim"] = freq_dim;
   j["image_dim"] = image_dim > 0 ? Json(image_dim) : Json(nullptr);
@@ -371,6 +392,15 @@ absl::Status WanConfig::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat(
         "config fields 'image_dim' (", image_dim, ") and 'added_kv_proj_dim' (",
         added_kv_proj_dim, ") must both be set (I2V) or both be null (T2V)"));
+  if (expand_timesteps && in_channels != out_channels)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config field 'expand_timesteps' needs in_channels (", in_channels,
+        ") == out_channels (", out_channels,
+        "): TI2V conditions by replacing frame 0, not by extra channels"));
+  if (expand_timesteps && image_dim > 0)
+    return absl::InvalidArgumentError(
+        "config field 'expand_timesteps' (TI2V) and 'image_dim' (a Wan2.1 image "
+        "branch) do not go together");
   if (pos_embed_seq_len > 0 && image_dim == 0)
     return absl::InvalidArgumentError(
         "config field 'pos_embed_seq_len' needs 'image_dim' (FLF2V is an I2V "
@@ -438,6 +468,18 @@ const std::vector<Preset>& Presets() {
        {.num_attention_heads = 4, .attention_head_dim = 16, .in_channels = 36,
         .out_channels = 16, .text_dim = 32, .freq_dim = 256, .ffn_dim = 128,
         .num_layers = 2, .image_dim = 24, .added_kv_proj_dim = 64}},
+      // Wan2.2-TI2V-5B (docs/MODELS.md §1, §5): dim 3072, 48 latent channels
+      // (Wan2.2 VAE, strides 4,16,16), per-token timesteps.
+      {"wan2.2-ti2v-5b",
+       {.num_attention_heads = 24, .attention_head_dim = 128, .in_channels = 48,
+        .out_channels = 48, .ffn_dim = 14336, .num_layers = 30, .vae_stride = {4, 16, 16},
+        .expand_timesteps = true}},
+      // The TI2V path on the tiny transformer (CI): 48 channels, Wan2.2 VAE
+      // strides, per-token timesteps; 4 heads so 1, 2 and 4 ranks divide them.
+      {"tiny-ti2v",
+       {.num_attention_heads = 4, .attention_head_dim = 16, .in_channels = 48,
+        .out_channels = 48, .text_dim = 32, .freq_dim = 256, .ffn_dim = 128,
+        .num_layers = 2, .vae_stride = {4, 16, 16}, .expand_timesteps = true}},
   };
   return presets;
 }

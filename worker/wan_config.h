@@ -42,9 +42,21 @@ struct WanConfig {
   // low-noise `transformer_2` after (docs/MODELS.md §3). 0 = one transformer.
   // Written to / read from JSON only when set, so it changes no Wan2.1 hash.
   double boundary_ratio = 0;
+  // Not a transformer field either: the pipeline's `expand_timesteps`
+  // (model_index.json; true only for Wan2.2-TI2V-5B, docs/MODELS.md §5).
+  // True = per-token timesteps: a request may give the image latent of frame
+  // 0 (condition_latents [out_channels, 1, H, W]); frame 0's tokens then get
+  // t = 0 and frame 0 is replaced by the condition. Written to / read from
+  // JSON only when true (no other model's hash changes); original configs
+  // with model_type "ti2v" set it, and so does a config with 48 latent
+  // channels in and out (the Wan2.2 VAE's z_dim; TI2V-5B is the only such
+  // Wan model) that does not say otherwise.
+  bool expand_timesteps = false;
 
   int inner_dim() const { return num_attention_heads * attention_head_dim; }
   bool is_i2v() const { return added_kv_proj_dim > 0 || image_dim > 0; }
+  // Wan2.2 TI2V: per-token timesteps, first-frame conditioning (§5).
+  bool is_ti2v() const { return expand_timesteps; }
   int num_experts() const { return boundary_ratio > 0 ? 2 : 1; }
   // The config of one expert's transformer (pipeline fields cleared).
   WanConfig TransformerOnly() const {

@@ -13,11 +13,13 @@ namespace dn::worker {
 
 struct WanModel::Buffers {
   Tensor tokens;                       // [B*S, patch_in]
-  Tensor sinus;                        // [B, freq_dim]
-  Tensor temb_h, temb, temb_silu;      // [B, D]
-  Tensor tproj;                        // [B, 6D]
-  Tensor mod;                          // f32 [B, 6, D]
-  Tensor head_mod;                     // f32 [B, 2, D]
+  // Time rows: B, or 2B for per-token timesteps (TI2V: rows [B, 2B) hold
+  // t = 0, docs/MODELS.md §5).
+  Tensor sinus;                        // [B|2B, freq_dim]
+  Tensor temb_h, temb, temb_silu;      // [B|2B, D]
+  Tensor tproj;                        // [B|2B, 6D]
+  Tensor mod;                          // f32 [B|2B, 6, D]
+  Tensor head_mod;                     // f32 [B|2B, 2, D]
   Tensor x, h, tmp, q, k, v, attn;     // [B, S, D]
   Tensor ffn;                          // [B*S, Fd]
   Tensor rope;                         // f32 [S, d/2, 2]
@@ -26,7 +28,7 @@ struct WanModel::Buffers {
   Tensor osend, orecv;                 // [P, B, S, H/P, d]
   Tensor out;                          // [B, S, patch_out]
   std::vector<float> tokens_host;      // [B*S, patch_in]
-  std::vector<float> sinus_host;       // [B, freq_dim]
+  std::vector<float> sinus_host;       // [B|2B, freq_dim]
 };
 
 struct WanModel::Context {
@@ -248,13 +250,14 @@ absl::Status WanModel::Plan(const ModelShape& shape) {
     return r.status();
   };
   DN_RETURN_IF_ERROR(alloc(&buf->tokens, {b * s, patch_in()}, act_));
-  DN_RETURN_IF_ERROR(alloc(&buf->sinus, {b, config_.freq_dim}, act_));
-  DN_RETURN_IF_ERROR(alloc(&buf->temb_h, {b, d}, act_));
-  DN_RETURN_IF_ERROR(alloc(&buf->temb, {b, d}, act_));
-  DN_RETURN_IF_ERROR(alloc(&buf->temb_silu, {b, d}, act_));
-  DN_RETURN_IF_ERROR(alloc(&buf->tproj, {b, 6 * d}, act_));
-  DN_RETURN_IF_ERROR(alloc(&buf->mod, {b, 6, d}, DType::kF32));
-  DN_RETURN_IF_ERROR(alloc(&buf->head_mod, {b, 2, d}, DType::kF32));
+  const int64_t tb = config_.is_ti2v() ? 2 * b : b;  // time rows
+  DN_RETURN_IF_ERROR(alloc(&buf->sinus, {tb, config_.freq_dim}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->temb_h, {tb, d}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->temb, {tb, d}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->temb_silu, {tb, d}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->tproj, {tb, 6 * d}, act_));
+  DN_RETURN_IF_ERROR(alloc(&buf->mod, {tb, 6, d}, DType::kF32));
+  DN_RETURN_IF_ERROR(alloc(&buf->head_mod, {tb, 2, d}, DType::kF32));
   for (Tensor* t : {&buf->x, &buf->h, &buf->tmp, &buf->q, &buf->k, &buf->v,
                     &buf->attn})
     DN_RETURN_IF_ERROR(alloc(t, {b, s, d}, act_));
@@ -309,7 +312,7 @@ absl::Status WanModel::Plan(const ModelShape& shape) {
   DN_RETURN_IF_ERROR(alloc(&buf->rope, {s, pairs, 2}, DType::kF32));
   DN_RETURN_IF_ERROR(backend_.CopyFromHost(rope.data(), &buf->rope));
   buf->tokens_host.assign(static_cast<size_t>(b * s * patch_in()), 0.0f);
-  buf->sinus_host.assign(static_cast<size_t>(b * config_.freq_dim), 0.0f);
+  buf->sinus_host.assign(static_cast<size_t>(tb * config_.freq_dim), 0.0f);
   buf_ = std::move(buf);
   shape_ = shape;
   shard_ = s;
@@ -539,9 +542,18 @@ absl::Status WanModel::BranchContext(int64_t begin, int64_t end) {
   return absl::OkStatus();
 }
 
-absl::Status WanModel::UploadInputs(const float* latent, double timestep) {
+absl::Status WanModel::UploadInputs(const float* latent, double timestep,
+                                    int64_t zero_t_tokens) {
   if (buf_ == nullptr)
     return absl::FailedPreconditionError("model: UploadInputs before Plan");
+  if (zero_t_tokens < 0 || zero_t_tokens > shape_.tokens() ||
+      (zero_t_tokens > 0 && !config_.is_ti2v()))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model: ", zero_t_tokens, " tokens with t = 0 (per-token timesteps need "
+        "expand_timesteps and at most the ", shape_.tokens(), " tokens)"));
+  // This rank's leading rows among the t = 0 tokens (token-local: each rank
+  // modulates its own tokens, docs/MODELS.md §5).
+  zero_rows_ = std::clamp<int64_t>(zero_t_tokens - rank_ * shard_, 0, shard_);
   Buffers& b = *buf_;
   const int pt = config_.patch_size[0], ph = config_.patch_size[1],
             pw = config_.patch_size[2];
@@ -583,6 +595,14 @@ absl::Status WanModel::UploadInputs(const float* latent, double timestep) {
   for (int bi = 1; bi < shape_.batch; ++bi)
     std::memcpy(b.sinus_host.data() + bi * config_.freq_dim, b.sinus_host.data(),
                 static_cast<size_t>(config_.freq_dim) * sizeof(float));
+  if (config_.is_ti2v()) {
+    // Rows [B, 2B): t = 0, i.e. [cos 0 = 1 ..., sin 0 = 0 ...].
+    for (int bi = shape_.batch; bi < 2 * shape_.batch; ++bi) {
+      float* row = b.sinus_host.data() + static_cast<size_t>(bi) * config_.freq_dim;
+      std::fill(row, row + half, 1.0f);
+      std::fill(row + half, row + config_.freq_dim, 0.0f);
+    }
+  }
   return backend_.CopyFromHost(b.sinus_host.data(), &b.sinus);
 }
 
@@ -607,7 +627,8 @@ absl::Status WanModel::Forward(comm::ProcessGroup* data, MarkerList* markers,
         "model: Forward with a graph takes no markers (run eagerly to time the "
         "all-to-alls)");
   comm::ProcessGroup* group = world_ > 1 ? data : nullptr;
-  if (graph_ != nullptr && graph_group_ != group) graph_.reset();
+  if (graph_ != nullptr && (graph_group_ != group || graph_zero_rows_ != zero_rows_))
+    graph_.reset();
   if (graph_ == nullptr) {
     // Nothing of the group may be pending while the stream is captured
     // (earlier collectives done, so the watchdog has nothing to query).
@@ -620,6 +641,7 @@ absl::Status WanModel::Forward(comm::ProcessGroup* data, MarkerList* markers,
     DN_RETURN_IF_ERROR(graph.status());
     graph_ = *std::move(graph);
     graph_group_ = group;
+    graph_zero_rows_ = zero_rows_;
     if (group != nullptr)
       return group->LaunchWatched([] { return absl::OkStatus(); });
     return absl::OkStatus();
@@ -725,17 +747,22 @@ absl::Status WanModel::RunForward(comm::ProcessGroup* data,
 
   // Patch embed (step 2) and time embedding (steps 3-4).
   DN_RETURN_IF_ERROR(backend_.Linear(b.tokens, patch_w_, &patch_b_, kNone, &b.x));
-  for (int64_t bi = 0; bi < bs; ++bi) DN_RETURN_IF_ERROR(TimeEmbedding(bi));
+  // Time rows: one per batch row, plus (per-token timesteps with t = 0
+  // tokens on this rank) one more per batch row for t = 0 (MODELS.md §5).
+  const int64_t time_rows = zero_rows_ > 0 ? 2 * bs : bs;
+  for (int64_t bi = 0; bi < time_rows; ++bi) DN_RETURN_IF_ERROR(TimeEmbedding(bi));
+  const Tensor tproj = b.tproj.Rows(0, time_rows), mod = b.mod.Rows(0, time_rows);
+  Tensor mod_out = mod;
 
   for (size_t i = 0; i < blocks_.size(); ++i) {
     const Block& blk = blocks_[i];
     // e = sst + tproj; (shift1, scale1, gate1, shift2, scale2, gate2)
-    DN_RETURN_IF_ERROR(backend_.AddModulation(blk.sst, b.tproj, &b.mod));
+    DN_RETURN_IF_ERROR(backend_.AddModulation(blk.sst, tproj, &mod_out));
     // Self-attention with gated residual.
-    DN_RETURN_IF_ERROR(backend_.LayerNormModulate(b.x, b.mod, 0, 1, eps, &b.h));
+    DN_RETURN_IF_ERROR(Modulate(mod, 0, 1, eps));
     DN_RETURN_IF_ERROR(SelfAttention(blk, data, markers));
     DN_RETURN_IF_ERROR(Lin(blk.name + "attn1.to_out.0", b.attn, blk.o_w, &blk.o_b, kNone, &b.tmp));
-    DN_RETURN_IF_ERROR(backend_.GatedResidual(&b.x, b.tmp, b.mod, 2));
+    DN_RETURN_IF_ERROR(Gate(b.tmp, mod, 2));
     // Cross-attention (local, cached text K/V, no RoPE, no gate).
     DN_RETURN_IF_ERROR(
         backend_.LayerNormAffine(b.x, blk.norm2_w, blk.norm2_b, eps, &b.h));
@@ -766,17 +793,64 @@ absl::Status WanModel::RunForward(comm::ProcessGroup* data,
     DN_RETURN_IF_ERROR(Lin(blk.name + "attn2.to_out.0", b.attn, blk.o2_w, &blk.o2_b, kNone, &b.tmp));
     DN_RETURN_IF_ERROR(backend_.AddInPlace(&b.x, b.tmp));
     // FFN with gated residual.
-    DN_RETURN_IF_ERROR(backend_.LayerNormModulate(b.x, b.mod, 3, 4, eps, &b.h));
+    DN_RETURN_IF_ERROR(Modulate(mod, 3, 4, eps));
     DN_RETURN_IF_ERROR(Lin(blk.name + "ffn.net.0.proj", b.h, blk.ffn1_w, &blk.ffn1_b,
                                        Activation::kGeluTanh, &b.ffn));
     DN_RETURN_IF_ERROR(Lin(blk.name + "ffn.net.2", b.ffn, blk.ffn2_w, &blk.ffn2_b, kNone, &b.tmp));
-    DN_RETURN_IF_ERROR(backend_.GatedResidual(&b.x, b.tmp, b.mod, 5));
+    DN_RETURN_IF_ERROR(Gate(b.tmp, mod, 5));
   }
 
   // Head (step 8): shift, scale = sst + temb (pre-SiLU); proj_out.
-  DN_RETURN_IF_ERROR(backend_.AddModulation(head_sst_, b.temb, &b.head_mod));
-  DN_RETURN_IF_ERROR(backend_.LayerNormModulate(b.x, b.head_mod, 0, 1, eps, &b.h));
+  Tensor head_mod = b.head_mod.Rows(0, time_rows);
+  DN_RETURN_IF_ERROR(
+      backend_.AddModulation(head_sst_, b.temb.Rows(0, time_rows), &head_mod));
+  DN_RETURN_IF_ERROR(Modulate(head_mod, 0, 1, eps));
   return Lin("proj_out", b.h, proj_w_, &proj_b_, kNone, &b.out);
+}
+
+absl::Status WanModel::Modulate(const Tensor& mod, int shift, int scale, float eps) {
+  Buffers& b = *buf_;
+  const int64_t bs = shape_.batch, s = shard_;
+  if (zero_rows_ == 0) return backend_.LayerNormModulate(b.x, mod, shift, scale, eps, &b.h);
+  // Token-local, so splitting a batch row's tokens in two calls computes
+  // every token exactly as one call would (rank invariance).
+  const int64_t d = config_.inner_dim();
+  const Tensor x2 = b.x.View({bs * s, d}), h2 = b.h.View({bs * s, d});
+  for (int64_t bi = 0; bi < bs; ++bi) {
+    const int64_t cut = bi * s + zero_rows_;
+    const struct { int64_t begin, end, row; } parts[2] = {{bi * s, cut, bs + bi},
+                                                          {cut, (bi + 1) * s, bi}};
+    for (const auto& p : parts) {
+      if (p.end <= p.begin) continue;
+      const Shape rows = {1, p.end - p.begin, d};
+      Tensor h = h2.Rows(p.begin, p.end).View(rows);
+      DN_RETURN_IF_ERROR(backend_.LayerNormModulate(x2.Rows(p.begin, p.end).View(rows),
+                                                    mod.Rows(p.row, p.row + 1), shift,
+                                                    scale, eps, &h));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WanModel::Gate(const Tensor& y, const Tensor& mod, int gate) {
+  Buffers& b = *buf_;
+  const int64_t bs = shape_.batch, s = shard_;
+  if (zero_rows_ == 0) return backend_.GatedResidual(&b.x, y, mod, gate);
+  const int64_t d = config_.inner_dim();
+  const Tensor x2 = b.x.View({bs * s, d}), y2 = y.View({bs * s, d});
+  for (int64_t bi = 0; bi < bs; ++bi) {
+    const int64_t cut = bi * s + zero_rows_;
+    const struct { int64_t begin, end, row; } parts[2] = {{bi * s, cut, bs + bi},
+                                                          {cut, (bi + 1) * s, bi}};
+    for (const auto& p : parts) {
+      if (p.end <= p.begin) continue;
+      const Shape rows = {1, p.end - p.begin, d};
+      Tensor x = x2.Rows(p.begin, p.end).View(rows);
+      DN_RETURN_IF_ERROR(backend_.GatedResidual(&x, y2.Rows(p.begin, p.end).View(rows),
+                                                mod.Rows(p.row, p.row + 1), gate));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace dn::worker

@@ -107,7 +107,15 @@ class WanModel {
   // Copies this rank's patch tokens of `latent` (host f32 [C_in, F, H, W],
   // the full replicated latent; every batch row gets the same tokens) and the
   // timestep sinusoid to the backend.
-  absl::Status UploadInputs(const float* latent, double timestep);
+  // Per-token timesteps (TI2V, config expand_timesteps; docs/MODELS.md §5):
+  // the first `zero_t_tokens` global tokens (latent frame 0 of a conditioned
+  // run: grid_h * grid_w) get t = 0, the others `timestep`. The model embeds
+  // the two values once each (rows [0, B) t, rows [B, 2B) 0) and modulates
+  // each token with its value's rows; 0 = every token gets `timestep`,
+  // exactly the scalar model. INVALID_ARGUMENT for a model without
+  // expand_timesteps given zero_t_tokens > 0.
+  absl::Status UploadInputs(const float* latent, double timestep,
+                            int64_t zero_t_tokens = 0);
 
   // The forward of this rank's shard, on the backend's stream. `data` carries
   // the Ulysses all-to-alls when world > 1.
@@ -154,6 +162,12 @@ class WanModel {
                                     const std::string& name, const Shape& shape,
                                     bool f32);
   absl::Status RunForward(comm::ProcessGroup* data, MarkerList* markers);
+  // h = LN(x)·(1 + mod[scale]) + mod[shift] and x += y·mod[gate] with each
+  // token's modulation rows: rows [0, B) of `mod` for tokens at or past
+  // zero_rows_ of the shard, rows [B, 2B) (t = 0) for the first zero_rows_.
+  // With zero_rows_ == 0 these are single backend calls on rows [0, B).
+  absl::Status Modulate(const Tensor& mod, int shift, int scale, float eps);
+  absl::Status Gate(const Tensor& y, const Tensor& mod, int gate);
   // backend_.Linear plus the LoRA term of `module` when one is set.
   absl::Status Lin(const std::string& module, const Tensor& x, const Tensor& w,
                    const Tensor* bias, Activation act, Tensor* y);
@@ -195,6 +209,11 @@ class WanModel {
   std::unique_ptr<Graph> graph_;
   comm::ProcessGroup* graph_group_ = nullptr;  // the group graph_ captured
   bool fused_qkv_pack_ = true;
+  // Per-token timesteps: leading rows of this rank's shard with t = 0
+  // (latent frame 0 of a conditioned TI2V run); 0 = scalar timestep. A graph
+  // is captured for one value (graph_zero_rows_).
+  int64_t zero_rows_ = 0;
+  int64_t graph_zero_rows_ = 0;
 
   struct LoraWeights {
     Tensor down, up, bias;  // [r, in], [out, r] (scaled), [out] or undefined

@@ -5,7 +5,7 @@
 #                mkdir -p .anchor && cp ../shared/anchors/usp_anchor.py .anchor/
 # Run there:     . .gpu/env.sh && scripts/gpu/check_all.sh STAGE...   (carry .gpu and .anchor)
 # Stages: info ops nccl tiny sp graphs commbench commvariants perf sdpasweep step step4k stepauto graphstep service fault step14b
-#         cfgpar models lora
+#         cfgpar models lora ti2v
 # (sp needs tiny first: it compares against tiny's 1-rank runs.)
 # Graphs are on by default everywhere (--no-graphs or DN_CUDA_GRAPHS=0 turns them off;
 # DN_FUSED_QKV_PACK=0 turns the fused q/k norm+RoPE+pack kernel off).
@@ -117,19 +117,28 @@ for st in "$@"; do
       done ;;
     models)
       # Issue 15's paths, CUDA against the CPU on tiny checkpoints (4 steps, CFG 5): two experts with a
-      # LoRA (GeluTanh path), Wan2.1 I2V (image embedder, GeluErf, image K/V), Wan2.2 I2V two experts.
+      # LoRA (GeluTanh path), Wan2.1 I2V (image embedder, GeluErf, image K/V), Wan2.2 I2V two experts,
+      # Wan2.2 TI2V (48 channels, VAE 4x16x16: latent [48, 3, 4, 6]) with a first-frame condition (per-token
+      # timesteps: frame 0's tokens at t = 0) and without one (text-only).
       C=scripts/gpu/compare_latents.py; mkdir -p $W/lora
       python3 $C --make-noise 257,24 --seed 4 --out $W/ie.safetensors --name image_embeds
       python3 $C --make-noise 20,3,8,12 --seed 5 --out $W/cond.safetensors --name condition_latents
+      python3 $C --make-noise 48,1,4,6 --seed 6 --out $W/ti2v_cond.safetensors --name condition_latents
       denoised make-checkpoint --preset tiny-t2v-a14b --lora-out $W/lora/a.safetensors --lora-rank 8 > /dev/null
       margs="--frames 9 --height 64 --width 96 --steps 4 --guidance 5 --seed 7 --text-len 64 --ranks 1"
-      for m in "tiny-t2v-a14b|--lora-dir $W/lora --lora a:0.8" "tiny-i2v-14b|--image-embeds $W/ie.safetensors --condition $W/cond.safetensors" "tiny-i2v-a14b|--condition $W/cond.safetensors"; do
+      for m in "tiny-t2v-a14b|--lora-dir $W/lora --lora a:0.8" "tiny-i2v-14b|--image-embeds $W/ie.safetensors --condition $W/cond.safetensors" "tiny-i2v-a14b|--condition $W/cond.safetensors" "tiny-ti2v|--condition $W/ti2v_cond.safetensors" "tiny-ti2v|"; do
         preset=${m%%|*}; extra=${m#*|}
+        name=$preset; [[ $preset == tiny-ti2v && -z $extra ]] && name=tiny-ti2v-text
         for b in cpu cuda; do
-          stage m_${preset}_$b 180 denoised run --preset $preset --backend $b $margs $extra --out $W/m_${preset}_$b.safetensors
+          stage m_${name}_$b 180 denoised run --preset $preset --backend $b $margs $extra --out $W/m_${name}_$b.safetensors
         done
-        stage m_${preset}_cmp 60 python3 $C $W/m_${preset}_cpu.safetensors $W/m_${preset}_cuda.safetensors --label "$preset cuda vs cpu (4 UniPC steps, CFG 5)" --max-rel-l2 3e-2
+        stage m_${name}_cmp 60 python3 $C $W/m_${name}_cpu.safetensors $W/m_${name}_cuda.safetensors --label "$name cuda vs cpu (4 UniPC steps, CFG 5)" --max-rel-l2 3e-2
       done ;;
+    ti2v)
+      # Issue 15: the Wan2.2-TI2V-5B step at its 720p token count (121 x 704 x 1280 -> latent 48 x 31 x 44 x 80
+      # -> 27280 tokens), CFG, with a seeded first-frame condition (per-token timesteps), one GPU.
+      stage ti2v5b_720p_p1 400 denoised bench step --preset wan2.2-ti2v-5b --frames 121 --height 704 --width 1280 --ranks 1 --backend cuda --cfg --warmup 1 --iters 3
+      stage ti2v5b_720p_anchor_p1 300 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 27280 --dim 3072 --heads 24 --ffn 14336 --layers 30 --iters 3 ;;
     sdpasweep)
       # The cuDNN engine space of the attention shapes (both CFG branches in one call, as the model runs
       # them): 1.3B at 32760 and 4096 tokens, 14B (40 heads) at 32760. SUMMARY lines: default vs fastest.

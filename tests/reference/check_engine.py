@@ -540,6 +540,165 @@ def run_lora_cases(binary, work, timeout, only, paths, lat, emb, neg, models, di
         print(f"FAIL l_lora: {e}", flush=True)
 
 
+# ------------------------------------------------------------- Wan2.2 TI2V (MODELS.md §5): per-token timesteps
+# (tag, frames, height, width, text-only run too). CPU shards are 64-row tiles (S = 64·k): at 18 tokens
+# every token sits on rank 0 (frame 0 = 6 tokens); at 288 tokens (latent [48, 2, 24, 24], frame 0 = 144
+# tokens) 4 ranks have S = 128, so frame 0 spans ranks 0 and 1 (rank 1: 16 tokens at t = 0, 112 at t) and
+# rank 2 holds none of it; 2 ranks have S = 192 (rank 0: 144 at t = 0, 48 at t).
+TI2V_SIZES = [("", 9, 64, 96, True), ("_wide", 5, 384, 384, False)]
+
+
+def run_ti2v_cases(binary, work, timeout, only, failures):
+    """tiny-ti2v (48 channels, VAE 4x16x16, expand_timesteps): with a first-frame condition z [48, 1, H, W]
+    the model input's frame 0 is z at every step, frame 0's tokens get t = 0 (their own modulation rows),
+    and the result's frame 0 is z; without one every token gets t, bit for bit the scalar model. Ranks 1,
+    2 and 4 bitwise (TI2V_SIZES says where frame 0's tokens fall)."""
+    if only and not any(p.startswith("t_") or "t_".startswith(p) for p in only.split(",")):
+        return
+    try:
+        d = os.path.join(work, "ck_ti2v")
+        run_cmd([binary, "make-checkpoint", "--preset", "tiny-ti2v", "--seed", str(SEED), "--out", d,
+                 "--dtype", "f32"], timeout)
+        cfg, W = wr.load_model(d)
+        if cfg.in_channels != 48 or cfg.out_channels != 48 or tuple(cfg.vae_stride) != (4, 16, 16):
+            raise Failure(f"tiny-ti2v: channels {cfg.in_channels}/{cfg.out_channels}, vae_stride {cfg.vae_stride}")
+        with open(os.path.join(d, "config.json")) as f:
+            conf = json.load(f)
+        if conf.get("expand_timesteps") is not True:
+            raise Failure("tiny-ti2v: config.json lacks expand_timesteps: true")
+        # The same weights as a plain (scalar-timestep) model: expand_timesteps false.
+        d_plain = os.path.join(work, "ck_ti2v_plain")
+        shutil.rmtree(d_plain, ignore_errors=True)
+        shutil.copytree(d, d_plain)
+        conf["expand_timesteps"] = False
+        with open(os.path.join(d_plain, "config.json"), "w") as f:
+            json.dump(conf, f)
+    except (Failure, ValueError, OSError, KeyError) as e:
+        failures.append("t_ti2v")
+        print(f"FAIL t_ti2v: {e}", flush=True)
+        return
+    for tag, frames, height, width, with_text in TI2V_SIZES:
+        try:
+            run_ti2v_size(binary, work, timeout, cfg, W, d, d_plain, tag, frames, height, width, with_text,
+                          failures)
+        except (Failure, ValueError, OSError, KeyError) as e:
+            failures.append("t_ti2v" + tag)
+            print(f"FAIL t_ti2v{tag}: {e}", flush=True)
+    try:
+        check_ti2v_validation(binary, work, timeout, cfg, d, failures)
+    except (Failure, ValueError, OSError, KeyError) as e:
+        failures.append("t_bad")
+        print(f"FAIL t_bad: {e}", flush=True)
+
+
+def run_ti2v_size(binary, work, timeout, cfg, W, d, d_plain, tag, frames, height, width, with_text, failures):
+    rng = np.random.default_rng(SEED + 21)
+    C, F_, H_, W_ = cfg.latent_shape(frames, height, width)
+    lat = rng.standard_normal((C, F_, H_, W_)).astype(np.float32)
+    emb = rng.standard_normal((TEXT_LEN, cfg.text_dim)).astype(np.float32)
+    neg = rng.standard_normal((TEXT_LEN, cfg.text_dim)).astype(np.float32)
+    z = rng.standard_normal((C, 1, H_, W_)).astype(np.float32)
+    paths = {k: os.path.join(work, f"t{tag}_{k}.safetensors") for k in ("latents", "embeds", "neg", "cond")}
+    st.save_file({"latents": lat}, paths["latents"])
+    st.save_file({"prompt_embeds": emb}, paths["embeds"])
+    st.save_file({"prompt_embeds": neg}, paths["neg"])
+    st.save_file({"condition_latents": z}, paths["cond"])
+    lat, emb, neg, z = (a.astype(np.float64) for a in (lat, emb, neg, z))
+    sched, steps, g, shift = ("unipc", 4, 5.0, 5.0) if not tag else ("unipc", 2, 5.0, 5.0)
+    check_timestep_margins(sched, steps, shift)
+    f = lambda x, tt, ctx, im: wr.forward(cfg, W, x, tt, ctx)  # noqa: E731
+
+    def ref(M, variant="diffusers", per_token=True, replace=True):
+        zz = z if replace else lat[:, :1]
+        if per_token:
+            model = sr.pipeline_model([f], emb, neg, g, first_frame=(zz, M))
+        else:  # guard: frame 0 replaced but one scalar t for every token
+            inner = sr.pipeline_model([f], emb, neg, g)
+            model = lambda x, t, i: inner((1.0 - M[None]) * zz + M[None] * x, t, i)  # noqa: E731
+        return sr.ti2v_sample(sched, model, lat, steps, shift, zz, M, variant)
+
+    M1 = sr.ti2v_first_frame_mask(F_, H_, W_, conditioned=True)
+    M0 = sr.ti2v_first_frame_mask(F_, H_, W_, conditioned=False)
+    r_cond = ref(M1)
+    r_text = ref(M0) if with_text else None
+    r_orig = ref(M1, variant="original")
+    sens = {"scalar t": rel_l2(ref(M1, per_token=False), r_cond),
+            "frame 0 = noise, not z": rel_l2(ref(M1, replace=False), r_cond)}
+    if r_text is not None:
+        sens["text-only"] = rel_l2(r_text, r_cond)
+    if min(sens.values()) < 100 * REL_L2_BOUND:
+        raise Failure(f"case setup: alternative readings too close: {sens}")
+    if rel_l2(r_orig, r_cond) > 1e-12:
+        raise Failure(f"reference: diffusers and original frame-0 handling differ ({rel_l2(r_orig, r_cond):.1e})")
+
+    def engine(model_dir, name, ranks, extra):
+        out_path = os.path.join(work, f"{name}.r{ranks}.out.safetensors")
+        cmd = [binary, "run", "--model", model_dir, "--ranks", str(ranks), "--backend", "cpu",
+               "--frames", str(frames), "--height", str(height), "--width", str(width),
+               "--steps", str(steps), "--guidance", repr(g), "--shift", repr(shift), "--scheduler", sched,
+               "--seed", str(SEED), "--embeds", paths["embeds"], "--negative-embeds", paths["neg"],
+               "--latents", paths["latents"], "--out", out_path] + extra
+        _, secs = run_cmd(cmd, timeout)
+        got = st.load_file(out_path)["latents"].astype(np.float64)
+        if got.shape != lat.shape or not np.all(np.isfinite(got)):
+            raise Failure(f"{name}: output shape {got.shape} (expected {lat.shape}) or non-finite values")
+        return got, secs
+
+    runs = [(f"t_ti2v{tag}_cond_{sched}{steps}_cfg5", r_cond, ["--condition", paths["cond"]])]
+    if with_text:
+        runs.append((f"t_ti2v{tag}_text_{sched}{steps}_cfg5", r_text, []))
+    for name, r, extra in runs:
+        outs = {}
+        for ranks in (1, 2, 4):
+            got, secs = engine(d, name, ranks, extra)
+            outs[ranks] = got
+            err = rel_l2(got, r)
+            same = ranks == 1 or np.array_equal(got, outs[1])
+            ok = err < REL_L2_BOUND and same
+            note = ""
+            if extra:  # frame 0 of the result is the condition, exactly
+                f0 = np.array_equal(got[:, :1], z)
+                ok = ok and f0
+                note = f" frame0 == z: {f0}"
+            print(f"{'ok  ' if ok else 'FAIL'} {name:30s} tokens={F_ * H_ * W_ // 4} ranks={ranks} rel_l2={err:.3e} "
+                  f"(bound {REL_L2_BOUND:g}) engine {secs:.1f}s" + ("" if ranks == 1 else f" bitwise == ranks 1: {same}")
+                  + note + " [alternatives: " + ", ".join(f"{k} {v:.1e}" for k, v in sens.items()) + "]", flush=True)
+            if not ok:
+                failures.append(name)
+        if not extra:
+            # Text-only TI2V is the scalar-timestep model bit for bit (same weights, expand_timesteps off).
+            for ranks in (1, 4):
+                plain, _ = engine(d_plain, f"t_ti2v{tag}_plain", ranks, [])
+                same = np.array_equal(plain, outs[ranks])
+                print(f"{'ok  ' if same else 'FAIL'} t_ti2v{tag}_text_is_scalar ranks={ranks} bitwise == "
+                      f"expand_timesteps off: {same}", flush=True)
+                if not same:
+                    failures.append(f"t_ti2v{tag}_text_is_scalar")
+
+
+def check_ti2v_validation(binary, work, timeout, cfg, d, failures):
+    """A full-length condition on TI2V, a first-frame condition on a 16-channel T2V model: INVALID_ARGUMENT
+    naming condition_latents."""
+    frames, height, width = TI2V_SIZES[0][1:4]
+    C, F_, H_, W_ = cfg.latent_shape(frames, height, width)
+    bad = os.path.join(work, "t_bad_cond.safetensors")
+    st.save_file({"condition_latents": np.zeros((C, F_, H_, W_), np.float32)}, bad)
+    t2v_cond = os.path.join(work, "t_t2v_cond.safetensors")
+    st.save_file({"condition_latents": np.zeros((16, 1, HEIGHT // 8, WIDTH // 8), np.float32)}, t2v_cond)
+    for label, model, size, extra, field in (
+            ("ti2v condition with F frames", d, (frames, height, width), ["--condition", bad],
+             "condition_latents.shape"),
+            ("t2v with a first-frame condition", os.path.join(work, "ck_f32"), (FRAMES, HEIGHT, WIDTH),
+             ["--condition", t2v_cond], "condition_latents")):
+        p = subprocess.run([binary, "run", "--model", model, "--frames", str(size[0]), "--height", str(size[1]),
+                            "--width", str(size[2]), "--steps", "1", "--out", os.path.join(work, "t_bad.out")]
+                           + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+        last = (p.stdout.decode(errors="replace").strip().splitlines() or [""])[-1]
+        ok = p.returncode != 0 and "INVALID_ARGUMENT" in last and field in last
+        print(f"{'ok  ' if ok else 'FAIL'} t_bad {label:34s} -> {last[:160]}", flush=True)
+        if not ok:
+            failures.append("t_bad " + label)
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True, help="path to the denoised binary")
@@ -623,6 +782,7 @@ def main():
         run_two_expert_cases(binary, work, a.timeout, a.only, paths, lat, emb, neg, failures)
         run_lora_cases(binary, work, a.timeout, a.only, paths, lat, emb, neg, models, dirs, failures)
         run_i2v14b_cases(binary, work, a.timeout, a.only, paths, lat, emb, neg, failures)
+        run_ti2v_cases(binary, work, a.timeout, a.only, failures)
     finally:
         if not a.keep and not a.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -10,8 +10,10 @@
 #include "server/client.h"
 #include "server/metrics.h"
 #include "server/metrics_scrape.h"
+#include "server/proto_convert.h"
 #include "server/protocol.h"
 #include "server/request_validation.h"
+#include "worker/tensor.h"
 
 namespace dn::server {
 namespace {
@@ -69,6 +71,41 @@ TEST(RequestValidation, FillsDefaults) {
   EXPECT_EQ(ok->latent.channels(), 16);
   EXPECT_EQ(ok->tokens, 4);
   EXPECT_EQ(ok->text_len, 3);
+}
+
+// Wan2.2 TI2V (ListModels kind "ti2v"): condition_latents is optional and
+// is frame 0's image latent [out_channels, 1, H, W] (docs/MODELS.md §5).
+TEST(RequestValidation, Ti2vFirstFrameCondition) {
+  v1::ModelInfo m = WanLike();
+  m.set_in_channels(48);
+  m.set_out_channels(48);
+  m.clear_vae_stride();
+  for (int s : {4, 16, 16}) m.add_vae_stride(s);
+  m.set_kind("ti2v");
+  v1::GenerateRequest r;
+  r.set_model("wan");
+  r.mutable_pixel_size()->set_frames(9);
+  r.mutable_pixel_size()->set_height(64);
+  r.mutable_pixel_size()->set_width(96);
+  *r.mutable_prompt_embeds() = SeededEmbeds(0, 3, 32);
+  absl::StatusOr<ResolvedRequest> text = ValidateRequest(r, m);  // text-only: no condition
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(text->latent.channels(), 48);
+  EXPECT_EQ(text->latent.frames(), 3);
+  EXPECT_EQ(text->latent.height(), 4);
+  EXPECT_EQ(text->latent.width(), 6);
+  TensorToProto(worker::Tensor::Host({48, 1, 4, 6}), r.mutable_condition_latents());
+  absl::StatusOr<ResolvedRequest> cond = ValidateRequest(r, m);
+  EXPECT_TRUE(cond.ok()) << cond.status();
+  TensorToProto(worker::Tensor::Host({48, 3, 4, 6}), r.mutable_condition_latents());
+  EXPECT_THAT(std::string(ValidateRequest(r, m).status().message()),
+              HasSubstr("condition_latents.shape: expected [48, 1, 4, 6]"));
+  // The same geometry as "t2v" takes no condition at all.
+  m.set_kind("t2v");
+  TensorToProto(worker::Tensor::Host({48, 1, 4, 6}), r.mutable_condition_latents());
+  const absl::Status s = ValidateRequest(r, m).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("condition_latents: this model takes no condition"));
 }
 
 TEST(RequestValidation, TooManyTokens) {

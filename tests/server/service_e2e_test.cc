@@ -628,5 +628,98 @@ TEST_F(ServiceTest, ImageToVideoThroughTheService) {
   EXPECT_EQ(g3.Stop(), 0);
 }
 
+// Wan2.2 TI2V through the service (tiny-ti2v: 48 channels, VAE 4x16x16):
+// ListModels says kind ti2v, a first-frame condition [48, 1, H, W] travels in
+// the request, the result (2 ranks) equals `denoised run` (1 rank) bit for
+// bit with frame 0 = the condition, a text-only request runs too, and a
+// full-length condition is refused at admission naming the field.
+TEST_F(ServiceTest, TextImageToVideoThroughTheService) {
+  Proc g4({"worker", "--coordinator", coord_->target, "--preset", "tiny-ti2v", "--ranks", "2",
+           "--backend", "cpu", "--name", "g4", "--threads", "1", "--metrics-listen",
+           "127.0.0.1:0", "--secret", kSecret},
+          dir_->path() + "/g4.log");
+  const absl::Status ready =
+      WaitGroups(*client_, {"g4"}, v1::GROUP_STATE_READY, std::chrono::seconds(120));
+  ASSERT_TRUE(ready.ok()) << ready << ReadFile(dir_->path() + "/g4.log");
+  absl::StatusOr<v1::ListModelsResponse> models = client_->ListModels();
+  ASSERT_TRUE(models.ok()) << models.status();
+  bool found = false;
+  for (const auto& m : models->models()) {
+    if (m.name() != "tiny-ti2v") continue;
+    found = true;
+    EXPECT_EQ(m.kind(), "ti2v");
+    EXPECT_EQ(m.in_channels(), 48);
+    EXPECT_EQ(m.out_channels(), 48);
+    ASSERT_EQ(m.vae_stride_size(), 3);
+    EXPECT_EQ(m.vae_stride(1), 16);
+  }
+  ASSERT_TRUE(found);
+  // 5 x 64 x 96 pixels -> latent [48, 2, 4, 6]; condition [48, 1, 4, 6].
+  const worker::Shape cshape = {48, 1, 4, 6};
+  std::vector<float> cond(static_cast<size_t>(worker::NumElements(cshape)));
+  uint32_t x = 3;
+  for (float& f : cond) {
+    x = x * 1664525u + 1013904223u;
+    f = static_cast<float>(x >> 8) / 16777216.0f - 0.5f;
+  }
+  auto to_proto = [](const worker::Shape& shape, const std::vector<float>& v) {
+    v1::Tensor t;
+    t.set_dtype(v1::DTYPE_F32);
+    for (int64_t d : shape) t.add_shape(d);
+    t.set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float)));
+    return t;
+  };
+  const std::string cpath = dir_->path() + "/ti2v-cond.safetensors";
+  ASSERT_TRUE(worker::WriteSafetensors(cpath, {{"condition_latents", worker::DType::kF32, cshape,
+                                                cond.data()}}).ok());
+  constexpr int kSteps = 3;
+  v1::GenerateRequest req = TinyRequest(5, 64, 96, kSteps, 42, kTextLen);
+  req.set_model("tiny-ti2v");
+  *req.mutable_condition_latents() = to_proto(cshape, cond);
+  auto r = client_->Generate(req, std::chrono::seconds(60), {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->latents().shape_size(), 4);
+  EXPECT_EQ(r->latents().shape(0), 48);
+  EXPECT_EQ(r->latents().shape(1), 2);
+  // Frame 0 of the result is the condition, exactly.
+  const float* got = reinterpret_cast<const float*>(r->latents().data().data());
+  bool frame0 = true;
+  for (int c = 0; c < 48; ++c)
+    frame0 = frame0 && std::memcmp(got + c * 2 * 24, cond.data() + c * 24, 24 * sizeof(float)) == 0;
+  EXPECT_TRUE(frame0) << "frame 0 of the TI2V result is not the condition";
+  const std::string out = dir_->path() + "/run-ti2v.safetensors";
+  SpawnOptions o;
+  o.exe = DENOISED_BIN;
+  o.args = {"run", "--preset", "tiny-ti2v", "--ranks", "1", "--threads", "1", "--frames", "5",
+            "--height", "64", "--width", "96", "--steps", std::to_string(kSteps), "--seed", "42",
+            "--guidance", "5", "--text-len", std::to_string(kTextLen), "--condition", cpath,
+            "--out", out};
+  o.log_file = dir_->path() + "/run-ti2v.log";
+  absl::StatusOr<pid_t> pid = Spawn(o);
+  ASSERT_TRUE(pid.ok()) << pid.status();
+  ASSERT_EQ(WaitPid(*pid, std::chrono::seconds(120)).value_or(-1), 0) << ReadFile(o.log_file);
+  auto file = worker::SafetensorsFile::Open(out);
+  ASSERT_TRUE(file.ok()) << file.status();
+  const worker::SafetensorsEntry* e = (*file)->Find("latents");
+  ASSERT_NE(e, nullptr);
+  EXPECT_TRUE(std::string(reinterpret_cast<const char*>((*file)->RawData(*e)), e->nbytes()) ==
+              r->latents().data())
+      << "service TI2V result differs from `denoised run` (2 ranks vs 1)";
+  // Text-only: the condition is optional.
+  v1::GenerateRequest text = req;
+  text.clear_condition_latents();
+  auto t = client_->Generate(text, std::chrono::seconds(60), {});
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_NE(t->latents().data(), r->latents().data());
+  // A full-length condition is refused at admission, naming the field.
+  v1::GenerateRequest full = req;
+  *full.mutable_condition_latents() =
+      to_proto({48, 2, 4, 6}, std::vector<float>(48 * 2 * 4 * 6, 0.0f));
+  auto bad = client_->Generate(full, std::chrono::seconds(30), {});
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("condition_latents.shape"));
+  EXPECT_EQ(g4.Stop(), 0);
+}
+
 }  // namespace
 }  // namespace dn::server

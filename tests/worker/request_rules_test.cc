@@ -260,6 +260,29 @@ TEST(RequestRules, ConditioningInputsOfI2vAndT2v) {
               "initial_latents.shape");
 }
 
+// Wan2.2 TI2V: condition_latents is optional and is frame 0's image latent
+// [out_channels, 1, H, W] (docs/MODELS.md §5).
+TEST(RequestRules, FirstFrameConditionOfTi2v) {
+  ModelGeometry g = WanGeometry();
+  g.in_channels = 48;
+  g.out_channels = 48;
+  g.vae_stride = {4, 16, 16};
+  g.first_frame_condition = true;
+  const RequestRules ti2v(g);
+  const LatentShape l = *ti2v.CheckLatent({0, 3, 8, 12}, SizeField::kLatentShape);
+  EXPECT_EQ(l.channels, 48);
+  EXPECT_TRUE(ti2v.CheckConditioningPresent(false, false).ok());  // text-only
+  EXPECT_TRUE(ti2v.CheckConditioningPresent(false, true).ok());
+  EXPECT_TRUE(ti2v.CheckConditionShape("condition_latents", {48, 1, 8, 12}, l).ok());
+  for (const Shape& bad : {Shape{48, 3, 8, 12}, Shape{16, 1, 8, 12}, Shape{48, 1, 8, 6},
+                           Shape{48, 1, 12, 8}, Shape{48, 8, 12}})
+    ExpectField(ti2v.CheckConditionShape("condition_latents", bad, l), "condition_latents.shape");
+  // Without the flag the same geometry (48 = 48) takes no condition.
+  g.first_frame_condition = false;
+  ExpectField(RequestRules(g).CheckConditionShape("condition_latents", {48, 1, 8, 12}, l),
+              "condition_latents");
+}
+
 TEST(RequestRules, TwoExpertsAndLora) {
   ModelGeometry two = WanGeometry();
   two.experts = 2;

@@ -108,6 +108,8 @@ TEST(WanConfigTest, EveryPresetKeepsItsConfigHash) {
       {"tiny-i2v-a14b", "356aeb91712f6ce7f9c16a6190db53e1be89756405210a3644cc0c120bb94b09"},
       {"wan2.1-i2v-14b", "b9f0cfde2930e1e39765398917ebdfc05fa6aa7c0b8931fc5a33956bb4832802"},
       {"tiny-i2v-14b", "43a92bffaae32cf4f0ce2f5309d3c0e5c966768d489383d39e8643b7bb88b226"},
+      {"wan2.2-ti2v-5b", "4ed4d354e375eb3c916f28fd6a145420e7191414c8e37d90af223888e7c7d92e"},
+      {"tiny-ti2v", "d03fdded2db64ff3060da6994d26520a460c92462c451e5e0cd898f3f38b5c0f"},
   };
   std::vector<std::string> names;
   for (const auto& [name, hash] : pinned) {
@@ -215,6 +217,69 @@ TEST(WanConfigTest, ErrorsNameTheField) {
   EXPECT_THAT(ErrorOf(deep), HasSubstr("config field 'num_layers': expected an integer, got [[[...]]]"));
   EXPECT_THAT(ErrorOf(R"({"patch_size": [1, [2, {"a": [3]}], 4, 5]})"),
               HasSubstr(R"(got [1, [2, {...}], 4, 5])"));
+}
+
+// Wan2.2-TI2V-5B (docs/MODELS.md §1 table, §5) and its CI twin.
+TEST(WanConfigTest, Ti2vPresetsAndConfigs) {
+  const WanConfig c = Preset("wan2.2-ti2v-5b");
+  EXPECT_EQ(c.num_attention_heads, 24);
+  EXPECT_EQ(c.attention_head_dim, 128);
+  EXPECT_EQ(c.inner_dim(), 3072);
+  EXPECT_EQ(c.ffn_dim, 14336);
+  EXPECT_EQ(c.num_layers, 30);
+  EXPECT_EQ(c.in_channels, 48);
+  EXPECT_EQ(c.out_channels, 48);
+  EXPECT_EQ(c.text_dim, 4096);
+  EXPECT_EQ(c.freq_dim, 256);
+  EXPECT_EQ(c.eps, 1e-6);
+  EXPECT_EQ(c.rope_max_seq_len, 1024);
+  EXPECT_EQ(c.patch_size, (std::array<int, 3>{1, 2, 2}));
+  EXPECT_EQ(c.vae_stride, (std::array<int, 3>{4, 16, 16}));
+  EXPECT_EQ(c.image_dim, 0);
+  EXPECT_EQ(c.num_experts(), 1);
+  EXPECT_TRUE(c.is_ti2v());
+  EXPECT_FALSE(c.is_i2v());
+  const WanConfig tiny = Preset("tiny-ti2v");
+  EXPECT_TRUE(tiny.is_ti2v());
+  EXPECT_EQ(tiny.in_channels, 48);
+  EXPECT_EQ(tiny.out_channels, 48);
+  EXPECT_EQ(tiny.num_attention_heads, 4);
+  EXPECT_EQ(tiny.vae_stride, (std::array<int, 3>{4, 16, 16}));
+  for (const WanConfig& t : {c, tiny}) {
+    ASSERT_TRUE(t.Validate().ok()) << t.Validate();
+    absl::StatusOr<WanConfig> back = WanConfig::FromJson(t.ToJson());
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(back->ToJson(), t.ToJson());
+    EXPECT_TRUE(back->is_ti2v());
+  }
+  // Only TI2V writes the field: no other model's hash changes.
+  EXPECT_EQ(Preset("tiny").ToJson().find("expand_timesteps"), std::string::npos);
+  EXPECT_NE(c.ToJson().find("\"expand_timesteps\": true"), std::string::npos);
+  // The diffusers Hub transformer config (no vae_stride, no expand_timesteps):
+  // 48 channels in and out = the Wan2.2 VAE and TI2V.
+  const std::string hub = R"({"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": null,
+    "attention_head_dim": 128, "cross_attn_norm": true, "eps": 1e-06, "ffn_dim": 14336,
+    "freq_dim": 256, "image_dim": null, "in_channels": 48, "num_attention_heads": 24,
+    "num_layers": 30, "out_channels": 48, "patch_size": [1, 2, 2], "pos_embed_seq_len": null,
+    "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096})";
+  absl::StatusOr<WanConfig> h = WanConfig::FromJson(hub);
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_EQ(h->ToJson(), c.ToJson());
+  // The original Wan2.2 config: model_type "ti2v".
+  absl::StatusOr<WanConfig> o = WanConfig::FromJson(
+      R"({"_class_name": "WanModel", "dim": 3072, "num_heads": 24, "in_dim": 48, "out_dim": 48,
+          "ffn_dim": 14336, "freq_dim": 256, "num_layers": 30, "eps": 1e-06,
+          "model_type": "ti2v"})");
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->ToJson(), c.ToJson());
+  // An explicit false wins over the 48-channel default; a bad value is named.
+  absl::StatusOr<WanConfig> off = WanConfig::FromJson(
+      R"({"in_channels": 48, "out_channels": 48, "expand_timesteps": false})");
+  ASSERT_TRUE(off.ok());
+  EXPECT_FALSE(off->is_ti2v());
+  EXPECT_THAT(ErrorOf(R"({"expand_timesteps": 1})"), HasSubstr("'expand_timesteps'"));
+  EXPECT_THAT(ErrorOf(R"({"in_channels": 36, "expand_timesteps": true})"),
+              HasSubstr("'expand_timesteps' needs in_channels"));
 }
 
 }  // namespace
