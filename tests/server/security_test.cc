@@ -197,7 +197,7 @@ TEST(AuthBeforeBodyTest, UnauthenticatedLargeUploadIsRefusedOnItsMetadata) {
     const double seconds = std::chrono::duration<double>(
                                std::chrono::steady_clock::now() - start).count();
     EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
-    EXPECT_LT(seconds, 3.0);
+    EXPECT_LT(seconds, 4.0);
     std::printf("unauthenticated 200 MiB %s refused in %.2f s\n", method.c_str(), seconds);
   }
   const int64_t grown_mib = (peak_kib() - before) >> 10;
@@ -209,6 +209,35 @@ TEST(AuthBeforeBodyTest, UnauthenticatedLargeUploadIsRefusedOnItsMetadata) {
   EXPECT_TRUE(client->GetServerInfo().ok());
   absl::StatusOr<std::string> health = Client((*c)->target, "")->Health();
   ASSERT_TRUE(health.ok()) << health.status();
+}
+
+// A message over --max-message-mb is refused by gRPC with RESOURCE_EXHAUSTED.
+// gRPC 1.51 reads the whole message first: this prints how long that took
+// and how much the coordinator held (measured: 200 MiB over a 16 MiB limit,
+// 11.5 s and +202 MiB; docs/SECURITY.md "Limits").
+TEST(MaxMessageTest, OversizedUploadIsRefusedByGrpc) {
+  TempDir dir;
+  auto c = StartCoordinator(dir.path(), {"--max-message-mb", "16"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  const std::string status_file = absl::StrCat("/proc/", (*c)->proc.pid(), "/status");
+  auto peak_kib = [&]() -> int64_t {
+    for (absl::string_view line : absl::StrSplit(ReadFile(status_file), '\n')) {
+      if (absl::StartsWith(line, "VmHWM:")) {
+        return std::stoll(std::string(absl::StripAsciiWhitespace(line.substr(6))));
+      }
+    }
+    return -1;
+  };
+  const std::string body(size_t{200} << 20, 'x');
+  const int64_t before = peak_kib();
+  const auto start = std::chrono::steady_clock::now();
+  grpc::Status s = RawGenerateCall((*c)->target, "GenerateUnary", body, "");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  std::printf("200 MiB over --max-message-mb 16: %s in %.2f s, coordinator peak RSS +%lld MiB\n",
+              s.error_message().c_str(), seconds,
+              static_cast<long long>((peak_kib() - before) >> 10));
 }
 
 TEST_F(AuthTest, EveryTokenOfTheFileWorks) {
@@ -397,6 +426,34 @@ TEST(TlsTest, TlsClientsAndMutualTlsWorkers) {
       tls_client->GenerateUnary(TinyRequest(5, 32, 32, 2, 9), std::chrono::seconds(60));
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_GT(r->latents().data().size(), 0u);
+}
+
+// Tokens on a TLS port: the TLS credentials carry the metadata check (a
+// grpc::AuthMetadataProcessor, server/metadata_gate.h). Without a token a
+// Denoiser call is UNAUTHENTICATED; with one it works; Health stays open.
+TEST(TlsTest, TokensAreCheckedOnATlsPort) {
+  TempDir dir;
+  const std::string& d = dir.path();
+  ASSERT_TRUE(MakeCerts(d)) << ReadFile(d + "/openssl.log");
+  WriteFile(d + "/tokens", absl::StrCat(kTokenA, "\n"));
+  auto c = StartCoordinator(d, {"--tls-cert", d + "/server.pem", "--tls-key",
+                                d + "/server.key", "--auth-token-file", d + "/tokens"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  TlsFiles tls;
+  tls.ca = d + "/ca.pem";
+  for (const std::string token : {"", "wrong-token"}) {
+    SCOPED_TRACE(token);
+    auto client = Client((*c)->target, token, tls);
+    EXPECT_EQ(client->GetServerInfo().status().code(), absl::StatusCode::kUnauthenticated);
+    EXPECT_EQ(client->GenerateUnary(TinyRequest(5, 32, 32, 2, 1), std::chrono::seconds(30))
+                  .status()
+                  .code(),
+              absl::StatusCode::kUnauthenticated);
+    absl::StatusOr<std::string> health = client->Health();
+    ASSERT_TRUE(health.ok()) << health.status();
+  }
+  absl::StatusOr<v1::ServerInfo> info = Client((*c)->target, kTokenA, tls)->GetServerInfo();
+  EXPECT_TRUE(info.ok()) << info.status();
 }
 
 TEST(TlsTest, UnreadableCertificateFailsAtStart) {
