@@ -214,7 +214,7 @@ TEST(AuthBeforeBodyTest, UnauthenticatedLargeUploadIsRefusedOnItsMetadata) {
 // A message over --max-message-mb is refused by gRPC with RESOURCE_EXHAUSTED.
 // gRPC 1.51 reads the whole message first: this prints how long that took
 // and how much the coordinator held (measured: 200 MiB over a 16 MiB limit,
-// 11.5 s and +202 MiB; docs/SECURITY.md "Limits").
+// 4 to 12 s by load and +202 MiB; docs/SECURITY.md "Limits").
 TEST(MaxMessageTest, OversizedUploadIsRefusedByGrpc) {
   TempDir dir;
   auto c = StartCoordinator(dir.path(), {"--max-message-mb", "16"});
