@@ -575,6 +575,7 @@ TEST(FaultTest, LargeUploadsDoNotStarveAnIdleGroupsHeartbeats) {
   const std::string body =
       TinyRequest(5, 32, 32, 2, 1, /*text_len=*/1600000).SerializeAsString();
   {
+    const int64_t peak_before = ::dn::server::testing::PeakRssKib((*c)->proc.pid());
     const auto t0 = Clock::now();
     std::vector<std::thread> uploads;
     std::vector<grpc::Status> statuses(3);
@@ -585,7 +586,10 @@ TEST(FaultTest, LargeUploadsDoNotStarveAnIdleGroupsHeartbeats) {
       });
     }
     for (auto& t : uploads) t.join();
-    std::printf("3 x 200 MiB uploads refused in %.2f s\n", Seconds(t0));
+    std::printf("3 x 200 MiB uploads refused in %.2f s; coordinator peak RSS +%lld MiB\n",
+                Seconds(t0),
+                static_cast<long long>(
+                    (::dn::server::testing::PeakRssKib((*c)->proc.pid()) - peak_before) >> 10));
     for (const grpc::Status& s : statuses) {
       EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
     }

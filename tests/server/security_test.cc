@@ -15,10 +15,7 @@
 #include <thread>
 #include <vector>
 
-#include "absl/strings/ascii.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -177,16 +174,7 @@ TEST(AuthBeforeBodyTest, UnauthenticatedLargeUploadIsRefusedOnItsMetadata) {
   WriteFile(dir.path() + "/tokens", absl::StrCat(kTokenA, "\n"));
   auto c = StartCoordinator(dir.path(), {"--auth-token-file", dir.path() + "/tokens"});
   ASSERT_TRUE(c.ok()) << c.status();
-  const std::string status_file = absl::StrCat("/proc/", (*c)->proc.pid(), "/status");
-  // The coordinator's peak resident memory, KiB.
-  auto peak_kib = [&]() -> int64_t {
-    for (absl::string_view line : absl::StrSplit(ReadFile(status_file), '\n')) {
-      if (absl::StartsWith(line, "VmHWM:")) {
-        return std::stoll(std::string(absl::StripAsciiWhitespace(line.substr(6))));
-      }
-    }
-    return -1;
-  };
+  auto peak_kib = [&] { return ::dn::server::testing::PeakRssKib((*c)->proc.pid()); };
   const std::string body(size_t{200} << 20, 'x');
   const int64_t before = peak_kib();
   ASSERT_GT(before, 0);
@@ -214,20 +202,12 @@ TEST(AuthBeforeBodyTest, UnauthenticatedLargeUploadIsRefusedOnItsMetadata) {
 // A message over --max-message-mb is refused by gRPC with RESOURCE_EXHAUSTED.
 // gRPC 1.51 reads the whole message first: this prints how long that took
 // and how much the coordinator held (measured: 200 MiB over a 16 MiB limit,
-// 4 to 12 s by load and +202 MiB; docs/SECURITY.md "Limits").
+// 1.4 to 12 s by load and +202 MiB; docs/SECURITY.md "Limits").
 TEST(MaxMessageTest, OversizedUploadIsRefusedByGrpc) {
   TempDir dir;
   auto c = StartCoordinator(dir.path(), {"--max-message-mb", "16"});
   ASSERT_TRUE(c.ok()) << c.status();
-  const std::string status_file = absl::StrCat("/proc/", (*c)->proc.pid(), "/status");
-  auto peak_kib = [&]() -> int64_t {
-    for (absl::string_view line : absl::StrSplit(ReadFile(status_file), '\n')) {
-      if (absl::StartsWith(line, "VmHWM:")) {
-        return std::stoll(std::string(absl::StripAsciiWhitespace(line.substr(6))));
-      }
-    }
-    return -1;
-  };
+  auto peak_kib = [&] { return ::dn::server::testing::PeakRssKib((*c)->proc.pid()); };
   const std::string body(size_t{200} << 20, 'x');
   const int64_t before = peak_kib();
   const auto start = std::chrono::steady_clock::now();
