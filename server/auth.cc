@@ -64,19 +64,13 @@ std::string PeerHost(const std::string& peer) {
 ClientGate::ClientGate(std::vector<std::string> tokens, int max_streams_per_client)
     : tokens_(std::move(tokens)), max_streams_(max_streams_per_client) {}
 
-grpc::Status ClientGate::Authenticate(const grpc::ServerContextBase& ctx,
-                                      std::string* client) const {
-  if (tokens_.empty()) {
-    *client = PeerHost(ctx.peer());
-    return grpc::Status::OK;
-  }
-  const auto& md = ctx.client_metadata();
-  auto it = md.find("authorization");
-  if (it == md.end()) {
+grpc::Status ClientGate::CheckAuthorization(const std::string_view* authorization,
+                                            int* index) const {
+  if (authorization == nullptr) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "missing 'authorization: Bearer <token>' metadata");
   }
-  const std::string_view value(it->second.data(), it->second.size());
+  const std::string_view value = *authorization;
   if (value.substr(0, sizeof(kBearerPrefix) - 1) != kBearerPrefix) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "authorization metadata is not 'Bearer <token>'");
@@ -90,6 +84,23 @@ grpc::Status ClientGate::Authenticate(const grpc::ServerContextBase& ctx,
   if (match < 0) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "unknown bearer token");
   }
+  if (index != nullptr) *index = match;
+  return grpc::Status::OK;
+}
+
+grpc::Status ClientGate::Authenticate(const grpc::ServerContextBase& ctx,
+                                      std::string* client) const {
+  if (tokens_.empty()) {
+    *client = PeerHost(ctx.peer());
+    return grpc::Status::OK;
+  }
+  const auto& md = ctx.client_metadata();
+  auto it = md.find("authorization");
+  std::string_view value;
+  if (it != md.end()) value = std::string_view(it->second.data(), it->second.size());
+  int match = -1;
+  grpc::Status s = CheckAuthorization(it != md.end() ? &value : nullptr, &match);
+  if (!s.ok()) return s;
   *client = absl::StrCat("token:", match);
   return grpc::Status::OK;
 }

@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -36,6 +37,12 @@ class ClientGate {
   // A held Generate slot; releasing it (destroying the handle) frees it.
   using Slot = std::shared_ptr<void>;
 
+  // UNAUTHENTICATED unless `authorization` (the metadata's value, null when
+  // absent) is "Bearer <one of the tokens>" (constant-time comparison); on
+  // success `*index` (if not null) is the token's index. Authentication must
+  // be on. Used by Authenticate and, before the body, by server/metadata_gate.h.
+  grpc::Status CheckAuthorization(const std::string_view* authorization,
+                                  int* index) const;
   // UNAUTHENTICATED unless the call carries one of the tokens (constant-time
   // comparison). On success `*client` is the key the stream limit counts by:
   // "token:<index>" when authentication is on, else the peer's address

@@ -26,6 +26,7 @@
 #include "server/event_loop.h"
 #include "server/health_service.h"
 #include "server/inflight_budget.h"
+#include "server/metadata_gate.h"
 #include "server/metrics.h"
 #include "server/worker_control_service.h"
 
@@ -35,7 +36,8 @@ class Coordinator::Impl {
  public:
   explicit Impl(const CoordinatorOptions& options)
       : options_(options),
-        gate_(options.auth_tokens, options.max_streams_per_client),
+        gate_(std::make_shared<ClientGate>(options.auth_tokens,
+                                           options.max_streams_per_client)),
         budget_(options.max_inflight_bytes),
         core_(CoreOptions{options.max_queue, options.max_message_bytes,
                           options.secret, options.heartbeat_timeout_ms,
@@ -50,7 +52,8 @@ class Coordinator::Impl {
  private:
   CoordinatorOptions options_;
   RealClock clock_;
-  ClientGate gate_;
+  // Shared with the public port's credentials (server/metadata_gate.h).
+  std::shared_ptr<ClientGate> gate_;
   InflightBudget budget_;
   CoordinatorMetrics metrics_;
   HealthService health_;
@@ -109,6 +112,17 @@ absl::Status Coordinator::Impl::Start() {
   }
   DN_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> public_creds,
                       MakeServerCredentials(options_.tls, false, ""));
+  // Tokens are checked on a call's metadata, before its body is read; a
+  // refused generation call is counted like every outcome.
+  public_creds = GateByMetadata(
+      options_.tls.enabled() ? public_creds : nullptr, gate_, kDenoiserPathPrefix,
+      [this](std::string_view path) {
+        const std::string_view method = path.substr(path.rfind('/') + 1);
+        if (method != "Generate" && method != "GenerateUnary") return;
+        loop_.Post([this] {
+          core_.CountRefused("", absl::StatusCode::kUnauthenticated);
+        });
+      });
   DN_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> worker_creds,
                       MakeServerCredentials(options_.worker_tls, true, "worker-"));
   DN_ASSIGN_OR_RETURN(metrics_endpoint_,
@@ -123,7 +137,7 @@ absl::Status Coordinator::Impl::Start() {
   std::call_once(reflection_once,
                  [] { grpc::reflection::InitProtoReflectionServerBuilderPlugin(); });
 
-  denoiser_service_ = MakeDenoiserService(intake_, loop_, core_, gate_, budget_);
+  denoiser_service_ = MakeDenoiserService(intake_, loop_, core_, *gate_, budget_);
   worker_service_ = MakeWorkerControlService(loop_, core_, clock_);
   // "HOST:0" twice means two free ports, not one.
   const bool shared_port =

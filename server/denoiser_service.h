@@ -1,9 +1,12 @@
 // File: server/denoiser_service.h
 //
 // The public denoised.v1.Denoiser service of the coordinator (gRPC callback
-// API): the shell over CoordinatorCore. Each call passes, in order, before
-// its body is parsed:
-//   1. the ClientGate (server/auth.h): bearer token, per-client stream limit;
+// API): the shell over CoordinatorCore. With tokens on, a call without a
+// valid one never gets here: the port's credentials refuse it on its
+// metadata, before its body is read (server/metadata_gate.h). Each call then
+// passes, in order, before its body is parsed:
+//   1. the ClientGate (server/auth.h): bearer token again, per-client stream
+//      limit;
 //   2. the InflightBudget: bytes of Generate requests in flight;
 // then the body is moved (not copied) to the `intake` thread and parsed there,
 // off gRPC's threads, which also deliver the ranks' messages (an unparseable

@@ -551,6 +551,59 @@ TEST(FaultTest, HungRankFailsItsRequestAndTheGroupRecovers) {
   EXPECT_EQ(group.Stop(), 0);
 }
 
+// Issue 14, defect 2: client uploads do not starve worker traffic. A real
+// 2-rank CPU group sits idle and READY under --heartbeat-timeout 5 while
+// three concurrent ~200 MiB Generate calls arrive; each is rightly
+// refused (its 1.6M tokens exceed the tiny model's max_tokens; they are
+// parsed and checked in full first). The group must stay READY in its first
+// generation: not one heartbeat may wait long enough behind the uploads for
+// the coordinator to declare a rank dead. (Before the fix: 11 of 12 trials
+// failed, "no heartbeat for 5 s", before bodies were parsed off gRPC's
+// threads; on a 2-core machine the three uploads took 9 to 50 s here, by load, and
+// the group stayed READY.)
+TEST(FaultTest, LargeUploadsDoNotStarveAnIdleGroupsHeartbeats) {
+  TempDir dir;
+  absl::StatusOr<std::unique_ptr<CoordinatorProc>> c =
+      StartCoordinator(dir.path(), {"--heartbeat-timeout", "5"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  DenoiserClient client((*c)->target);
+  Proc group = StartTinyGroup((*c)->worker, "idle", 2, dir.path() + "/idle.log");
+  ASSERT_TRUE(WaitGroups(client, {"idle"}, v1::GROUP_STATE_READY,
+                         std::chrono::seconds(120)).ok())
+      << ReadFile(dir.path() + "/idle.log");
+  // text_len 1.6M x 32 f32 = 200 MiB.
+  const std::string body =
+      TinyRequest(5, 32, 32, 2, 1, /*text_len=*/1600000).SerializeAsString();
+  {
+    const int64_t peak_before = ::dn::server::testing::PeakRssKib((*c)->proc.pid());
+    const auto t0 = Clock::now();
+    std::vector<std::thread> uploads;
+    std::vector<grpc::Status> statuses(3);
+    for (size_t i = 0; i < statuses.size(); ++i) {
+      uploads.emplace_back([&, i] {
+        statuses[i] = ::dn::server::testing::RawGenerateCall(
+            (*c)->target, i % 2 == 0 ? "Generate" : "GenerateUnary", body);
+      });
+    }
+    for (auto& t : uploads) t.join();
+    std::printf("3 x 200 MiB uploads refused in %.2f s; coordinator peak RSS +%lld MiB\n",
+                Seconds(t0),
+                static_cast<long long>(
+                    (::dn::server::testing::PeakRssKib((*c)->proc.pid()) - peak_before) >> 10));
+    for (const grpc::Status& s : statuses) {
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+    }
+  }
+  // A failure would show a moment later at most: the check runs every 100 ms.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  absl::StatusOr<v1::ServerInfo> info = client.GetServerInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  ASSERT_EQ(info->groups_size(), 1);
+  EXPECT_EQ(info->groups(0).state(), v1::GROUP_STATE_READY) << info->DebugString();
+  EXPECT_EQ(info->groups(0).generation(), 1) << ReadFile((*c)->log).substr(0, 4000);
+  EXPECT_THAT(ReadFile((*c)->log), ::testing::Not(HasSubstr("heartbeat")));
+}
+
 // A malformed checkpoint given to `--model` (a truncated safetensors file):
 // the group's rank fails with an error naming the file and the tensor, the
 // launcher keeps retrying with backoff (never a crash, never READY), and the

@@ -119,6 +119,16 @@ inline std::string ReadFile(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
+// Peak resident memory of process `pid` (VmHWM of /proc/PID/status), KiB;
+// -1 if it cannot be read.
+inline int64_t PeakRssKib(pid_t pid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6));
+  }
+  return -1;
+}
+
 // The child processes of `pid` (a launcher's ranks).
 inline std::vector<pid_t> Children(pid_t pid) {
   std::vector<pid_t> out;
