@@ -268,10 +268,19 @@ absl::StatusOr<WanConfig> WanConfig::FromJson(const std::string& json) {
     } else if (*it != "t2v") {
       if (!image_dim) c.image_dim = 1280;
       // (inner_dim() in int64: the factors are not validated yet.)
-      if (!added_kv)
-        c.added_kv_proj_dim = static_cast<int>(std::min<int64_t>(
-            static_cast<int64_t>(c.num_attention_heads) * c.attention_head_dim,
-            kMaxSize + int64_t{1}));
+      if (!added_kv) {
+        // Derived, so refused here: a value past the limit would be written
+        // by ToJson and then refused when read back.
+        const int64_t inner =
+            static_cast<int64_t>(c.num_attention_heads) * c.attention_head_dim;
+        if (inner < 1 || inner > kMaxSize)
+          return FieldError("model_type",
+                            absl::StrCat("the image branch's added_kv_proj_dim is the inner dim "
+                                         "(heads x head_dim) = ", inner, ", outside [1, ",
+                                         kMaxSize, "]"),
+                            *it);
+        c.added_kv_proj_dim = static_cast<int>(inner);
+      }
       if (*it == "flf2v" && !pos_len) c.pos_embed_seq_len = 2 * 257;
     }
   }
@@ -293,7 +302,10 @@ std::string WanConfig::ToJson() const {
   if (boundary_ratio > 0) j["boundary_ratio"] = boundary_ratio;
   j["cross_attn_norm"] = cross_attn_norm;
   j["eps"] = eps;
-  if (expand_timesteps) j["expand_timesteps"] = true;
+  // Written when true, and when false where FromJson would default it to true
+  // (48 channels in and out), so the JSON reads back to the same config.
+  if (expand_timesteps || (in_channels == 48 && out_channels == 48))
+    j["expand_timesteps"] = expand_timesteps;
   j["ffn_dim"] = ffn_dim;
   j["freq_dim"] = freq_dim;
   j["image_dim"] = image_dim > 0 ? Json(image_dim) : Json(nullptr);
