@@ -808,28 +808,40 @@ absl::Status WanModel::RunForward(comm::ProcessGroup* data,
   return Lin("proj_out", b.h, proj_w_, &proj_b_, kNone, &b.out);
 }
 
+namespace {
+
+// Per-token timesteps: each batch row bi's shard [bi*s, (bi+1)*s) splits into
+// its first `zero_rows` tokens (time row batch + bi, t = 0) and the rest (time
+// row bi). Calls fn(begin, end, time_row) on the flattened [batch*s] rows of
+// each non-empty part. The ops run this way are token-local, so splitting a
+// row's tokens computes every token exactly as one call would (rank
+// invariance).
+template <typename Fn>
+absl::Status ForEachTimePart(int64_t batch, int64_t s, int64_t zero_rows, Fn fn) {
+  for (int64_t bi = 0; bi < batch; ++bi) {
+    const int64_t cut = bi * s + zero_rows;
+    const struct { int64_t begin, end, row; } parts[2] = {{bi * s, cut, batch + bi},
+                                                          {cut, (bi + 1) * s, bi}};
+    for (const auto& p : parts)
+      if (p.end > p.begin) DN_RETURN_IF_ERROR(fn(p.begin, p.end, p.row));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status WanModel::Modulate(const Tensor& mod, int shift, int scale, float eps) {
   Buffers& b = *buf_;
   const int64_t bs = shape_.batch, s = shard_;
   if (zero_rows_ == 0) return backend_.LayerNormModulate(b.x, mod, shift, scale, eps, &b.h);
-  // Token-local, so splitting a batch row's tokens in two calls computes
-  // every token exactly as one call would (rank invariance).
   const int64_t d = config_.inner_dim();
   const Tensor x2 = b.x.View({bs * s, d}), h2 = b.h.View({bs * s, d});
-  for (int64_t bi = 0; bi < bs; ++bi) {
-    const int64_t cut = bi * s + zero_rows_;
-    const struct { int64_t begin, end, row; } parts[2] = {{bi * s, cut, bs + bi},
-                                                          {cut, (bi + 1) * s, bi}};
-    for (const auto& p : parts) {
-      if (p.end <= p.begin) continue;
-      const Shape rows = {1, p.end - p.begin, d};
-      Tensor h = h2.Rows(p.begin, p.end).View(rows);
-      DN_RETURN_IF_ERROR(backend_.LayerNormModulate(x2.Rows(p.begin, p.end).View(rows),
-                                                    mod.Rows(p.row, p.row + 1), shift,
-                                                    scale, eps, &h));
-    }
-  }
-  return absl::OkStatus();
+  return ForEachTimePart(bs, s, zero_rows_, [&](int64_t begin, int64_t end, int64_t row) {
+    const Shape rows = {1, end - begin, d};
+    Tensor h = h2.Rows(begin, end).View(rows);
+    return backend_.LayerNormModulate(x2.Rows(begin, end).View(rows), mod.Rows(row, row + 1),
+                                      shift, scale, eps, &h);
+  });
 }
 
 absl::Status WanModel::Gate(const Tensor& y, const Tensor& mod, int gate) {
@@ -838,19 +850,12 @@ absl::Status WanModel::Gate(const Tensor& y, const Tensor& mod, int gate) {
   if (zero_rows_ == 0) return backend_.GatedResidual(&b.x, y, mod, gate);
   const int64_t d = config_.inner_dim();
   const Tensor x2 = b.x.View({bs * s, d}), y2 = y.View({bs * s, d});
-  for (int64_t bi = 0; bi < bs; ++bi) {
-    const int64_t cut = bi * s + zero_rows_;
-    const struct { int64_t begin, end, row; } parts[2] = {{bi * s, cut, bs + bi},
-                                                          {cut, (bi + 1) * s, bi}};
-    for (const auto& p : parts) {
-      if (p.end <= p.begin) continue;
-      const Shape rows = {1, p.end - p.begin, d};
-      Tensor x = x2.Rows(p.begin, p.end).View(rows);
-      DN_RETURN_IF_ERROR(backend_.GatedResidual(&x, y2.Rows(p.begin, p.end).View(rows),
-                                                mod.Rows(p.row, p.row + 1), gate));
-    }
-  }
-  return absl::OkStatus();
+  return ForEachTimePart(bs, s, zero_rows_, [&](int64_t begin, int64_t end, int64_t row) {
+    const Shape rows = {1, end - begin, d};
+    Tensor x = x2.Rows(begin, end).View(rows);
+    return backend_.GatedResidual(&x, y2.Rows(begin, end).View(rows), mod.Rows(row, row + 1),
+                                  gate);
+  });
 }
 
 }  // namespace dn::worker
