@@ -134,6 +134,19 @@ class Backend {
   virtual absl::Status Attention(const Tensor& q, const Tensor& k,
                                  const Tensor& v, int64_t kv_len, float scale,
                                  Tensor* o) = 0;
+  // The fast tier's self-attention (opt-in per request, issue 16 part 3;
+  // docs/ENGINE.md, "fp8 attention"): the same contract as Attention, with
+  // q, k, v and the softmax probabilities quantized to fp8 e4m3 under scales
+  // the backend derives from the data. Not exact: its error against
+  // Attention is bounded in docs/QUALITY.md. A backend without it answers
+  // UNIMPLEMENTED naming itself.
+  virtual absl::Status AttentionFp8(const Tensor& q, const Tensor& k,
+                                    const Tensor& v, int64_t kv_len,
+                                    float scale, Tensor* o) {
+    (void)q, (void)k, (void)v, (void)kv_len, (void)scale, (void)o;
+    return absl::UnimplementedError("fp8 attention is not available on the " +
+                                    name() + " backend");
+  }
   // x[B,S,D] += y[B,S,D] * mod[b,gate_index,:]   (mod f32 [B,k,D]).
   virtual absl::Status GatedResidual(Tensor* x, const Tensor& y,
                                      const Tensor& mod, int gate_index) = 0;

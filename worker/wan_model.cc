@@ -695,12 +695,20 @@ absl::Status WanModel::SelfAttention(const Block& blk, comm::ProcessGroup* data,
                                           static_cast<int>(heads), eps, &b.k));
   DN_RETURN_IF_ERROR(Lin(blk.name + "attn1.to_v", b.h, blk.v_w, &blk.v_b, Activation::kNone, &b.v));
   if (world_ == 1) {
-    return backend_.Attention(b.q.View(seq4), b.k.View(seq4), b.v.View(seq4),
-                              shape_.tokens(), scale, &o4);
+    return SelfAttend(b.q.View(seq4), b.k.View(seq4), b.v.View(seq4), scale,
+                      &o4);
   }
   DN_RETURN_IF_ERROR(backend_.PackQkv(b.q.View(seq4), b.k.View(seq4),
                                       b.v.View(seq4), world_, &b.send));
   return AttendPacked(data, markers, &o4);
+}
+
+absl::Status WanModel::SelfAttend(const Tensor& q, const Tensor& k,
+                                  const Tensor& v, float scale, Tensor* o) {
+  // Keys past shape_.tokens() are the shard padding.
+  return attention_fp8_
+             ? backend_.AttentionFp8(q, k, v, shape_.tokens(), scale, o)
+             : backend_.Attention(q, k, v, shape_.tokens(), scale, o);
 }
 
 absl::Status WanModel::AttendPacked(comm::ProcessGroup* data,
@@ -711,8 +719,7 @@ absl::Status WanModel::AttendPacked(comm::ProcessGroup* data,
   DN_RETURN_IF_ERROR(AllToAll(data, b.send, &b.recv, markers));
   DN_RETURN_IF_ERROR(backend_.UnpackQkv(b.recv, world_, &b.qh, &b.kh, &b.vh));
   // Padded rows sit at [L, P*S) of the gathered sequence: not keys.
-  DN_RETURN_IF_ERROR(
-      backend_.Attention(b.qh, b.kh, b.vh, shape_.tokens(), scale, &b.oh));
+  DN_RETURN_IF_ERROR(SelfAttend(b.qh, b.kh, b.vh, scale, &b.oh));
   DN_RETURN_IF_ERROR(backend_.PackOut(b.oh, world_, &b.osend));
   DN_RETURN_IF_ERROR(AllToAll(data, b.osend, &b.orecv, markers));
   return backend_.UnpackOut(b.orecv, world_, o4);

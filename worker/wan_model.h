@@ -132,6 +132,11 @@ class WanModel {
   // Whether self-attention uses the fused RmsNormRopePackQkv op (world > 1).
   // On by default; DN_FUSED_QKV_PACK=0 in the environment turns it off.
   bool fused_qkv_pack() const { return fused_qkv_pack_; }
+  // Self-attention through Backend::AttentionFp8 (the fast tier) instead of
+  // Attention. Cross-attention stays exact. A graph captured with one setting
+  // must not be replayed under the other: the caller keys its graphs on it.
+  void set_attention_fp8(bool on) { attention_fp8_ = on; }
+  bool attention_fp8() const { return attention_fp8_; }
 
   // Head output of this rank's shard: [B, S, patch_out()] in compute dtype.
   const Tensor& output() const;
@@ -178,6 +183,8 @@ class WanModel {
   absl::Status SelfAttention(const Block& blk, comm::ProcessGroup* data,
                              MarkerList* markers);
   // send (packed q/k/v) -> all-to-all -> attention -> all-to-all -> o4.
+  absl::Status SelfAttend(const Tensor& q, const Tensor& k, const Tensor& v,
+                          float scale, Tensor* o);
   absl::Status AttendPacked(comm::ProcessGroup* data, MarkerList* markers,
                             Tensor* o4);
   absl::Status AllToAll(comm::ProcessGroup* data, const Tensor& send,
@@ -209,6 +216,7 @@ class WanModel {
   std::unique_ptr<Graph> graph_;
   comm::ProcessGroup* graph_group_ = nullptr;  // the group graph_ captured
   bool fused_qkv_pack_ = true;
+  bool attention_fp8_ = false;
   // Per-token timesteps: leading rows of this rank's shard with t = 0
   // (latent frame 0 of a conditioned TI2V run); 0 = scalar timestep. A graph
   // is captured for one value (graph_zero_rows_).
