@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -96,7 +97,18 @@ class EngineImpl : public Engine {
   // use_graphs) and the latest sampled all-to-all time.
   absl::Status RunStep(int i, Sampler& sampler, bool cfg,
                        const GenerateParams& params, bool sampled,
-                       double* step_seconds, double* alltoall_seconds);
+                       double* step_seconds, double* alltoall_seconds,
+                       bool* cached, double* cache_signal);
+  // Step caching (docs/ENGINE.md "Step caching"): this rank's per-tile sums
+  // of |r0 - r0_prev| and |r0_prev| over its real (unpadded) token rows,
+  // from the model's first-block residual copied to r0_cur_.
+  absl::Status FirstBlockSums(WanModel& model);
+  // Collective over the control group (every rank calls it, also after its
+  // own kFirstBlock failed: `ok` false). Gathers every rank's tile sums and
+  // sums them in one fixed order (branch, then global tile), the same for
+  // any rank count and CFG layout. Returns the signal, or -1 when some rank
+  // failed (the step's control all-reduce then ends the request).
+  absl::StatusOr<double> AgreeCacheSignal(bool ok, bool cfg);
   // Expert e (0 = the only / high-noise transformer, 1 = low-noise).
   WanModel& expert(int e) { return e == 0 ? *model_ : *low_noise_; }
   int num_experts() const { return low_noise_ != nullptr ? 2 : 1; }
@@ -149,6 +161,15 @@ class EngineImpl : public Engine {
   Tensor zero_negative_;
   MarkerList markers_;
   double last_alltoall_seconds_ = 0;  // of the latest sampled step
+  // Step cache (per request; buffers per shape): minus block 0's residual of
+  // this step and of the last computed step, host f32 [B, S, D]; whether
+  // r0_prev_ and the model's cached residual are valid, and of which expert.
+  std::vector<float> r0_cur_, r0_prev_;
+  bool cache_valid_ = false;
+  int cache_expert_ = -1;
+  int64_t cache_tile_ = 0;             // rows per tile (alignment, or S)
+  std::vector<double> cache_sums_;     // this rank: [ok, B x tiles x (num, den)]
+  std::vector<double> cache_gathered_; // every rank's, [P][...]
   bool broken_ = false;
 };
 
@@ -210,6 +231,7 @@ absl::Status EngineImpl::Validate(const GenerateParams& p) const {
         rules.CheckLatentsShape("initial_latents", p.initial_latents.shape(), latent));
     DN_RETURN_IF_ERROR(values(p.initial_latents, "initial_latents"));
   }
+  DN_RETURN_IF_ERROR(RequestRules::CheckAcceleration(p.acceleration));
   DN_RETURN_IF_ERROR(rules.CheckLoraCount(p.loras.size()));
   for (size_t i = 0; i < p.loras.size(); ++i) {
     const LoraRef& l = p.loras[i];
@@ -302,6 +324,18 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
     FillNormal(p.seed, kNoiseStream, 0, 0.0f, 1.0f, x_.data(), n);
   }
   markers_.reserve(4 * config().num_layers + 4);
+  if (p.acceleration.cache_threshold > 0) {
+    // Experts share buffers, so this enables the cache for both.
+    DN_RETURN_IF_ERROR(model_->EnableStepCache());
+    const size_t act = static_cast<size_t>(shape.batch * model_->shard() * c.inner_dim());
+    r0_cur_.resize(act);
+    r0_prev_.resize(act);
+    const int64_t align = backend_.shard_alignment();
+    cache_tile_ = align > 1 && model_->shard() % align == 0 ? align : model_->shard();
+    const size_t words = 1 + 2 * static_cast<size_t>(shape.batch * (model_->shard() / cache_tile_));
+    cache_sums_.resize(words);
+    cache_gathered_.resize(words * static_cast<size_t>(world));
+  }
   return absl::OkStatus();
 }
 
@@ -376,7 +410,8 @@ void EngineImpl::Unpatchify(const float* gathered, int batch_index,
 absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
                                  const GenerateParams& params, bool sampled,
                                  double* step_seconds,
-                                 double* alltoall_seconds) {
+                                 double* alltoall_seconds, bool* cached,
+                                 double* cache_signal) {
   const int world = data_.size();
   markers_.clear();
   const double t = sampler.timesteps()[static_cast<size_t>(i)];
@@ -399,10 +434,43 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
   }
   DN_RETURN_IF_ERROR(
       model.UploadInputs(xin_.empty() ? x_.data() : xin_.data(), t, zero_t_tokens));
-  // A graph is captured per expert at its first non-sampled step.
+  // A graph is captured per expert (and forward part) at its first
+  // non-sampled step.
   const bool graph = options_.use_graphs && !sampled;
-  DN_RETURN_IF_ERROR(model.Forward(model.world() > 1 ? ulysses_ : nullptr,
-                                   graph ? nullptr : &markers_, graph));
+  comm::ProcessGroup* sp = model.world() > 1 ? ulysses_ : nullptr;
+  MarkerList* marks = graph ? nullptr : &markers_;
+  const double threshold = params.acceleration.cache_threshold;
+  if (threshold <= 0) {
+    DN_RETURN_IF_ERROR(model.Forward(sp, marks, graph));
+  } else {
+    // First-Block-Cache: block 0, then one decision for the whole group.
+    const int steps = sampler.steps();
+    absl::Status first = model.ForwardPart(WanModel::Part::kFirstBlock, sp, marks, graph);
+    // Skipping is considered only between the first and the last step, with
+    // a cache of the same expert (docs/ENGINE.md "Step caching").
+    const bool candidate = i > 0 && i + 1 < steps && cache_valid_ && cache_expert_ == e;
+    if (first.ok() && i + 1 < steps) first = FirstBlockSums(model);
+    bool skip = false;
+    if (candidate) {
+      // Every rank takes part, also one whose block 0 failed, so nobody
+      // waits in this exchange for a rank that left.
+      DN_ASSIGN_OR_RETURN(const double signal, AgreeCacheSignal(first.ok(), cfg));
+      DN_RETURN_IF_ERROR(first);
+      if (signal < 0) return absl::OkStatus();  // a peer failed: the control word says so
+      *cache_signal = signal;
+      skip = signal < threshold;
+    }
+    DN_RETURN_IF_ERROR(first);
+    if (skip) {
+      DN_RETURN_IF_ERROR(model.ForwardPart(WanModel::Part::kCached, sp, marks, graph));
+    } else {
+      DN_RETURN_IF_ERROR(model.ForwardPart(WanModel::Part::kRest, sp, marks, graph));
+      r0_prev_.swap(r0_cur_);
+      cache_valid_ = true;
+      cache_expert_ = e;
+    }
+    *cached = skip;
+  }
   if (world > 1) {
     const Tensor& out = model.output();
     DN_RETURN_IF_ERROR(data_.AllGather(out.data(), gathered_.data(), out.nbytes()));
@@ -428,6 +496,69 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
   }
   *alltoall_seconds = a2a;
   return absl::OkStatus();
+}
+
+absl::Status EngineImpl::FirstBlockSums(WanModel& model) {
+  DN_RETURN_IF_ERROR(backend_.CopyToHost(model.first_block_residual(), r0_cur_.data()));
+  const int64_t batch = model.shape().batch, s = model.shard();
+  const int64_t d = config_.inner_dim(), l = model.shape().tokens();
+  const int64_t tiles = s / cache_tile_;
+  const int64_t first_row = static_cast<int64_t>(model.rank()) * s;  // global token of row 0
+  double* out = cache_sums_.data() + 1;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t t = 0; t < tiles; ++t) {
+      double num = 0, den = 0;
+      // Real rows only: padded rows differ with the rank count.
+      const int64_t end = std::min((t + 1) * cache_tile_, l - first_row);
+      for (int64_t row = t * cache_tile_; row < end; ++row) {
+        const size_t off = static_cast<size_t>((b * s + row) * d);
+        const float* cur = r0_cur_.data() + off;
+        const float* prev = r0_prev_.data() + off;
+        for (int64_t k = 0; k < d; ++k) {
+          num += std::fabs(static_cast<double>(cur[k]) - static_cast<double>(prev[k]));
+          den += std::fabs(static_cast<double>(prev[k]));
+        }
+      }
+      *out++ = num;
+      *out++ = den;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<double> EngineImpl::AgreeCacheSignal(bool ok, bool cfg) {
+  cache_sums_[0] = ok ? 1.0 : 0.0;
+  const size_t words = cache_sums_.size();
+  const absl::Status gs =
+      control_.AllGather(cache_sums_.data(), cache_gathered_.data(), words * sizeof(double));
+  if (!gs.ok())
+    return absl::Status(gs.code(), absl::StrCat("step cache exchange: ", gs.message()));
+  const int world = control_.size();
+  for (int p = 0; p < world; ++p)
+    if (cache_gathered_[static_cast<size_t>(p) * words] == 0) return -1.0;
+  // One order for every layout: branch (cond, then uncond), then global
+  // tile (rank, then tile in the rank). Padded tiles hold 0 and add nothing.
+  const int64_t tiles = model_->shard() / cache_tile_;
+  const int branches = cfg ? 2 : 1;
+  double num = 0, den = 0;
+  for (int br = 0; br < branches; ++br) {
+    // CFG-parallel: half br's ranks hold branch br as their batch row 0;
+    // otherwise every rank holds branch br as batch row br.
+    const int p_begin = cfg_split() ? br * split_.ulysses_degree : 0;
+    const int p_end = cfg_split() ? p_begin + split_.ulysses_degree : world;
+    const int64_t b = cfg_split() ? 0 : br;
+    for (int p = p_begin; p < p_end; ++p) {
+      const double* w = cache_gathered_.data() + static_cast<size_t>(p) * words + 1 +
+                        2 * static_cast<size_t>(b * tiles);
+      for (int64_t t = 0; t < tiles; ++t) {
+        num += w[2 * t];
+        den += w[2 * t + 1];
+      }
+    }
+  }
+  // No reference to compare with: compute the step.
+  if (!(den > 0)) return std::numeric_limits<double>::infinity();
+  return num / den;
 }
 
 absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
@@ -471,6 +602,18 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
                        " stopped with it"));
   }
   last_alltoall_seconds_ = 0;
+  cache_valid_ = false;
+  cache_expert_ = -1;
+  // fp8 self-attention for this request only (the model keys its graphs on
+  // it); reset on every way out.
+  for (int e = 0; e < num_experts(); ++e)
+    expert(e).set_attention_fp8(params.acceleration.attention_fp8);
+  struct ResetFp8 {
+    EngineImpl* self;
+    ~ResetFp8() {
+      for (int e = 0; e < self->num_experts(); ++e) self->expert(e).set_attention_fp8(false);
+    }
+  } reset_fp8{this};
   const int every = data_.size() > 1 ? options_.timing_every : 0;
   // Only a graph whose replay skips the body's host code hides the
   // all-to-alls from the markers (CUDA); where a replay runs the body again
@@ -482,7 +625,8 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
       num_experts() == 2 ? HighNoiseSteps(sampler->timesteps(), config_.boundary_ratio)
                          : -1;
   for (int i = 0; i < steps; ++i) {
-    double step_seconds = 0, a2a_seconds = 0;
+    double step_seconds = 0, a2a_seconds = 0, cache_signal = -1;
+    bool cached = false;
     // Step 0 of every request runs eagerly (plans, NCCL connections); with
     // P > 1 step 1 too (the first all-to-all of a size may set up
     // connections, so step 1 gives the timing), then every `every`-th step.
@@ -490,7 +634,7 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
                          i == switch_step || (every > 0 && i % every == 0);
     if (local.ok())
       local = RunStep(i, *sampler, cfg, params, sampled, &step_seconds,
-                      &a2a_seconds);
+                      &a2a_seconds, &cached, &cache_signal);
     if (!local.ok()) AbortData();  // peers in a data collective with us fail promptly
     double words[kControlWords] = {0, 0, 0, 0, 0};
     if (stop != nullptr && stop->code() != absl::StatusCode::kOk)
@@ -528,6 +672,8 @@ absl::StatusOr<Tensor> EngineImpl::Generate(const GenerateParams& params,
     stats.rank_seconds = step_seconds;
     stats.alltoall_seconds = words[kAllToAllSeconds];
     stats.skew_seconds = words[kStepSeconds] + words[kNegStepSeconds];
+    stats.cached = cached;
+    stats.cache_signal = cache_signal;
     if (on_step) on_step(stats);
     if (words[kStopCode] > 0 && i + 1 < steps) {
       const auto code = static_cast<absl::StatusCode>(

@@ -24,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "comm/cfg_parallel.h"
 #include "comm/process_group.h"
+#include "worker/acceleration.h"
 #include "worker/backend.h"
 #include "worker/checkpoint.h"
 #include "worker/lora.h"
@@ -78,6 +79,9 @@ struct GenerateParams {
   // Absolute deadline in unix milliseconds; 0 = none. Checked at every step
   // boundary (collectively).
   int64_t deadline_unix_millis = 0;
+  // The fast tier (worker/acceleration.h; docs/ENGINE.md "Step caching" and
+  // "fp8 attention"). Default: the exact path.
+  Acceleration acceleration;
 };
 
 struct StepStats {
@@ -89,6 +93,11 @@ struct StepStats {
   double rank_seconds = 0;        // this rank's step time
   double alltoall_seconds = 0;    // slowest rank's all-to-all time in the step
   double skew_seconds = 0;        // slowest minus fastest rank
+  // Step caching: this step reused the cached residual of blocks 1..L-1
+  // (the same on every rank). signal: the step's cache signal (-1 when not
+  // measured: caching off, the first step, or an expert switch).
+  bool cached = false;
+  double cache_signal = -1;
 };
 using StepCallback = std::function<void(const StepStats&)>;
 

@@ -270,6 +270,15 @@ absl::Status RequestRules::CheckGuidance2(double g) const {
   return absl::OkStatus();
 }
 
+absl::Status RequestRules::CheckAcceleration(const Acceleration& a) {
+  const double t = a.cache_threshold;
+  if (!std::isfinite(t) || t < 0 || t > kMaxCacheThreshold)
+    return Invalid("acceleration.cache_threshold",
+                   absl::StrCat("must be finite and in [0, ", kMaxCacheThreshold,
+                                "] (0 = every step computed), got ", t));
+  return absl::OkStatus();
+}
+
 absl::Status RequestRules::CheckLoraCount(size_t count) const {
   if (count > kMaxLorasPerRequest)
     return Invalid("lora", absl::StrCat(count, " LoRAs, at most ", kMaxLorasPerRequest));

@@ -24,6 +24,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "worker/acceleration.h"
 #include "worker/sampler.h"
 #include "worker/tensor.h"
 
@@ -51,6 +52,11 @@ inline constexpr size_t kMaxLorasPerRequest = 16;
 inline constexpr size_t kMaxLoraNameLength = 255;
 inline constexpr double kMaxLoraScale = 100;
 inline constexpr int64_t kMaxImageTokens = 1024;  // CLIP image tokens (257 for Wan2.1 I2V)
+// Largest acceleration.cache_threshold. The step-cache signal is a relative
+// change (mean |r0 - r0_prev| / mean |r0_prev|, docs/ENGINE.md "Step
+// caching"): at 1 a step is skipped unless block 0's residual changed by as
+// much as its own size, past which nothing is computed but the first block.
+inline constexpr double kMaxCacheThreshold = 1.0;
 
 struct LatentShape {
   int channels = 0;
@@ -173,6 +179,11 @@ class RequestRules {
   // 1 = high-noise, 2 = low-noise; 1 and 2 only for two-expert models).
   absl::Status CheckLora(int index, absl::string_view name, double scale,
                          int expert) const;
+
+  // --- fast tier ------------------------------------------------------------
+  // acceleration (worker/acceleration.h): cache_threshold finite in [0,
+  // kMaxCacheThreshold]. Errors name "acceleration.cache_threshold".
+  static absl::Status CheckAcceleration(const Acceleration& acceleration);
 
   // CheckValue over n f32 values.
   static absl::Status CheckValues(absl::string_view field, const float* v,

@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "base/log.h"
@@ -49,6 +50,8 @@ struct RunFlags {
   std::string loras;  // --lora NAME[:SCALE[:EXPERT]][,...]
   std::string condition;
   std::string image_embeds;
+  bool attention_fp8 = false;
+  double cache_threshold = 0;
   // Testing: at step `fault_step` (0-based, after its stats), rank
   // `fault_rank` requests a cancel ("cancel") or dies ("exit").
   int fault_rank = -1;
@@ -89,6 +92,11 @@ void AddRunFlags(FlagSet& flags, RunFlags* f) {
   flags.String("lora", &f->loras,
                    "LoRA of --lora-dir: NAME[:SCALE[:EXPERT]] (scale 1; expert all, "
                    "or high / low for two-expert models); comma-separated list");
+  flags.Bool("attention-fp8", &f->attention_fp8,
+             "fast tier: self-attention in fp8 (docs/ENGINE.md; not exact)");
+  flags.Double("cache-threshold", &f->cache_threshold,
+               "fast tier: step caching (First-Block-Cache) threshold in [0, 1]; 0 = off "
+               "(docs/ENGINE.md \"Step caching\"; not exact)");
   flags.Int("fault-rank", &f->fault_rank, "testing: rank that injects --fault");
   flags.Int("fault-step", &f->fault_step, "testing: step index of --fault");
   flags.String("fault", &f->fault,
@@ -152,10 +160,15 @@ void DrawProgress(const StepStats& s) {
   std::string bar(static_cast<size_t>(filled), '#');
   bar.resize(kWidth, '.');
   std::fprintf(stderr, "%sstep %d/%d [%s] sigma %.4f t %.1f | %.1f ms/step "
-               "(all-to-all %.1f ms, skew %.1f ms)%s",
+               "(all-to-all %.1f ms, skew %.1f ms)%s%s",
                tty ? "\r" : "", s.index + 1, s.total, bar.c_str(), s.sigma,
                s.timestep, s.seconds * 1e3, s.alltoall_seconds * 1e3,
-               s.skew_seconds * 1e3, tty && s.index + 1 < s.total ? "" : "\n");
+               s.skew_seconds * 1e3,
+               s.cache_signal >= 0
+                   ? absl::StrCat(" cache signal ", s.cache_signal, s.cached ? " cached" : "")
+                         .c_str()
+                   : "",
+               tty && s.index + 1 < s.total ? "" : "\n");
   std::fflush(stderr);
 }
 
@@ -180,6 +193,8 @@ absl::Status RunGeneration(const RankOptions& ro, const RunFlags& rf) {
   p.shift = rf.shift;
   p.scheduler = rf.scheduler == "euler" ? SchedulerKind::kEuler : SchedulerKind::kUniPC;
   p.seed = rf.seed;
+  p.acceleration.attention_fp8 = rf.attention_fp8;
+  p.acceleration.cache_threshold = rf.cache_threshold;
   DN_ASSIGN_OR_RETURN(p.loras, ParseLoraSpecs(rf.loras, "--lora"));
   if (!rf.embeds.empty()) {
     DN_ASSIGN_OR_RETURN(p.prompt_embeds,
@@ -222,7 +237,14 @@ absl::Status RunGeneration(const RankOptions& ro, const RunFlags& rf) {
     DN_ASSIGN_OR_RETURN(p.condition_latents,
                         ReadTensorFile(rf.condition, {"condition_latents"}, "--condition"));
   }
-  DN_RETURN_IF_ERROR(engine.Validate(p));
+  if (absl::Status v = engine.Validate(p); !v.ok()) {
+    // The rules name the API field (acceleration.cache_threshold); here it
+    // is a flag.
+    std::string message(v.message());
+    if (message.rfind("acceleration.cache_threshold", 0) == 0)
+      message = "--cache-threshold" + message.substr(28);
+    return absl::Status(v.code(), message);
+  }
   if (ro.rank == 0)
     DN_LOG(INFO) << "model " << session->weights->description() << " on "
                  << session->backend->device_description() << " x" << ro.ranks
@@ -234,8 +256,10 @@ absl::Status RunGeneration(const RankOptions& ro, const RunFlags& rf) {
                  << " steps, CFG " << (p.guidance > 1 ? "on" : "off");
   StopFlag stop;
   const bool inject = !rf.fault.empty() && rf.fault_rank == ro.rank;
+  std::vector<int> cached_steps;
   StepCallback progress = [&](const StepStats& s) {
     if (ro.rank == 0) DrawProgress(s);
+    if (s.cached) cached_steps.push_back(s.index);
     if (inject && s.index == rf.fault_step) {
       if (rf.fault == "exit") {
         DN_LOG(WARNING) << "--fault exit: rank " << ro.rank << " dies at step " << s.index;
@@ -249,7 +273,10 @@ absl::Status RunGeneration(const RankOptions& ro, const RunFlags& rf) {
   std::ostringstream guidance, shift;
   guidance << rf.guidance;
   shift << rf.shift;
-  const std::map<std::string, std::string> metadata = {
+  if (p.acceleration.cache_threshold > 0)
+    DN_LOG(INFO) << "step cache: " << cached_steps.size() << " of " << p.steps
+                 << " steps cached [" << absl::StrJoin(cached_steps, ",") << "]";
+  std::map<std::string, std::string> metadata = {
       {"seed", std::to_string(rf.seed)},
       {"scheduler", rf.scheduler},
       {"steps", std::to_string(rf.steps)},
@@ -266,6 +293,11 @@ absl::Status RunGeneration(const RankOptions& ro, const RunFlags& rf) {
       {"embeds", rf.embeds.empty() ? absl::StrCat("random, text_len ", rf.text_len)
                                    : rf.embeds},
   };
+  if (!p.acceleration.exact()) {
+    metadata["attention_fp8"] = p.acceleration.attention_fp8 ? "true" : "false";
+    metadata["cache_threshold"] = absl::StrCat(p.acceleration.cache_threshold);
+    metadata["cached_steps"] = absl::StrJoin(cached_steps, ",");
+  }
   DN_RETURN_IF_ERROR(WriteSafetensors(
       rf.out, {{"latents", DType::kF32, latents.shape(), latents.data()}},
       metadata));

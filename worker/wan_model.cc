@@ -27,6 +27,10 @@ struct WanModel::Buffers {
   Tensor qh, kh, vh, oh;               // [B, P*S, H/P, d]
   Tensor osend, orecv;                 // [P, B, S, H/P, d]
   Tensor out;                          // [B, S, patch_out]
+  // Step cache (EnableStepCache): minus block 0's residual, the cached
+  // residual of blocks 1..L-1 (negated), and -1 as a gate row.
+  Tensor cache_r0, cache_rest;         // [B, S, D]
+  Tensor cache_neg;                    // f32 [B, 1, D] of -1
   std::vector<float> tokens_host;      // [B*S, patch_in]
   std::vector<float> sinus_host;       // [B|2B, freq_dim]
 };
@@ -233,7 +237,7 @@ absl::Status WanModel::Plan(const ModelShape& shape) {
     return absl::InvalidArgumentError(absl::StrCat(
         "token grid ", shape.grid_f, "x", shape.grid_h, "x", shape.grid_w,
         " exceeds rope_max_seq_len ", max_pos, " on some axis"));
-  graph_.reset();
+  DropGraphs();
   buf_.reset();  // free the old buffers before allocating new ones
   const int64_t b = shape.batch;
   const int64_t l = shape.tokens();
@@ -321,14 +325,14 @@ absl::Status WanModel::Plan(const ModelShape& shape) {
 
 void WanModel::ShareBuffers(const WanModel* donor) {
   if (donor == nullptr) {
-    graph_.reset();
+    DropGraphs();
     buf_.reset();
     shape_ = ModelShape();
     shard_ = 0;
     return;
   }
   if (buf_ == donor->buf_ && shape_ == donor->shape_) return;
-  graph_.reset();  // the graph reads the old buffers
+  DropGraphs();  // the graph reads the old buffers
   buf_ = donor->buf_;
   shape_ = donor->shape_;
   shard_ = donor->shard_;
@@ -336,7 +340,7 @@ void WanModel::ShareBuffers(const WanModel* donor) {
 
 absl::Status WanModel::SetLora(const std::map<std::string, LoraLowRank>& lora) {
   if (lora.empty() && lora_.empty()) return absl::OkStatus();  // keeps the graph
-  graph_.reset();  // the graph holds the old set's ops (or none)
+  DropGraphs();  // the graph holds the old set's ops (or none)
   lora_.clear();
   lora_t_ = Tensor();
   lora_d_ = Tensor();
@@ -399,7 +403,7 @@ absl::Status WanModel::Lin(const std::string& module, const Tensor& x, const Ten
 
 absl::Status WanModel::SetImageContext(const Tensor* image) {
   if (image == nullptr) {
-    if (img_ctx_ != nullptr) graph_.reset();
+    if (img_ctx_ != nullptr) DropGraphs();
     img_ctx_.reset();
     return absl::OkStatus();
   }
@@ -412,7 +416,7 @@ absl::Status WanModel::SetImageContext(const Tensor* image) {
         image->defined() ? image->DebugString() : "none"));
   const int64_t n = image->dim(0), d = config_.inner_dim(), di = config_.image_dim;
   if (img_ctx_ == nullptr || img_ctx_->tokens != n) {
-    graph_.reset();  // the graph reads the old image buffers
+    DropGraphs();  // the graph reads the old image buffers
     img_ctx_.reset();
     auto ic = std::make_unique<ImageContext>();
     ic->tokens = n;
@@ -477,7 +481,7 @@ absl::Status WanModel::SetContext(const std::vector<const Tensor*>& embeds) {
   int64_t total = 0;
   for (int64_t t : lengths) total += t;
   if (ctx_ == nullptr || ctx_->lengths != lengths) {
-    graph_.reset();  // the graph reads the old context buffers
+    DropGraphs();  // the graph reads the old context buffers
     ctx_.reset();
     auto ctx = std::make_unique<Context>();
     ctx->lengths = lengths;
@@ -608,8 +612,32 @@ absl::Status WanModel::UploadInputs(const float* latent, double timestep,
 
 const Tensor& WanModel::output() const { return buf_->out; }
 
-absl::Status WanModel::Forward(comm::ProcessGroup* data, MarkerList* markers,
-                               bool use_graph) {
+void WanModel::DropGraphs() {
+  for (PartGraph& g : graphs_) g.graph.reset();
+}
+
+absl::Status WanModel::EnableStepCache() {
+  if (buf_ == nullptr)
+    return absl::FailedPreconditionError("model: EnableStepCache before Plan");
+  Buffers& b = *buf_;
+  if (b.cache_neg.defined()) return absl::OkStatus();
+  const int64_t bs = shape_.batch, d = config_.inner_dim();
+  DN_ASSIGN_OR_RETURN(b.cache_r0, backend_.Empty({bs, shard_, d}, act_));
+  DN_ASSIGN_OR_RETURN(b.cache_rest, backend_.Empty({bs, shard_, d}, act_));
+  DN_ASSIGN_OR_RETURN(b.cache_neg, backend_.Empty({bs, 1, d}, DType::kF32));
+  const std::vector<float> neg(static_cast<size_t>(bs * d), -1.0f);
+  DN_RETURN_IF_ERROR(backend_.CopyFromHost(neg.data(), &b.cache_neg));
+  return backend_.Synchronize();
+}
+
+bool WanModel::step_cache_enabled() const {
+  return buf_ != nullptr && buf_->cache_neg.defined();
+}
+
+const Tensor& WanModel::first_block_residual() const { return buf_->cache_r0; }
+
+absl::Status WanModel::ForwardPart(Part part, comm::ProcessGroup* data,
+                                   MarkerList* markers, bool use_graph) {
   if (buf_ == nullptr)
     return absl::FailedPreconditionError("model: Forward before Plan");
   if (ctx_ == nullptr ||
@@ -621,34 +649,68 @@ absl::Status WanModel::Forward(comm::ProcessGroup* data, MarkerList* markers,
     return absl::InvalidArgumentError("model: Forward with world > 1 needs a group");
   if (config_.is_i2v() && img_ctx_ == nullptr)
     return absl::FailedPreconditionError("model: an I2V model needs SetImageContext before Forward");
-  if (!use_graph) return RunForward(data, markers);
+  if (part != Part::kAll && !step_cache_enabled())
+    return absl::FailedPreconditionError("model: a forward part needs EnableStepCache");
+  if (!use_graph) return RunPart(part, data, markers);
   if (markers != nullptr)
     return absl::InvalidArgumentError(
         "model: Forward with a graph takes no markers (run eagerly to time the "
         "all-to-alls)");
   comm::ProcessGroup* group = world_ > 1 ? data : nullptr;
-  if (graph_ != nullptr && (graph_group_ != group || graph_zero_rows_ != zero_rows_))
-    graph_.reset();
-  if (graph_ == nullptr) {
+  PartGraph& g = graphs_[static_cast<int>(part)];
+  if (g.graph != nullptr && (g.group != group || g.zero_rows != zero_rows_ ||
+                             g.attention_fp8 != attention_fp8_))
+    g.graph.reset();
+  if (g.graph == nullptr) {
     // Nothing of the group may be pending while the stream is captured
     // (earlier collectives done, so the watchdog has nothing to query).
     DN_RETURN_IF_ERROR(backend_.Synchronize());
     // Capture has the effect of running the body once (CPU runs it; CUDA
     // records it and launches the graph), so this step is done; that launch
     // is watched like a replay.
-    absl::StatusOr<std::unique_ptr<Graph>> graph =
-        backend_.Capture([this, group] { return RunForward(group, nullptr); });
+    absl::StatusOr<std::unique_ptr<Graph>> graph = backend_.Capture(
+        [this, part, group] { return RunPart(part, group, nullptr); });
     DN_RETURN_IF_ERROR(graph.status());
-    graph_ = *std::move(graph);
-    graph_group_ = group;
-    graph_zero_rows_ = zero_rows_;
+    g.graph = *std::move(graph);
+    g.group = group;
+    g.zero_rows = zero_rows_;
+    g.attention_fp8 = attention_fp8_;
     if (group != nullptr)
       return group->LaunchWatched([] { return absl::OkStatus(); });
     return absl::OkStatus();
   }
+  Graph* graph = g.graph.get();
   if (group != nullptr)
-    return group->LaunchWatched([this] { return graph_->Replay(); });
-  return graph_->Replay();
+    return group->LaunchWatched([graph] { return graph->Replay(); });
+  return graph->Replay();
+}
+
+absl::Status WanModel::RunPart(Part part, comm::ProcessGroup* data,
+                               MarkerList* markers) {
+  Buffers& b = *buf_;
+  switch (part) {
+    case Part::kAll:
+      return RunForward(data, markers);
+    case Part::kFirstBlock:
+      DN_RETURN_IF_ERROR(RunPrologue());
+      DN_RETURN_IF_ERROR(backend_.Copy(b.x, &b.cache_r0));
+      if (!blocks_.empty()) DN_RETURN_IF_ERROR(RunBlock(0, data, markers));
+      // cache_r0 = x_before - x_after (negation and subtraction are exact).
+      return backend_.GatedResidual(&b.cache_r0, b.x, b.cache_neg, 0);
+    case Part::kRest:
+      DN_RETURN_IF_ERROR(backend_.Copy(b.x, &b.cache_rest));
+      for (size_t i = 1; i < blocks_.size(); ++i)
+        DN_RETURN_IF_ERROR(RunBlock(i, data, markers));
+      // cache_rest = x after block 0 - x after the last block.
+      DN_RETURN_IF_ERROR(backend_.GatedResidual(&b.cache_rest, b.x, b.cache_neg, 0));
+      return RunHead();
+    case Part::kCached:
+      // x = x after block 0 + (x after the last block - x after block 0) of
+      // the last computed step.
+      DN_RETURN_IF_ERROR(backend_.GatedResidual(&b.x, b.cache_rest, b.cache_neg, 0));
+      return RunHead();
+  }
+  return absl::InvalidArgumentError("model: unknown forward part");
 }
 
 absl::Status WanModel::AllToAll(comm::ProcessGroup* data, const Tensor& send,
@@ -743,6 +805,26 @@ absl::Status WanModel::TimeEmbedding(int64_t bi) {
 
 absl::Status WanModel::RunForward(comm::ProcessGroup* data,
                                   MarkerList* markers) {
+  DN_RETURN_IF_ERROR(RunPrologue());
+  for (size_t i = 0; i < blocks_.size(); ++i)
+    DN_RETURN_IF_ERROR(RunBlock(i, data, markers));
+  return RunHead();
+}
+
+absl::Status WanModel::RunPrologue() {
+  Buffers& b = *buf_;
+  const int64_t bs = shape_.batch;
+  // Patch embed (step 2) and time embedding (steps 3-4).
+  DN_RETURN_IF_ERROR(backend_.Linear(b.tokens, patch_w_, &patch_b_, Activation::kNone, &b.x));
+  // Time rows: one per batch row, plus (per-token timesteps with t = 0
+  // tokens on this rank) one more per batch row for t = 0 (MODELS.md §5).
+  const int64_t time_rows = zero_rows_ > 0 ? 2 * bs : bs;
+  for (int64_t bi = 0; bi < time_rows; ++bi) DN_RETURN_IF_ERROR(TimeEmbedding(bi));
+  return absl::OkStatus();
+}
+
+absl::Status WanModel::RunBlock(size_t i, comm::ProcessGroup* data,
+                                MarkerList* markers) {
   Buffers& b = *buf_;
   Context& c = *ctx_;
   const int64_t bs = shape_.batch, s = shard_;
@@ -751,68 +833,66 @@ absl::Status WanModel::RunForward(comm::ProcessGroup* data,
   const float eps = static_cast<float>(config_.eps);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   constexpr Activation kNone = Activation::kNone;
-
-  // Patch embed (step 2) and time embedding (steps 3-4).
-  DN_RETURN_IF_ERROR(backend_.Linear(b.tokens, patch_w_, &patch_b_, kNone, &b.x));
-  // Time rows: one per batch row, plus (per-token timesteps with t = 0
-  // tokens on this rank) one more per batch row for t = 0 (MODELS.md §5).
   const int64_t time_rows = zero_rows_ > 0 ? 2 * bs : bs;
-  for (int64_t bi = 0; bi < time_rows; ++bi) DN_RETURN_IF_ERROR(TimeEmbedding(bi));
   const Tensor tproj = b.tproj.Rows(0, time_rows), mod = b.mod.Rows(0, time_rows);
   Tensor mod_out = mod;
 
-  for (size_t i = 0; i < blocks_.size(); ++i) {
-    const Block& blk = blocks_[i];
-    // e = sst + tproj; (shift1, scale1, gate1, shift2, scale2, gate2)
-    DN_RETURN_IF_ERROR(backend_.AddModulation(blk.sst, tproj, &mod_out));
-    // Self-attention with gated residual.
-    DN_RETURN_IF_ERROR(Modulate(mod, 0, 1, eps));
-    DN_RETURN_IF_ERROR(SelfAttention(blk, data, markers));
-    DN_RETURN_IF_ERROR(Lin(blk.name + "attn1.to_out.0", b.attn, blk.o_w, &blk.o_b, kNone, &b.tmp));
-    DN_RETURN_IF_ERROR(Gate(b.tmp, mod, 2));
-    // Cross-attention (local, cached text K/V, no RoPE, no gate).
-    DN_RETURN_IF_ERROR(
-        backend_.LayerNormAffine(b.x, blk.norm2_w, blk.norm2_b, eps, &b.h));
-    DN_RETURN_IF_ERROR(Lin(blk.name + "attn2.to_q", b.h, blk.q2_w, &blk.q2_b, kNone, &b.tmp));
-    DN_RETURN_IF_ERROR(backend_.RmsNorm(b.tmp, blk.norm_q2, eps, &b.q));
-    for (int64_t bi = 0; bi < bs; ++bi) {
-      const int64_t t = c.lengths[static_cast<size_t>(bi)];
-      const int64_t off = c.offsets[static_cast<size_t>(bi)];
-      Tensor q1 = b.q.Rows(bi, bi + 1).View({1, s, heads, hd});
-      Tensor o1 = b.attn.Rows(bi, bi + 1).View({1, s, heads, hd});
-      Tensor k1 = c.k[i].Rows(off, off + t).View({1, t, heads, hd});
-      Tensor v1 = c.v[i].Rows(off, off + t).View({1, t, heads, hd});
-      DN_RETURN_IF_ERROR(backend_.Attention(q1, k1, v1, t, scale, &o1));
-    }
-    if (img_ctx_ != nullptr) {
-      // A second, separate softmax over the image tokens; the two outputs
-      // are summed before to_out (docs/MODELS.md §4).
-      const int64_t n = img_ctx_->tokens;
-      Tensor ki = img_ctx_->k[i].View({1, n, heads, hd});
-      Tensor vi = img_ctx_->v[i].View({1, n, heads, hd});
-      for (int64_t bi = 0; bi < bs; ++bi) {
-        Tensor q1 = b.q.Rows(bi, bi + 1).View({1, s, heads, hd});
-        Tensor o1 = b.tmp.Rows(bi, bi + 1).View({1, s, heads, hd});
-        DN_RETURN_IF_ERROR(backend_.Attention(q1, ki, vi, n, scale, &o1));
-      }
-      DN_RETURN_IF_ERROR(backend_.AddInPlace(&b.attn, b.tmp));
-    }
-    DN_RETURN_IF_ERROR(Lin(blk.name + "attn2.to_out.0", b.attn, blk.o2_w, &blk.o2_b, kNone, &b.tmp));
-    DN_RETURN_IF_ERROR(backend_.AddInPlace(&b.x, b.tmp));
-    // FFN with gated residual.
-    DN_RETURN_IF_ERROR(Modulate(mod, 3, 4, eps));
-    DN_RETURN_IF_ERROR(Lin(blk.name + "ffn.net.0.proj", b.h, blk.ffn1_w, &blk.ffn1_b,
-                                       Activation::kGeluTanh, &b.ffn));
-    DN_RETURN_IF_ERROR(Lin(blk.name + "ffn.net.2", b.ffn, blk.ffn2_w, &blk.ffn2_b, kNone, &b.tmp));
-    DN_RETURN_IF_ERROR(Gate(b.tmp, mod, 5));
+  const Block& blk = blocks_[i];
+  // e = sst + tproj; (shift1, scale1, gate1, shift2, scale2, gate2)
+  DN_RETURN_IF_ERROR(backend_.AddModulation(blk.sst, tproj, &mod_out));
+  // Self-attention with gated residual.
+  DN_RETURN_IF_ERROR(Modulate(mod, 0, 1, eps));
+  DN_RETURN_IF_ERROR(SelfAttention(blk, data, markers));
+  DN_RETURN_IF_ERROR(Lin(blk.name + "attn1.to_out.0", b.attn, blk.o_w, &blk.o_b, kNone, &b.tmp));
+  DN_RETURN_IF_ERROR(Gate(b.tmp, mod, 2));
+  // Cross-attention (local, cached text K/V, no RoPE, no gate).
+  DN_RETURN_IF_ERROR(
+      backend_.LayerNormAffine(b.x, blk.norm2_w, blk.norm2_b, eps, &b.h));
+  DN_RETURN_IF_ERROR(Lin(blk.name + "attn2.to_q", b.h, blk.q2_w, &blk.q2_b, kNone, &b.tmp));
+  DN_RETURN_IF_ERROR(backend_.RmsNorm(b.tmp, blk.norm_q2, eps, &b.q));
+  for (int64_t bi = 0; bi < bs; ++bi) {
+    const int64_t t = c.lengths[static_cast<size_t>(bi)];
+    const int64_t off = c.offsets[static_cast<size_t>(bi)];
+    Tensor q1 = b.q.Rows(bi, bi + 1).View({1, s, heads, hd});
+    Tensor o1 = b.attn.Rows(bi, bi + 1).View({1, s, heads, hd});
+    Tensor k1 = c.k[i].Rows(off, off + t).View({1, t, heads, hd});
+    Tensor v1 = c.v[i].Rows(off, off + t).View({1, t, heads, hd});
+    DN_RETURN_IF_ERROR(backend_.Attention(q1, k1, v1, t, scale, &o1));
   }
+  if (img_ctx_ != nullptr) {
+    // A second, separate softmax over the image tokens; the two outputs
+    // are summed before to_out (docs/MODELS.md §4).
+    const int64_t n = img_ctx_->tokens;
+    Tensor ki = img_ctx_->k[i].View({1, n, heads, hd});
+    Tensor vi = img_ctx_->v[i].View({1, n, heads, hd});
+    for (int64_t bi = 0; bi < bs; ++bi) {
+      Tensor q1 = b.q.Rows(bi, bi + 1).View({1, s, heads, hd});
+      Tensor o1 = b.tmp.Rows(bi, bi + 1).View({1, s, heads, hd});
+      DN_RETURN_IF_ERROR(backend_.Attention(q1, ki, vi, n, scale, &o1));
+    }
+    DN_RETURN_IF_ERROR(backend_.AddInPlace(&b.attn, b.tmp));
+  }
+  DN_RETURN_IF_ERROR(Lin(blk.name + "attn2.to_out.0", b.attn, blk.o2_w, &blk.o2_b, kNone, &b.tmp));
+  DN_RETURN_IF_ERROR(backend_.AddInPlace(&b.x, b.tmp));
+  // FFN with gated residual.
+  DN_RETURN_IF_ERROR(Modulate(mod, 3, 4, eps));
+  DN_RETURN_IF_ERROR(Lin(blk.name + "ffn.net.0.proj", b.h, blk.ffn1_w, &blk.ffn1_b,
+                                     Activation::kGeluTanh, &b.ffn));
+  DN_RETURN_IF_ERROR(Lin(blk.name + "ffn.net.2", b.ffn, blk.ffn2_w, &blk.ffn2_b, kNone, &b.tmp));
+  DN_RETURN_IF_ERROR(Gate(b.tmp, mod, 5));
+  return absl::OkStatus();
+}
 
+absl::Status WanModel::RunHead() {
+  Buffers& b = *buf_;
+  const int64_t time_rows = zero_rows_ > 0 ? 2 * shape_.batch : shape_.batch;
+  const float eps = static_cast<float>(config_.eps);
   // Head (step 8): shift, scale = sst + temb (pre-SiLU); proj_out.
   Tensor head_mod = b.head_mod.Rows(0, time_rows);
   DN_RETURN_IF_ERROR(
       backend_.AddModulation(head_sst_, b.temb.Rows(0, time_rows), &head_mod));
   DN_RETURN_IF_ERROR(Modulate(head_mod, 0, 1, eps));
-  return Lin("proj_out", b.h, proj_w_, &proj_b_, kNone, &b.out);
+  return Lin("proj_out", b.h, proj_w_, &proj_b_, Activation::kNone, &b.out);
 }
 
 namespace {

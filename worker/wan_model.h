@@ -128,7 +128,34 @@ class WanModel {
   //   data->LaunchWatched, so the group's watchdog covers them. Run one eager
   //   forward of the shape first (plans, NCCL connections); the engine does.
   absl::Status Forward(comm::ProcessGroup* data, MarkerList* markers,
-                       bool use_graph);
+                       bool use_graph) {
+    return ForwardPart(Part::kAll, data, markers, use_graph);
+  }
+
+  // Step caching (First-Block-Cache, docs/ENGINE.md "Step caching"): a
+  // forward split into parts. kAll is Forward. kFirstBlock runs the patch and
+  // time embeddings and block 0, and leaves block 0's residual, negated
+  // (x before block 0 minus x after it), in first_block_residual(). Then
+  // either kRest (blocks 1..L-1 and the head; it also refreshes the cached
+  // residual: x after block 0 minus x after the last block) or kCached (x -=
+  // that cached residual, then the head). kFirstBlock + kRest runs the ops of
+  // kAll in the same order on the same x (the extra copies write other
+  // buffers), so a computed step is bit-identical to Forward. The parts need
+  // EnableStepCache after Plan. Each part has its own graph (use_graph), keyed
+  // like Forward's on group, zero_rows and attention_fp8.
+  enum class Part { kAll = 0, kFirstBlock, kRest, kCached };
+  static constexpr int kParts = 4;
+  absl::Status ForwardPart(Part part, comm::ProcessGroup* data,
+                           MarkerList* markers, bool use_graph);
+  // Allocates the step cache's buffers for the current plan (B·S·D twice in
+  // compute dtype, and a [B, 1, D] f32 constant); kept until the next plan.
+  // Two experts sharing buffers share them too (the engine recomputes at an
+  // expert switch).
+  absl::Status EnableStepCache();
+  bool step_cache_enabled() const;
+  // [B, S, D], compute dtype: minus block 0's residual of the latest
+  // kFirstBlock (padded rows included; the engine ignores them).
+  const Tensor& first_block_residual() const;
   // Whether self-attention uses the fused RmsNormRopePackQkv op (world > 1).
   // On by default; DN_FUSED_QKV_PACK=0 in the environment turns it off.
   bool fused_qkv_pack() const { return fused_qkv_pack_; }
@@ -167,6 +194,14 @@ class WanModel {
                                     const std::string& name, const Shape& shape,
                                     bool f32);
   absl::Status RunForward(comm::ProcessGroup* data, MarkerList* markers);
+  absl::Status RunPart(Part part, comm::ProcessGroup* data, MarkerList* markers);
+  // The pieces of RunForward, in its order: patch + time embedding; block i;
+  // head (reads x, writes out).
+  absl::Status RunPrologue();
+  absl::Status RunBlock(size_t i, comm::ProcessGroup* data, MarkerList* markers);
+  absl::Status RunHead();
+  // Drops every captured graph (buffers, context or LoRA changed).
+  void DropGraphs();
   // h = LN(x)·(1 + mod[scale]) + mod[shift] and x += y·mod[gate] with each
   // token's modulation rows: rows [0, B) of `mod` for tokens at or past
   // zero_rows_ of the shard, rows [B, 2B) (t = 0) for the first zero_rows_.
@@ -213,15 +248,21 @@ class WanModel {
   int64_t shard_ = 0;
   std::shared_ptr<Buffers> buf_;  // shared between experts (ShareBuffers)
   std::unique_ptr<Context> ctx_;
-  std::unique_ptr<Graph> graph_;
-  comm::ProcessGroup* graph_group_ = nullptr;  // the group graph_ captured
+  // One captured graph per Part, with what it was captured under: a graph
+  // is dropped when the group, zero_rows_ or attention_fp8_ differ.
+  struct PartGraph {
+    std::unique_ptr<Graph> graph;
+    comm::ProcessGroup* group = nullptr;
+    int64_t zero_rows = 0;
+    bool attention_fp8 = false;
+  };
+  PartGraph graphs_[kParts];
   bool fused_qkv_pack_ = true;
   bool attention_fp8_ = false;
   // Per-token timesteps: leading rows of this rank's shard with t = 0
   // (latent frame 0 of a conditioned TI2V run); 0 = scalar timestep. A graph
-  // is captured for one value (graph_zero_rows_).
+  // is captured for one value.
   int64_t zero_rows_ = 0;
-  int64_t graph_zero_rows_ = 0;
 
   struct LoraWeights {
     Tensor down, up, bias;  // [r, in], [out, r] (scaled), [out] or undefined

@@ -307,6 +307,37 @@ TEST(RequestRules, TwoExpertsAndLora) {
               "lora[1].scale");
 }
 
+TEST(RequestRules, AccelerationCacheThreshold) {
+  for (double t : {0.0, 1e-30, 0.05, 0.2, kMaxCacheThreshold}) {
+    Acceleration a;
+    a.cache_threshold = t;
+    EXPECT_TRUE(RequestRules::CheckAcceleration(a).ok()) << t;
+    a.attention_fp8 = true;
+    EXPECT_TRUE(RequestRules::CheckAcceleration(a).ok()) << t;
+  }
+  for (double t : {-1e-9, -1.0, kMaxCacheThreshold + 1e-9, 2.0, std::nan(""),
+                   std::numeric_limits<double>::infinity(),
+                   -std::numeric_limits<double>::infinity()}) {
+    Acceleration a;
+    a.cache_threshold = t;
+    ExpectField(RequestRules::CheckAcceleration(a), "acceleration.cache_threshold");
+  }
+}
+
+// The engine applies the same acceleration rule before any step.
+TEST(RequestRulesEngine, EngineRefusesBadCacheThresholdsNamingTheField) {
+  OneRank r = MakeEngine(64);
+  GenerateParams p = SmallParams(r.engine->config());
+  for (double t : {-0.5, 1.5, std::nan("")}) {
+    p.acceleration.cache_threshold = t;
+    ExpectField(r.engine->Validate(p), "acceleration.cache_threshold");
+    ExpectField(r.engine->Generate(p, nullptr, nullptr).status(),
+                "acceleration.cache_threshold");
+  }
+  p.acceleration.cache_threshold = 0.1;
+  EXPECT_TRUE(r.engine->Validate(p).ok());
+}
+
 TEST(RequestRulesEngine, EngineRefusesExactlyWhatTheRulesRefuse) {
   OneRank r = MakeEngine(64);
   const RequestRules rules(GeometryOf(r.engine->config(), 64));
