@@ -228,6 +228,11 @@ std::map<std::string, std::string> ResultMetadata(
       {"queue_seconds", num(result.queue_seconds())},
       {"run_seconds", num(result.run_seconds())},
   };
+  if (md.has_acceleration()) {
+    m["attention_fp8"] = md.acceleration().attention_fp8() ? "true" : "false";
+    m["cache_threshold"] = num(md.acceleration().cache_threshold());
+    m["cached_steps"] = absl::StrJoin(md.cached_steps(), ",");
+  }
   for (const auto& [k, v] : extra) m[k] = v;
   return m;
 }
@@ -321,11 +326,11 @@ bool ProgressPrinter::operator()(const v1::GenerateEvent& event) {
       const bool last = s.index() + 1 >= s.total();
       std::fprintf(stderr,
                    "%s%sstep %d/%d [%s] sigma %.4f | %.1f ms/step (all-to-all "
-                   "%.2f ms, skew %.2f ms)%s",
+                   "%.2f ms, skew %.2f ms)%s%s",
                    tty_ ? "\r" : "", indent_.c_str(), s.index() + 1, s.total(),
                    bar.c_str(), s.sigma(), s.step_seconds() * 1e3,
                    s.all_to_all_seconds() * 1e3, s.rank_skew_seconds() * 1e3,
-                   tty_ && !last ? "" : "\n");
+                   s.cached() ? " cached" : "", tty_ && !last ? "" : "\n");
       bar_open_ = tty_ && !last;
       break;
     }
@@ -357,6 +362,8 @@ int GenerateMain(int argc, char** argv) {
   std::string loras;
   uint64_t seed = 0;
   bool progress = true;
+  bool attention_fp8 = false;
+  double cache_threshold = 0;
   FlagSet flags("denoised generate",
                 "Calls a coordinator's Generate and writes the latents as "
                 "safetensors (tensor `latents` + reproduction metadata).");
@@ -378,6 +385,11 @@ int GenerateMain(int argc, char** argv) {
   flags.Double("shift", &shift, "flow shift");
   flags.String("scheduler", &scheduler, "unipc | euler");
   flags.Uint64("seed", &seed, "seed of the noise (and of random embeddings)");
+  flags.Bool("attention-fp8", &attention_fp8,
+             "fast tier: self-attention in fp8 (acceleration.attention_fp8; not exact)");
+  flags.Double("cache-threshold", &cache_threshold,
+               "fast tier: step caching threshold in [0, 1] (acceleration.cache_threshold; "
+               "0 = off; not exact)");
   flags.Int("priority", &priority, "queue priority in [-100, 100]");
   flags.String("embeds", &embeds,
                "safetensors file with tensor prompt_embeds [T, text_dim]");
@@ -494,6 +506,10 @@ int GenerateMain(int argc, char** argv) {
   req.set_priority(priority);
   req.set_client_request_id(request_id);
   req.set_step_event_interval(step_interval);
+  if (attention_fp8 || cache_threshold != 0) {
+    req.mutable_acceleration()->set_attention_fp8(attention_fp8);
+    req.mutable_acceleration()->set_cache_threshold(static_cast<float>(cache_threshold));
+  }
   std::map<std::string, std::string> extra;
   if (pixels) {
     extra["frames"] = std::to_string(frames);
@@ -629,6 +645,11 @@ int GenerateMain(int argc, char** argv) {
       md.worker_group().c_str(), md.ranks(), md.backend().c_str(),
       md.ranks() == 1 ? "" : "s", wall, result->queue_seconds(),
       result->run_seconds(), written.c_str());
+  if (md.has_acceleration())
+    std::printf("fast tier: attention_fp8 %s, cache_threshold %g: %d of %d steps cached [%s]\n",
+                md.acceleration().attention_fp8() ? "on" : "off",
+                md.acceleration().cache_threshold(), md.cached_steps_size(), md.steps(),
+                absl::StrJoin(md.cached_steps(), ",").c_str());
   return 0;
 }
 

@@ -456,7 +456,7 @@ void CoordinatorCore::HandleStep(Group& group, const RankLink& link,
   Request& req = *group.running;
   const v1::Step& step = report.step();
   metrics_.ObserveStep(req.model, group.world_size, step.step_seconds(),
-                       step.all_to_all_seconds(), step.rank_skew_seconds());
+                       step.all_to_all_seconds(), step.rank_skew_seconds(), step.cached());
   req.steps_seen++;
   req.step_seconds_sum += step.step_seconds();
   const int interval = std::max(1, req.resolved.request.step_event_interval());
@@ -506,6 +506,8 @@ void CoordinatorCore::HandleResult(Group& group, const RankLink& link,
       md->set_server_version(Version());
       *md->mutable_latent_shape() = req->resolved.latent;
       md->set_worker_group(group.name);
+      if (r.has_acceleration()) *md->mutable_acceleration() = r.acceleration();
+      *md->mutable_cached_steps() = result.cached_steps();
       out.set_queue_seconds(
           std::chrono::duration<double>(req->started - req->accepted).count());
       out.set_run_seconds(result.run_seconds());

@@ -124,6 +124,11 @@ CoordinatorMetrics::CoordinatorMetrics()
                       .Name("denoised_steps_total")
                       .Help("Denoising steps run, per model and group size.")
                       .Register(*registry)),
+      cached_steps_total(BuildCounter()
+                             .Name("denoised_cached_steps_total")
+                             .Help("Denoising steps skipped by step caching (only the "
+                                   "first block ran), per model and group size.")
+                             .Register(*registry)),
       group_restarts(BuildCounter()
                          .Name("denoised_worker_group_restarts_total")
                          .Help("Times a worker group re-registered with a new "
@@ -163,13 +168,14 @@ void CoordinatorMetrics::SetGroups(const std::string& model,
 void CoordinatorMetrics::ObserveStep(const std::string& model, int ranks,
                                      double step_seconds,
                                      double alltoall_seconds,
-                                     double skew_seconds) {
+                                     double skew_seconds, bool cached) {
   const prometheus::Labels labels = {{"model", model},
                                      {"ranks", absl::StrCat(ranks)}};
   step_duration.Add(labels, StepBuckets()).Observe(step_seconds);
   alltoall_duration.Add(labels, AllToAllBuckets()).Observe(alltoall_seconds);
   rank_skew.Add(labels, AllToAllBuckets()).Observe(skew_seconds);
   steps_total.Add(labels).Increment();
+  if (cached) cached_steps_total.Add(labels).Increment();
 }
 
 void CoordinatorMetrics::CountRestart(const std::string& group) {

@@ -75,6 +75,9 @@ struct CoordinatorMetrics {
   prometheus::Family<prometheus::Histogram>& rank_skew;
   // denoised_steps_total{model,ranks}: denoising steps run.
   prometheus::Family<prometheus::Counter>& steps_total;
+  // denoised_cached_steps_total{model,ranks}: steps that step caching
+  // skipped (only block 0 ran; docs/ENGINE.md "Step caching").
+  prometheus::Family<prometheus::Counter>& cached_steps_total;
   // denoised_worker_group_restarts_total{group}: re-registrations with a new
   // generation.
   prometheus::Family<prometheus::Counter>& group_restarts;
@@ -88,7 +91,7 @@ struct CoordinatorMetrics {
   void SetGroups(const std::string& model, const std::string& state,
                  double count);
   void ObserveStep(const std::string& model, int ranks, double step_seconds,
-                   double alltoall_seconds, double skew_seconds);
+                   double alltoall_seconds, double skew_seconds, bool cached = false);
   void CountRestart(const std::string& group);
 };
 

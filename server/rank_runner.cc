@@ -150,6 +150,8 @@ absl::StatusOr<worker::GenerateParams> ParamsFromJob(vi::Job& job) {
     job.clear_condition_latents();
   }
   p.deadline_unix_millis = job.deadline_unix_millis();
+  p.acceleration.attention_fp8 = job.acceleration().attention_fp8();
+  p.acceleration.cache_threshold = job.acceleration().cache_threshold();
   return p;
 }
 
@@ -259,6 +261,7 @@ vi::JobResult RunJob(vi::Job& job, worker::Engine& engine,
     const std::string& id = job.request_id();
     auto on_step = [&](const worker::StepStats& s) {
       metrics.ObserveStep(s.rank_seconds, s.alltoall_seconds);
+      if (s.cached) result.add_cached_steps(s.index);
       if (rank != 0) return;
       vi::RankMessage m;
       vi::StepReport* r = m.mutable_step();
@@ -271,6 +274,7 @@ vi::JobResult RunJob(vi::Job& job, worker::Engine& engine,
       step->set_step_seconds(s.seconds);
       step->set_all_to_all_seconds(s.alltoall_seconds);
       step->set_rank_skew_seconds(s.skew_seconds);
+      step->set_cached(s.cached);
       r->set_rank_step_seconds(s.rank_seconds);
       conn.Write(m);
     };

@@ -123,6 +123,11 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(v1::GenerateRequest in,
   if (in.has_guidance_scale_2())
     DN_RETURN_IF_ERROR(rules.CheckGuidance2(in.guidance_scale_2()));
 
+  // --- fast tier ---------------------------------------------------------
+  if (in.has_acceleration())
+    DN_RETURN_IF_ERROR(worker::RequestRules::CheckAcceleration(
+        {in.acceleration().attention_fp8(), in.acceleration().cache_threshold()}));
+
   // --- LoRA --------------------------------------------------------------
   DN_RETURN_IF_ERROR(rules.CheckLoraCount(static_cast<size_t>(r.lora_size())));
   for (int i = 0; i < r.lora_size(); ++i) {
@@ -181,6 +186,7 @@ absl::StatusOr<ResolvedRequest> ValidateRequest(v1::GenerateRequest in,
   job.set_seed(r.seed());
   if (r.has_guidance_scale_2()) job.set_guidance_scale_2(r.guidance_scale_2());
   *job.mutable_lora() = r.lora();
+  if (r.has_acceleration()) *job.mutable_acceleration() = r.acceleration();
   job.set_allocated_prompt_embeds(r.release_prompt_embeds());
   if (r.has_negative_prompt_embeds())
     job.set_allocated_negative_prompt_embeds(r.release_negative_prompt_embeds());
