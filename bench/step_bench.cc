@@ -31,6 +31,8 @@ struct StepFlags {
   int warmup = 1;
   int text_len = 512;
   std::string loras;  // --lora NAME[:SCALE[:EXPERT]][,...] of --lora-dir
+  bool attention_fp8 = false;
+  double cache_threshold = 0;
 };
 
 void AddStepFlags(FlagSet& flags, StepFlags* f, worker::RankOptions* ro) {
@@ -47,6 +49,11 @@ void AddStepFlags(FlagSet& flags, StepFlags* f, worker::RankOptions* ro) {
   flags.String("lora", &f->loras,
                "LoRAs of --lora-dir applied to every step: NAME[:SCALE[:EXPERT]][,...] "
                "(the step then includes the unmerged low-rank path)");
+  flags.Bool("attention-fp8", &f->attention_fp8,
+             "fast tier: self-attention through the backend's fp8 attention");
+  flags.Double("cache-threshold", &f->cache_threshold,
+               "fast tier: step caching threshold in [0, 1] (0 = off); computed and cached "
+               "steps are timed separately (docs/PERFORMANCE.md, method)");
   flags.Int("layers", &ro->layers,
             "keep only the first L blocks (cut-down big presets); 0 = all");
 }
@@ -101,6 +108,8 @@ absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
   p.steps = f.warmup + f.iters;
   p.guidance = f.cfg ? 5.0 : 1.0;
   p.scheduler = worker::SchedulerKind::kEuler;
+  p.acceleration.attention_fp8 = f.attention_fp8;
+  p.acceleration.cache_threshold = f.cache_threshold;
   DN_ASSIGN_OR_RETURN(p.loras, worker::ParseLoraSpecs(f.loras, "--lora"));
   p.prompt_embeds = worker::Tensor::Host({f.text_len, c.text_dim});
   worker::FillNormal(1, worker::kEmbedStream, 0, 0.0f, 1.0f,
@@ -124,12 +133,16 @@ absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
     worker::FillNormal(3, worker::kNoiseStream, 0, 0.0f, 1.0f, p.condition_latents.data_as<float>(),
                        static_cast<size_t>(p.condition_latents.numel()));
   }
-  std::vector<double> step_s, a2a_s, skew_s;
+  // Step caching: a computed step and a cached one cost very different
+  // times, so the timed steps are split by kind (computed_s, cached_s);
+  // step_s holds all of them.
+  std::vector<double> step_s, a2a_s, skew_s, computed_s, cached_s;
   DN_RETURN_IF_ERROR(engine
                          .Generate(p,
                                    [&](const worker::StepStats& s) {
                                      if (s.index < f.warmup) return;
                                      step_s.push_back(s.seconds);
+                                     (s.cached ? cached_s : computed_s).push_back(s.seconds);
                                      a2a_s.push_back(s.alltoall_seconds);
                                      skew_s.push_back(s.skew_seconds);
                                    },
@@ -183,6 +196,23 @@ absl::Status RunBenchRank(const worker::RankOptions& ro, const StepFlags& f) {
       ro.ranks, ro.backend.c_str(), static_cast<long long>(tokens), f.cfg ? 1 : 0,
       c.num_layers, eo.use_graphs ? 1 : 0, med * 1e3, Median(a2a_s) * 1e3, tflops,
       static_cast<double>(peak_max) / (1 << 20), ro.cfg_parallel ? 1 : 0, p.loras.size());
+  if (!p.acceleration.exact()) {
+    double mean = 0;
+    for (double v : step_s) mean += v;
+    mean /= static_cast<double>(step_s.size());
+    std::printf(
+        "  fast tier: attention_fp8 %s, cache_threshold %g: %zu computed steps (median %.3f "
+        "ms), %zu cached (median %s ms), mean over the timed steps %.3f ms\n",
+        f.attention_fp8 ? "on" : "off", f.cache_threshold, computed_s.size(),
+        computed_s.empty() ? 0.0 : Median(computed_s) * 1e3, cached_s.size(),
+        cached_s.empty() ? "-" : absl::StrCat(Median(cached_s) * 1e3).c_str(), mean * 1e3);
+    std::printf(
+        "RESULT_FAST attention_fp8=%d cache_threshold=%g computed_steps=%zu computed_ms=%.4f "
+        "cached_steps=%zu cached_ms=%.4f mean_ms=%.4f\n",
+        f.attention_fp8 ? 1 : 0, f.cache_threshold, computed_s.size(),
+        computed_s.empty() ? 0.0 : Median(computed_s) * 1e3, cached_s.size(),
+        cached_s.empty() ? 0.0 : Median(cached_s) * 1e3, mean * 1e3);
+  }
   std::fflush(stdout);
   return absl::OkStatus();
 }

@@ -93,6 +93,11 @@ class EngineImpl : public Engine {
   }
   // Everything before the first step that may fail on one rank only.
   absl::Status Setup(const GenerateParams& params, bool cfg);
+  // FAILED_PRECONDITION naming acceleration.attention_fp8 when the backend
+  // answers UNIMPLEMENTED for AttentionFp8 (probed once on a 1-token call),
+  // so such a request fails in Setup, where the group stays READY, instead
+  // of mid-step.
+  absl::Status CheckFp8Available();
   // sampled: eager forward with all-to-all markers; else the graph (when
   // use_graphs) and the latest sampled all-to-all time.
   absl::Status RunStep(int i, Sampler& sampler, bool cfg,
@@ -171,6 +176,7 @@ class EngineImpl : public Engine {
   std::vector<double> cache_sums_;     // this rank: [ok, B x tiles x (num, den)]
   std::vector<double> cache_gathered_; // every rank's, [P][...]
   bool broken_ = false;
+  std::optional<absl::Status> fp8_available_;  // the probe's answer, once
 };
 
 absl::Status EngineImpl::Validate(const GenerateParams& p) const {
@@ -291,6 +297,7 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
   v_.resize(cfg ? n : 0);
   latent_ = p.latent;
 
+  if (p.acceleration.attention_fp8) DN_RETURN_IF_ERROR(CheckFp8Available());
   // LoRAs (before the context: the text embedder and cross K/V may be
   // targets). Files are read here, so a bad or missing file fails Setup on
   // every rank alike and the group keeps serving.
@@ -337,6 +344,26 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
     cache_gathered_.resize(words * static_cast<size_t>(world));
   }
   return absl::OkStatus();
+}
+
+absl::Status EngineImpl::CheckFp8Available() {
+  if (!fp8_available_.has_value()) {
+    const Shape one = {1, 1, 1, config_.attention_head_dim};
+    Tensor q, o;
+    DN_ASSIGN_OR_RETURN(q, backend_.Empty(one, backend_.compute_dtype()));
+    DN_ASSIGN_OR_RETURN(o, backend_.Empty(one, backend_.compute_dtype()));
+    const std::vector<float> zeros(static_cast<size_t>(config_.attention_head_dim), 0.0f);
+    DN_RETURN_IF_ERROR(backend_.CopyFromHost(zeros.data(), &q));
+    const absl::Status s = backend_.AttentionFp8(q, q, q, 1, 1.0f, &o);
+    DN_RETURN_IF_ERROR(backend_.Synchronize());
+    // Only "not implemented" is an answer about availability; a refusal of
+    // the probe's shape says nothing about the real call.
+    fp8_available_ = s.code() == absl::StatusCode::kUnimplemented ? s : absl::OkStatus();
+  }
+  if (fp8_available_->ok()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("acceleration.attention_fp8: ", fp8_available_->message(),
+                   " (this worker group cannot run the fp8 tier; send the request without it)"));
 }
 
 std::vector<const Tensor*> EngineImpl::BranchEmbeds(const GenerateParams& p,
