@@ -26,6 +26,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/flags.h"
+#include "bench/bench_common.h"
 #include "base/log.h"
 #include "base/status_macros.h"
 #include "comm/process_group.h"
@@ -41,8 +42,6 @@
 extern char** environ;
 
 namespace dn::bench {
-
-double Median(std::vector<double> values);  // bench_common.cc
 
 namespace {
 

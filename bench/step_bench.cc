@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/flags.h"
+#include "bench/bench_common.h"
 #include "worker/lora.h"
 #include "base/log.h"
 #include "base/status_macros.h"
@@ -17,7 +18,6 @@
 
 namespace dn::bench {
 
-double Median(std::vector<double> values);  // bench_common.cc
 
 namespace {
 
@@ -75,20 +75,7 @@ absl::Status CheckStepFlags(const StepFlags& f) {
 absl::StatusOr<worker::LatentShape> ShapeFor(const worker::WanConfig& c,
                                              const StepFlags& f) {
   if (f.tokens <= 0) return worker::LatentFromPixels(c, f.frames, f.height, f.width);
-  int64_t gh = static_cast<int64_t>(std::sqrt(static_cast<double>(f.tokens)));
-  while (gh > 1 && f.tokens % gh != 0) --gh;
-  const int64_t gw = f.tokens / gh;
-  if (gw > c.rope_max_seq_len)
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--tokens ", f.tokens, " gives a token grid 1 x ", gh, " x ", gw,
-        " wider than rope_max_seq_len ", c.rope_max_seq_len,
-        "; pick a token count with a divisor closer to its square root"));
-  worker::LatentShape s;
-  s.channels = c.in_channels;
-  s.frames = c.patch_size[0];
-  s.height = static_cast<int>(gh) * c.patch_size[1];
-  s.width = static_cast<int>(gw) * c.patch_size[2];
-  return s;
+  return TokenGridShape(c, f.tokens);
 }
 
 // FLOPs of one forward for one CFG branch (spec §6; FLOP = 2 MAC).

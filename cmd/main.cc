@@ -9,6 +9,7 @@
 
 #include "bench/comm_bench.h"
 #include "bench/load_bench.h"
+#include "bench/quality_bench.h"
 #include "bench/step_bench.h"
 #include "cmd/coordinator_command.h"
 #include "server/client.h"
@@ -60,6 +61,8 @@ const Command kCommands[] = {
     {"bench step", "time one denoising step (ms, all-to-all, TFLOP/s, memory)",
      dn::bench::BenchStepCommand, false},
     {"bench step-rank", "", dn::bench::BenchStepRankCommand, true},
+    {"bench quality", "the fast tier's quality against the exact path (markdown table; docs/QUALITY.md)",
+     dn::bench::BenchQualityCommand, false},
     {"bench load", "N concurrent streaming clients against a coordinator (throughput, latency, outcomes)",
      dn::bench::BenchLoadCommand, false},
 };

@@ -1,6 +1,6 @@
 // The demo's client-side output (server/clip_image.h), read back with
 // giflib's and libpng's own decoders, and the clip analyser of the demo's
-// end-to-end test (tests/server/clip_analyser.h) on clips drawn here.
+// end-to-end test (server/clip_analyser.h) on clips drawn here.
 #include "server/clip_image.h"
 
 #include <gif_lib.h>
@@ -15,15 +15,12 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/server/clip_analyser.h"
+#include "server/clip_analyser.h"
 #include "tests/server/service_test_util.h"
 
 namespace dn::server {
 namespace {
 
-using testing::AnalyseClip;
-using testing::ClipAnalysis;
-using testing::MismatchWithPrompt;
 using ::testing::HasSubstr;
 
 // --- drawing -----------------------------------------------------------------

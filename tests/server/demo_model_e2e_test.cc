@@ -35,7 +35,7 @@
 #include "server/client.h"
 #include "server/demo_model.h"
 #include "server/proto_convert.h"
-#include "tests/server/clip_analyser.h"
+#include "server/clip_analyser.h"
 #include "tests/server/service_test_util.h"
 #include "worker/prompt_table.h"
 

@@ -1,4 +1,4 @@
-// File: tests/server/clip_analyser.h
+// File: server/clip_analyser.h
 //
 // A simple analyser of the demo model's clips (one coloured shape moving on
 // black, tools/README.md), used to check that a generated clip matches its
@@ -10,15 +10,16 @@
 // dark corners; triangle: fill ~1/2);
 // the least-squares slope of its centroid over the frames gives the motion
 // direction (image y grows downwards, so "up" is decreasing y).
-#ifndef DN_TESTS_SERVER_CLIP_ANALYSER_H_
-#define DN_TESTS_SERVER_CLIP_ANALYSER_H_
+// Used by the demo-model tests and by `denoised bench quality`.
+#ifndef DN_SERVER_CLIP_ANALYSER_H_
+#define DN_SERVER_CLIP_ANALYSER_H_
 
 #include <string>
 #include <vector>
 
 #include "server/clip_image.h"
 
-namespace dn::server::testing {
+namespace dn::server {
 
 // Shape classes: fill < kCircleMinFill is a triangle; fill >=
 // kSquareMinFill with >= kSquareMinCorners of the box corners lit is a
@@ -62,6 +63,6 @@ const std::vector<NamedColour>& AnalyserColours();
 bool IsAnalyserShape(const std::string& word);
 bool IsAnalyserDirection(const std::string& word);
 
-}  // namespace dn::server::testing
+}  // namespace dn::server
 
-#endif  // DN_TESTS_SERVER_CLIP_ANALYSER_H_
+#endif  // DN_SERVER_CLIP_ANALYSER_H_

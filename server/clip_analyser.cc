@@ -1,4 +1,4 @@
-#include "tests/server/clip_analyser.h"
+#include "server/clip_analyser.h"
 
 #include <algorithm>
 #include <cmath>
@@ -7,7 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
-namespace dn::server::testing {
+namespace dn::server {
 
 const std::vector<NamedColour>& AnalyserColours() {
   static const auto* colours = new std::vector<NamedColour>{
@@ -152,4 +152,4 @@ std::string MismatchWithPrompt(const ClipAnalysis& a,
   return out;
 }
 
-}  // namespace dn::server::testing
+}  // namespace dn::server
