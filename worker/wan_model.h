@@ -160,8 +160,8 @@ class WanModel {
   // On by default; DN_FUSED_QKV_PACK=0 in the environment turns it off.
   bool fused_qkv_pack() const { return fused_qkv_pack_; }
   // Self-attention through Backend::AttentionFp8 (the fast tier) instead of
-  // Attention. Cross-attention stays exact. A graph captured with one setting
-  // must not be replayed under the other: the caller keys its graphs on it.
+  // Attention. Cross-attention stays exact. Graphs are keyed on it (a graph
+  // captured under one setting is dropped, not replayed, under the other).
   void set_attention_fp8(bool on) { attention_fp8_ = on; }
   bool attention_fp8() const { return attention_fp8_; }
 
