@@ -106,8 +106,8 @@ class EngineImpl : public Engine {
                        bool* cached, double* cache_signal);
   // Step caching (docs/ENGINE.md "Step caching"): this rank's per-tile sums
   // of |r0 - r0_prev| and |r0_prev| over its real (unpadded) token rows,
-  // from the model's first-block residual copied to r0_cur_.
-  absl::Status FirstBlockSums(WanModel& model);
+  // r0 = r0_cur_ (the model's first-block residual, copied to the host).
+  absl::Status FirstBlockSums(const WanModel& model);
   // Collective over the control group (every rank calls it, also after its
   // own kFirstBlock failed: `ok` false). Gathers every rank's tile sums and
   // sums them in one fixed order (branch, then global tile), the same for
@@ -476,7 +476,11 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
     // Skipping is considered only between the first and the last step, with
     // a cache of the same expert (docs/ENGINE.md "Step caching").
     const bool candidate = i > 0 && i + 1 < steps && cache_valid_ && cache_expert_ == e;
-    if (first.ok() && i + 1 < steps) first = FirstBlockSums(model);
+    // r0 is needed to compare (candidate steps) and to refresh r0_prev
+    // (computed steps); the last step needs neither.
+    if (first.ok() && i + 1 < steps)
+      first = backend_.CopyToHost(model.first_block_residual(), r0_cur_.data());
+    if (first.ok() && candidate) first = FirstBlockSums(model);
     bool skip = false;
     if (candidate) {
       // Every rank takes part, also one whose block 0 failed, so nobody
@@ -525,8 +529,7 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
   return absl::OkStatus();
 }
 
-absl::Status EngineImpl::FirstBlockSums(WanModel& model) {
-  DN_RETURN_IF_ERROR(backend_.CopyToHost(model.first_block_residual(), r0_cur_.data()));
+absl::Status EngineImpl::FirstBlockSums(const WanModel& model) {
   const int64_t batch = model.shape().batch, s = model.shard();
   const int64_t d = config_.inner_dim(), l = model.shape().tokens();
   const int64_t tiles = s / cache_tile_;
