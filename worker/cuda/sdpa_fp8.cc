@@ -142,23 +142,24 @@ absl::StatusOr<std::unique_ptr<CudnnSdpaFp8>> CudnnSdpaFp8::Create(
   DN_CUDNN_RETURN_IF_ERROR(cudnnCreate(&raw));
   CudnnPtr handle(raw);
   DN_CUDNN_RETURN_IF_ERROR(cudnnSetStream(raw, stream));
-  return std::unique_ptr<CudnnSdpaFp8>(
+  std::unique_ptr<CudnnSdpaFp8> sdpa(
       new CudnnSdpaFp8(std::move(handle), stream, cudnnGetVersion(), workspace,
                        workspace_bytes, std::move(allocate)));
+  // DN_CUDNN_SDPA_FP8_O=fp8|bf16 forces the output type (the test uses it to
+  // check both); by default bf16 O first, e4m3 O if that has no engine.
+  if (const char* forced = std::getenv("DN_CUDNN_SDPA_FP8_O")) {
+    if (std::strcmp(forced, "fp8") == 0) sdpa->o_kinds_ = {true};
+    if (std::strcmp(forced, "bf16") == 0) sdpa->o_kinds_ = {false};
+  }
+  return sdpa;
 }
 
 absl::StatusOr<std::unique_ptr<CudnnSdpaFp8::Plan>> CudnnSdpaFp8::Build(
     const SdpaShape& s) {
   // bf16 O first (no dequantization pass); e4m3 O where cuDNN has no engine
-  // for that. DN_CUDNN_SDPA_FP8_O=fp8|bf16 forces one (the test uses it to
-  // check both).
-  std::vector<bool> o_kinds = {false, true};
-  if (const char* forced = std::getenv("DN_CUDNN_SDPA_FP8_O")) {
-    if (std::strcmp(forced, "fp8") == 0) o_kinds = {true};
-    if (std::strcmp(forced, "bf16") == 0) o_kinds = {false};
-  }
+  // for that (o_kinds_, from DN_CUDNN_SDPA_FP8_O at Create).
   std::string tried;
-  for (bool o_fp8 : o_kinds) {
+  for (bool o_fp8 : o_kinds_) {
     absl::StatusOr<GraphParts> g = BuildFp8Graph(handle_.get(), s, o_fp8);
     const char* form = o_fp8 ? "fp8 O" : "bf16 O";
     if (!g.ok()) {

@@ -104,6 +104,7 @@ class CudnnSdpaFp8 {
   void* workspace_;
   size_t workspace_bytes_;
   Allocate allocate_;
+  std::vector<bool> o_kinds_ = {false, true};  // e4m3 O? in the order tried
   std::map<Key, std::unique_ptr<Plan>> plans_;
 };
 
