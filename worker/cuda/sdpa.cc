@@ -31,7 +31,8 @@ constexpr int64_t kUidScores = 101, kUidScaled = 102, kUidMax = 103,
 // H100 with 9.19: "only Hopper is supported for this engine"). We pass the
 // handle through the deprecated-but-honoured OPERATIONGRAPH/EXECUTION_PLAN
 // handle attributes and, where the runtime has it (9.x DEVICEPROP
-// descriptor), through ENGINEHEUR_DEVICEPROP / EXECUTION_PLAN_DEVICEPROP too.
+// descriptor), through ENGINEHEUR_DEVICEPROP / EXECUTION_PLAN_DEVICEPROP too
+// (cudnn_graph.cc: FinalizeGraph and the engine-config search).
 constexpr size_t kUnifiedSince = 91301;
 
 std::string ShapeText(const SdpaShape& s) {

@@ -23,9 +23,9 @@
 // can do; docs/CUDA.md says why e4m3's range makes that adequate.
 //
 // Plans are cached per (B, H, Sq, Skv, kv_len, d) like the bf16 ones; each
-// plan owns its quantization buffers (3-4 bytes per q/k/v/o element pair,
-// allocated once when the plan is built, never resized, so captured graphs
-// keep valid pointers). Needs cuDNN >= 9.1 and sm_90; anything unsupported
+// plan owns its quantization buffers (one byte per q, k and v element, plus
+// one per o element for e4m3 O), allocated once when the plan is built and
+// never resized, so captured graphs keep valid pointers. Needs cuDNN >= 9.1 and sm_90; anything unsupported
 // comes back as UNIMPLEMENTED with the tried configs.
 #ifndef DN_WORKER_CUDA_SDPA_FP8_H_
 #define DN_WORKER_CUDA_SDPA_FP8_H_
