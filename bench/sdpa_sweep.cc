@@ -10,7 +10,7 @@
 //
 // With --fp8 it instead measures the fast tier's attention against the bf16
 // default plan on the same inputs: bf16 CudnnSdpa::Run vs CudnnSdpaFp8::Run
-// (amax + scales + e4m3 quantization of q/k/v + cuDNN fp8 SDPA + any O
+// (amax, then scales + e4m3 quantization of q/k/v, cuDNN fp8 SDPA, any O
 // dequantization, i.e. what AttentionFp8 costs), the quantization kernels
 // alone, the rates (4*B*H*S*S*d FLOPs), the speed-up (issue 16 target: fp8
 // >= 1.5x bf16) and the fp8 output's relative L2 against bf16. Lines start
@@ -201,33 +201,25 @@ absl::Status Fp8Shape(int64_t batch, int64_t heads, int64_t tokens, int iters,
   DN_ASSIGN_OR_RETURN(double fp8_ms, MedianMs(stream, iters, [&] {
     return fp8->Run(shape, q.get(), k.get(), v.get(), o8.get(), scale);
   }));
-  // The quantization kernels alone (amax x3, scales, quantize x3) into
-  // scratch buffers of their own.
+  // The quantization kernels alone (amax of q/k/v, then scales + quantize)
+  // into scratch buffers of their own.
   DN_ASSIGN_OR_RETURN(DevicePtr q8, Alloc(n));
   DN_ASSIGN_OR_RETURN(DevicePtr k8, Alloc(n));
   DN_ASSIGN_OR_RETURN(DevicePtr v8, Alloc(n));
   DN_ASSIGN_OR_RETURN(DevicePtr slots_mem, Alloc(Fp8Slots::kBytes));
   auto* slots = static_cast<float*>(slots_mem.get());
   const int64_t per_batch = tokens * heads * d;
-  const RowsLayout rows{batch, per_batch, per_batch};
-  using B16 = const __nv_bfloat16*;
+  worker::cuda::Fp8Qkv qkv;
+  qkv.x[0] = static_cast<const __nv_bfloat16*>(q.get());
+  qkv.x[1] = static_cast<const __nv_bfloat16*>(k.get());
+  qkv.x[2] = static_cast<const __nv_bfloat16*>(v.get());
+  for (auto& r : qkv.rows) r = RowsLayout{batch, per_batch, per_batch};
+  qkv.out[0] = static_cast<uint8_t*>(q8.get());
+  qkv.out[1] = static_cast<uint8_t*>(k8.get());
+  qkv.out[2] = static_cast<uint8_t*>(v8.get());
   DN_ASSIGN_OR_RETURN(double quant_ms, MedianMs(stream, iters, [&]() -> absl::Status {
-    DN_RETURN_IF_ERROR(worker::cuda::InvokeFp8Amax(static_cast<B16>(q.get()), rows, slots,
-                                                   Fp8Slots::kAmaxQ, stream));
-    DN_RETURN_IF_ERROR(worker::cuda::InvokeFp8Amax(static_cast<B16>(k.get()), rows, slots,
-                                                   Fp8Slots::kAmaxK, stream));
-    DN_RETURN_IF_ERROR(worker::cuda::InvokeFp8Amax(static_cast<B16>(v.get()), rows, slots,
-                                                   Fp8Slots::kAmaxV, stream));
-    DN_RETURN_IF_ERROR(worker::cuda::InvokeFp8Scales(slots, false, stream));
-    DN_RETURN_IF_ERROR(worker::cuda::InvokeQuantizeE4m3(
-        static_cast<B16>(q.get()), rows, slots, Fp8Slots::kScaleQ,
-        static_cast<uint8_t*>(q8.get()), stream));
-    DN_RETURN_IF_ERROR(worker::cuda::InvokeQuantizeE4m3(
-        static_cast<B16>(k.get()), rows, slots, Fp8Slots::kScaleK,
-        static_cast<uint8_t*>(k8.get()), stream));
-    return worker::cuda::InvokeQuantizeE4m3(static_cast<B16>(v.get()), rows, slots,
-                                            Fp8Slots::kScaleV,
-                                            static_cast<uint8_t*>(v8.get()), stream);
+    DN_RETURN_IF_ERROR(worker::cuda::InvokeFp8Amax(qkv, slots, stream));
+    return worker::cuda::InvokeFp8Quantize(qkv, slots, false, stream);
   }));
   DN_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   DN_ASSIGN_OR_RETURN(std::vector<float> ref, ToHost(o.get(), n));

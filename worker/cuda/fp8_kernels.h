@@ -46,20 +46,26 @@ struct Fp8Slots {
   static float* At(float* base, Slot s) { return base + int{s} * kStride; }
 };
 
-// slots[amax_slot] = max |x| over the used elements (NaN ignored). Zeroes
-// the slot first (on the stream).
-absl::Status InvokeFp8Amax(const __nv_bfloat16* x, const RowsLayout& layout,
-                           float* slots, Fp8Slots::Slot amax_slot,
-                           cudaStream_t stream);
+// q, k and v of one call: their bf16 data, the used rows, and the e4m3
+// buffers they are quantized into (same layout, one byte per element).
+// batch must be the same for the three.
+struct Fp8Qkv {
+  const __nv_bfloat16* x[3] = {nullptr, nullptr, nullptr};
+  RowsLayout rows[3];
+  uint8_t* out[3] = {nullptr, nullptr, nullptr};
+};
 
-// From the three amax slots: scales, descales, P's fixed scale and O's
-// scale (o_fp8: O = V's scale, since |O| <= max |V|; else 1). One thread.
-absl::Status InvokeFp8Scales(float* slots, bool o_fp8, cudaStream_t stream);
+// slots[kAmaxQ/K/V] = max |x| over the used elements of q, k, v (NaN
+// ignored); zeroes the three slots first. One memset and one launch.
+absl::Status InvokeFp8Amax(const Fp8Qkv& qkv, float* slots, cudaStream_t stream);
 
-// out = e4m3(x * slots[scale_slot]) over the used elements, same layout.
-absl::Status InvokeQuantizeE4m3(const __nv_bfloat16* x, const RowsLayout& layout,
-                                const float* slots, Fp8Slots::Slot scale_slot,
-                                uint8_t* out, cudaStream_t stream);
+// From the amax slots: every block derives its tensor's scale 448 / amax
+// (1 for 0) and converts out = e4m3(x * scale); the first block of each
+// tensor also stores scale and descale, and the first of q P's scale 448 /
+// descale 1/448 and O's scale (o_fp8: V's scale, as |O| <= max |V|; else 1)
+// and descale. One launch.
+absl::Status InvokeFp8Quantize(const Fp8Qkv& qkv, float* slots, bool o_fp8,
+                               cudaStream_t stream);
 
 // out[i] = bf16(decode(in[i]) * slots[descale_slot]) for i < n.
 absl::Status InvokeDequantizeE4m3(const uint8_t* in, int64_t n,

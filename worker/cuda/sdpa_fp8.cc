@@ -279,19 +279,18 @@ absl::Status CudnnSdpaFp8::Run(const SdpaShape& s, const void* q, const void* k,
   const RowsLayout q_rows{s.batch, s.seq_q * row, s.seq_q * row};
   const RowsLayout kv_rows{s.batch, s.seq_kv * row, s.kv_len * row};
   auto* slots = static_cast<float*>(plan->slots.get());
-  const auto* qb = static_cast<const __nv_bfloat16*>(q);
-  const auto* kb = static_cast<const __nv_bfloat16*>(k);
-  const auto* vb = static_cast<const __nv_bfloat16*>(v);
-  DN_RETURN_IF_ERROR(InvokeFp8Amax(qb, q_rows, slots, Fp8Slots::kAmaxQ, stream_));
-  DN_RETURN_IF_ERROR(InvokeFp8Amax(kb, kv_rows, slots, Fp8Slots::kAmaxK, stream_));
-  DN_RETURN_IF_ERROR(InvokeFp8Amax(vb, kv_rows, slots, Fp8Slots::kAmaxV, stream_));
-  DN_RETURN_IF_ERROR(InvokeFp8Scales(slots, plan->o_fp8, stream_));
-  DN_RETURN_IF_ERROR(InvokeQuantizeE4m3(qb, q_rows, slots, Fp8Slots::kScaleQ,
-                                        static_cast<uint8_t*>(plan->q8.get()), stream_));
-  DN_RETURN_IF_ERROR(InvokeQuantizeE4m3(kb, kv_rows, slots, Fp8Slots::kScaleK,
-                                        static_cast<uint8_t*>(plan->k8.get()), stream_));
-  DN_RETURN_IF_ERROR(InvokeQuantizeE4m3(vb, kv_rows, slots, Fp8Slots::kScaleV,
-                                        static_cast<uint8_t*>(plan->v8.get()), stream_));
+  Fp8Qkv qkv;
+  qkv.x[0] = static_cast<const __nv_bfloat16*>(q);
+  qkv.x[1] = static_cast<const __nv_bfloat16*>(k);
+  qkv.x[2] = static_cast<const __nv_bfloat16*>(v);
+  qkv.rows[0] = q_rows;
+  qkv.rows[1] = kv_rows;
+  qkv.rows[2] = kv_rows;
+  qkv.out[0] = static_cast<uint8_t*>(plan->q8.get());
+  qkv.out[1] = static_cast<uint8_t*>(plan->k8.get());
+  qkv.out[2] = static_cast<uint8_t*>(plan->v8.get());
+  DN_RETURN_IF_ERROR(InvokeFp8Amax(qkv, slots, stream_));
+  DN_RETURN_IF_ERROR(InvokeFp8Quantize(qkv, slots, plan->o_fp8, stream_));
   DN_RETURN_IF_ERROR(Execute(*plan, o, scale));
   if (plan->o_fp8) {
     DN_RETURN_IF_ERROR(InvokeDequantizeE4m3(
