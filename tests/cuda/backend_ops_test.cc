@@ -53,7 +53,9 @@
 #include "base/flags.h"
 #include "base/status_macros.h"
 #include "worker/backend.h"
+#include "worker/cpu/e4m3.h"
 #include "worker/cuda/cuda_backend.h"
+#include "worker/cuda/fp8_kernels.h"
 #include "worker/noise.h"
 #include "worker/tensor.h"
 
@@ -707,6 +709,62 @@ std::vector<Check> MakeChecks() {
     s = be.Silu(f, &f);
     if (!absl::IsInvalidArgument(s))
       return absl::InternalError(absl::StrCat("Silu on f32 gave: ", s.ToString()));
+    return absl::OkStatus();
+  }});
+  // The device quantizer against the host one (worker/cpu/e4m3.h) that the
+  // CPU emulation uses: every bf16 bit pattern (NaN aside), bitwise, first
+  // with scale 1 (the infinities make amax infinite), then with the finite
+  // patterns and the scale 448 / amax.
+  checks.push_back({"AttentionFp8 quantize kernel == host EncodeE4m3 (all bf16 values)",
+                    [](Backend& be) -> absl::Status {
+    auto stream = static_cast<cudaStream_t>(be.stream());
+    std::vector<uint16_t> all;
+    for (uint32_t b = 0; b < 65536; ++b)
+      if (!std::isnan(BF16ToF32(static_cast<uint16_t>(b)))) all.push_back(static_cast<uint16_t>(b));
+    std::vector<uint16_t> finite;
+    for (uint16_t b : all)
+      if (std::isfinite(BF16ToF32(b))) finite.push_back(b);
+    for (const std::vector<uint16_t>* values : {&all, &finite}) {
+      const int64_t n = static_cast<int64_t>(values->size());
+      DN_ASSIGN_OR_RETURN(Tensor x, be.Empty({n}, DType::kBF16));
+      DN_ASSIGN_OR_RETURN(Tensor q8, be.Empty({n}, DType::kBF16));  // n bytes used
+      DN_ASSIGN_OR_RETURN(Tensor slots, be.Empty({cuda::Fp8Slots::kBytes / 4}, DType::kF32));
+      DN_RETURN_IF_ERROR(be.Synchronize());
+      if (cudaMemcpy(x.data(), values->data(), n * 2, cudaMemcpyHostToDevice) != cudaSuccess)
+        return absl::InternalError("cudaMemcpy to device failed");
+      cuda::Fp8Qkv qkv;
+      for (int t = 0; t < 3; ++t) {
+        qkv.x[t] = static_cast<const __nv_bfloat16*>(x.data());
+        qkv.rows[t] = cuda::RowsLayout{1, n, n};
+        qkv.out[t] = static_cast<uint8_t*>(q8.data());
+      }
+      auto* sl = static_cast<float*>(slots.data());
+      DN_RETURN_IF_ERROR(cuda::InvokeFp8Amax(qkv, sl, stream));
+      DN_RETURN_IF_ERROR(cuda::InvokeFp8Quantize(qkv, sl, false, stream));
+      DN_RETURN_IF_ERROR(be.Synchronize());
+      std::vector<uint8_t> got(static_cast<size_t>(n));
+      float scale = 0;
+      if (cudaMemcpy(got.data(), q8.data(), n, cudaMemcpyDeviceToHost) != cudaSuccess ||
+          cudaMemcpy(&scale, sl + cuda::Fp8Slots::kScaleQ * cuda::Fp8Slots::kStride,
+                     sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess)
+        return absl::InternalError("cudaMemcpy to host failed");
+      float amax = 0;
+      for (uint16_t b : *values) amax = std::max(amax, std::fabs(BF16ToF32(b)));
+      const float want_scale = E4m3ScaleForAmax(amax);
+      if (scale != want_scale)
+        return absl::InternalError(absl::StrCat("device scale ", scale, " != host ", want_scale));
+      int64_t bad = 0;
+      std::string first;
+      for (int64_t i = 0; i < n; ++i) {
+        const float xv = BF16ToF32((*values)[static_cast<size_t>(i)]);
+        const uint8_t want = EncodeE4m3(xv * want_scale);
+        if (got[static_cast<size_t>(i)] != want && bad++ == 0)
+          first = absl::StrCat("x=", xv, " scale=", want_scale, ": device ",
+                               int{got[static_cast<size_t>(i)]}, " host ", int{want});
+      }
+      if (bad > 0)
+        return absl::InternalError(absl::StrCat(bad, " of ", n, " codes differ, first ", first));
+    }
     return absl::OkStatus();
   }});
   checks.push_back({"AttentionFp8 bad shapes give INVALID_ARGUMENT",
