@@ -3,6 +3,7 @@
 #include "worker/cpu/e4m3.h"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -122,6 +123,38 @@ TEST(E4m3Test, MatchesBruteForceNearestOnRandomValues) {
     if (sign(gen)) x = -x;
     ASSERT_EQ(EncodeE4m3(x), ReferenceEncode(x)) << "x = " << x;
   }
+}
+
+TEST(E4m3Test, RoundEqualsDecodeOfEncode) {
+  // RoundE4m3 has its own fast path: it must agree with the code route
+  // everywhere, bitwise (signed zeros included).
+  auto same = [](float x) {
+    const float a = RoundE4m3(x), b = DecodeE4m3(EncodeE4m3(x));
+    return std::memcmp(&a, &b, sizeof a) == 0;
+  };
+  for (int c = 0; c < 256; ++c) {
+    if (IsNanCode(c)) continue;
+    const float v = DecodeE4m3(static_cast<uint8_t>(c));
+    for (float x : {v, std::nextafter(v, 1e9f), std::nextafter(v, -1e9f)})
+      ASSERT_TRUE(same(x)) << "x = " << x;
+    if (c < 0x7E && (c & 0x7F) != 0x7E) {
+      const float next = DecodeE4m3(static_cast<uint8_t>(c + 1));
+      const float mid = 0.5f * (v + next);
+      for (float x : {mid, std::nextafter(mid, 1e9f), std::nextafter(mid, -1e9f)})
+        ASSERT_TRUE(same(x)) << "x = " << x;
+    }
+  }
+  std::mt19937 gen(9);
+  std::uniform_real_distribution<float> exponent(-40.0f, 12.0f);
+  for (int i = 0; i < 200000; ++i) {
+    const float x = (i % 2 ? -1.0f : 1.0f) * std::exp2(exponent(gen));
+    ASSERT_TRUE(same(x)) << "x = " << x;
+  }
+  for (float x : {0.0f, -0.0f, 448.0f, -448.0f, 1e30f,
+                  std::numeric_limits<float>::infinity(),
+                  -std::numeric_limits<float>::infinity(),
+                  std::numeric_limits<float>::denorm_min()})
+    EXPECT_TRUE(same(x)) << "x = " << x;
 }
 
 TEST(E4m3Test, ScaleMapsAmaxOntoTheRange) {

@@ -1,6 +1,7 @@
 #include "worker/cpu/e4m3.h"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 namespace dn::worker {
@@ -48,7 +49,34 @@ float DecodeE4m3(uint8_t code) {
   return negative ? -value : value;
 }
 
-float RoundE4m3(float x) { return DecodeE4m3(EncodeE4m3(x)); }
+// The same rounding as DecodeE4m3(EncodeE4m3(x)) without going through the
+// code (the CPU emulation rounds every probability: this is its hot loop).
+float RoundE4m3(float x) {
+  if (std::isnan(x)) return x;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const bool negative = (bits >> 31) != 0;
+  bits &= 0x7FFFFFFFu;
+  float a;
+  std::memcpy(&a, &bits, sizeof a);
+  float r;
+  if (a >= kE4m3Max) {
+    r = kE4m3Max;
+  } else if (a < 0.015625f) {
+    // Subnormal steps of 2^-9: a * 512 < 8 is exact, and adding then
+    // subtracting 2^23 rounds it to an integer, ties to even.
+    const float t = a * 512.0f;
+    r = ((t + 8388608.0f) - 8388608.0f) * (1.0f / 512.0f);
+  } else {
+    // Normal: keep 3 of float's 23 mantissa bits, rounding to nearest even
+    // (a carry into the exponent is the correct result; a < 448 rounds to at
+    // most 448).
+    const uint32_t lsb = (bits >> 20) & 1u;
+    bits = (bits + 0x7FFFFu + lsb) & 0xFFF00000u;
+    std::memcpy(&r, &bits, sizeof r);
+  }
+  return negative ? -r : r;
+}
 
 float E4m3ScaleForAmax(float amax) {
   if (!(amax > 0.0f) || !std::isfinite(amax)) return 1.0f;
