@@ -5,7 +5,7 @@
 //   backend_ops_test                  # every case; exit 1 if any fails
 //   backend_ops_test --op=Attention   # only ops whose name contains this
 //   backend_ops_test --list           # print the cases, run nothing
-//   backend_ops_test --perf           # timings (attention, GEMMs, kernels)
+//   backend_ops_test --perf           # timings (attention bf16 and fp8, GEMMs, kernels)
 //   backend_ops_test --cpu_only       # CPU on both sides: checks the harness
 //                                     # and the cases without a GPU
 //
@@ -916,6 +916,16 @@ absl::Status RunPerf(Backend& be, int iters) {
     }, iters));
     row("Attention", absl::StrCat(a.b, "x", a.h, "x", a.sq, "x", a.skv, " d=128"),
         sec, 4.0 * a.b * a.h * a.sq * a.skv * d * 1e-12, "TFLOP/s");
+    // The fast tier's fp8 attention, quantization included.
+    absl::StatusOr<double> sec8 = MedianSeconds(be, [&] {
+      return be.AttentionFp8(q, k, v, a.skv, scale, &o);
+    }, iters);
+    if (sec8.ok()) {
+      row("AttentionFp8", absl::StrCat(a.b, "x", a.h, "x", a.sq, "x", a.skv, " d=128"),
+          *sec8, 4.0 * a.b * a.h * a.sq * a.skv * d * 1e-12, "TFLOP/s");
+    } else {
+      std::printf("%-22s %s\n", "AttentionFp8", sec8.status().ToString().c_str());
+    }
   }
 
   struct Gemm {
