@@ -186,7 +186,7 @@ absl::Status Fp8Shape(int64_t batch, int64_t heads, int64_t tokens, int iters,
                       CudnnSdpa::Create(stream, ws.get(), ws_bytes));
   DN_ASSIGN_OR_RETURN(
       std::unique_ptr<CudnnSdpaFp8> fp8,
-      CudnnSdpaFp8::Create(stream, ws.get(), ws_bytes,
+      CudnnSdpaFp8::Create(stream,
                            [](size_t bytes) -> absl::StatusOr<std::shared_ptr<void>> {
                              void* p = nullptr;
                              DN_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, bytes));

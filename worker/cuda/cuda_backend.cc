@@ -287,14 +287,13 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
   DN_ASSIGN_OR_RETURN(b->sdpa_, CudnnSdpa::Create(raw_stream,
                                                   b->sdpa_workspace_.get(),
                                                   kSdpaWorkspaceBytes));
-  // The fp8 attention shares cuDNN's workspace (same stream, never
-  // concurrent) and takes its quantization buffers from the allocator when
-  // a shape's plan is built.
+  // The fp8 attention takes its buffers (quantized tensors, scales, cuDNN
+  // workspace) from the allocator when a shape's plan is built.
   std::weak_ptr<DeviceAllocator> weak_allocator = b->allocator_;
   DN_ASSIGN_OR_RETURN(
       b->sdpa_fp8_,
       CudnnSdpaFp8::Create(
-          raw_stream, b->sdpa_workspace_.get(), kSdpaWorkspaceBytes,
+          raw_stream,
           [weak_allocator](size_t bytes) -> absl::StatusOr<std::shared_ptr<void>> {
             std::shared_ptr<DeviceAllocator> a = weak_allocator.lock();
             if (a == nullptr)

@@ -1,5 +1,6 @@
 #include "worker/cuda/sdpa_fp8.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -136,15 +137,14 @@ absl::StatusOr<GraphParts> BuildFp8Graph(cudnnHandle_t handle, const SdpaShape& 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CudnnSdpaFp8>> CudnnSdpaFp8::Create(
-    cudaStream_t stream, void* workspace, size_t workspace_bytes,
-    Allocate allocate) {
+    cudaStream_t stream, Allocate allocate) {
   cudnnHandle_t raw = nullptr;
   DN_CUDNN_RETURN_IF_ERROR(cudnnCreate(&raw));
   CudnnPtr handle(raw);
   DN_CUDNN_RETURN_IF_ERROR(cudnnSetStream(raw, stream));
   std::unique_ptr<CudnnSdpaFp8> sdpa(
-      new CudnnSdpaFp8(std::move(handle), stream, cudnnGetVersion(), workspace,
-                       workspace_bytes, std::move(allocate)));
+      new CudnnSdpaFp8(std::move(handle), stream, cudnnGetVersion(),
+                       std::move(allocate)));
   // DN_CUDNN_SDPA_FP8_O=fp8|bf16 forces the output type (the test uses it to
   // check both); by default bf16 O first, e4m3 O if that has no engine.
   if (const char* forced = std::getenv("DN_CUDNN_SDPA_FP8_O")) {
@@ -169,7 +169,7 @@ absl::StatusOr<std::unique_ptr<CudnnSdpaFp8::Plan>> CudnnSdpaFp8::Build(
     }
     std::string form_tried;
     DN_ASSIGN_OR_RETURN(std::vector<Candidate> found,
-                        Candidates(handle_.get(), *g, form, workspace_bytes_,
+                        Candidates(handle_.get(), *g, form, kMaxWorkspaceBytes,
                                    /*explore=*/false, 1, &form_tried));
     absl::StrAppend(&tried, tried.empty() ? "" : "; ", form, ": ", form_tried);
     if (found.empty()) continue;
@@ -191,6 +191,8 @@ absl::StatusOr<std::unique_ptr<CudnnSdpaFp8::Plan>> CudnnSdpaFp8::Build(
       DN_ASSIGN_OR_RETURN(plan->o8, allocate_(q_bytes));
     }
     DN_ASSIGN_OR_RETURN(plan->slots, allocate_(static_cast<size_t>(Fp8Slots::kBytes)));
+    DN_ASSIGN_OR_RETURN(plan->workspace_mem,
+                        allocate_(static_cast<size_t>(std::max<int64_t>(plan->workspace, 256))));
     DN_CUDA_RETURN_IF_ERROR(
         cudaMemsetAsync(plan->slots.get(), 0, static_cast<size_t>(Fp8Slots::kBytes), stream_));
     return plan;
@@ -235,7 +237,8 @@ absl::StatusOr<std::pair<bool, std::string>> CudnnSdpaFp8::Describe(
 std::vector<std::shared_ptr<void>> CudnnSdpaFp8::buffers() const {
   std::vector<std::shared_ptr<void>> out;
   for (const auto& [key, plan] : plans_)
-    for (const std::shared_ptr<void>& b : {plan->q8, plan->k8, plan->v8, plan->o8, plan->slots})
+    for (const std::shared_ptr<void>& b :
+         {plan->q8, plan->k8, plan->v8, plan->o8, plan->slots, plan->workspace_mem})
       if (b) out.push_back(b);
   return out;
 }
@@ -255,7 +258,7 @@ absl::Status CudnnSdpaFp8::Execute(const Plan& plan, void* o, float scale) {
                     slot(Fp8Slots::kDescaleV), slot(Fp8Slots::kDescaleS),
                     slot(Fp8Slots::kScaleS), slot(Fp8Slots::kScaleO),
                     slot(Fp8Slots::kAmaxS), slot(Fp8Slots::kAmaxO)};
-  void* workspace = workspace_;
+  void* workspace = plan.workspace_mem.get();
   DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(
       pack.get(), CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, kN, uids));
   DN_CUDNN_RETURN_IF_ERROR(cudnnBackendSetAttribute(

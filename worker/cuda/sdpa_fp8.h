@@ -23,7 +23,8 @@
 // can do; docs/CUDA.md says why e4m3's range makes that adequate.
 //
 // Plans are cached per (B, H, Sq, Skv, kv_len, d) like the bf16 ones; each
-// plan owns its quantization buffers (one byte per q, k and v element, plus
+// plan owns its cuDNN workspace (what its engine asks for, up to
+// kMaxWorkspaceBytes) and its quantization buffers (one byte per q, k and v element, plus
 // one per o element for e4m3 O), allocated once when the plan is built and
 // never resized, so captured graphs keep valid pointers. Needs cuDNN >= 9.1 and sm_90; anything unsupported
 // comes back as UNIMPLEMENTED with the tried configs.
@@ -53,12 +54,13 @@ class CudnnSdpaFp8 {
  public:
   using Allocate = std::function<absl::StatusOr<std::shared_ptr<void>>(size_t)>;
 
-  // Binds a new cuDNN handle to `stream`. `workspace` (cuDNN's scratch,
-  // shared with the bf16 SDPA: same stream, never concurrent) must outlive
-  // this object; `allocate` gives device memory for the plans' buffers.
-  static absl::StatusOr<std::unique_ptr<CudnnSdpaFp8>> Create(
-      cudaStream_t stream, void* workspace, size_t workspace_bytes,
-      Allocate allocate);
+  // Binds a new cuDNN handle to `stream`; `allocate` gives device memory for
+  // the plans' buffers (quantized q/k/v/o, scalar slots, cuDNN workspace).
+  static absl::StatusOr<std::unique_ptr<CudnnSdpaFp8>> Create(cudaStream_t stream,
+                                                              Allocate allocate);
+
+  // Engine configs needing more cuDNN workspace than this are skipped.
+  static constexpr size_t kMaxWorkspaceBytes = size_t{256} << 20;
 
   // o (bf16 [B,Sq,H,d]) = fp8 attention of bf16 q [B,Sq,H,d], k, v
   // [B,Skv,H,d] (first kv_len rows). Pointers 16-byte aligned.
@@ -81,17 +83,15 @@ class CudnnSdpaFp8 {
     int64_t workspace = 0;
     bool o_fp8 = false;
     std::string engine;
-    std::shared_ptr<void> q8, k8, v8, o8, slots;
+    std::shared_ptr<void> q8, k8, v8, o8, slots, workspace_mem;
   };
   using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
   CudnnSdpaFp8(CudnnPtr handle, cudaStream_t stream, size_t version,
-               void* workspace, size_t workspace_bytes, Allocate allocate)
+               Allocate allocate)
       : handle_(std::move(handle)),
         stream_(stream),
         version_(version),
-        workspace_(workspace),
-        workspace_bytes_(workspace_bytes),
         allocate_(std::move(allocate)) {}
 
   absl::StatusOr<Plan*> GetPlan(const SdpaShape& shape);
@@ -101,8 +101,6 @@ class CudnnSdpaFp8 {
   CudnnPtr handle_;
   cudaStream_t stream_;
   size_t version_;
-  void* workspace_;
-  size_t workspace_bytes_;
   Allocate allocate_;
   std::vector<bool> o_kinds_ = {false, true};  // e4m3 O? in the order tried
   std::map<Key, std::unique_ptr<Plan>> plans_;
