@@ -1,7 +1,8 @@
 // CudaBackend: worker/backend.h on one CUDA device (see cuda_backend.h and
 // docs/CUDA.md). This file checks tensors (device, dtype, shape) and calls
 // the pieces: DeviceAllocator (memory), LtGemm (Linear), CudnnSdpa
-// (Attention) and the kernels of kernels.h (everything else).
+// (Attention), CudnnSdpaFp8 (AttentionFp8) and the kernels of kernels.h
+// (everything else).
 #include "worker/cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
