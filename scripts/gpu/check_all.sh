@@ -4,7 +4,7 @@
 #                ../shared/gpu/bundle.sh .gpu build-cuda/bin/*
 #                mkdir -p .anchor && cp ../shared/anchors/usp_anchor.py .anchor/
 # Run there:     . .gpu/env.sh && scripts/gpu/check_all.sh STAGE...   (carry .gpu and .anchor)
-# Stages: info ops nccl tiny sp graphs commbench commvariants perf sdpasweep step step4k stepauto graphstep service fault step14b
+# Stages: info ops nccl tiny sp graphs commbench commvariants perf sdpasweep fp8 step step4k stepauto graphstep service fault step14b
 #         cfgpar models lora ti2v
 # (sp needs tiny first: it compares against tiny's 1-rank runs.)
 # Graphs are on by default everywhere (--no-graphs or DN_CUDA_GRAPHS=0 turns them off;
@@ -139,6 +139,14 @@ for st in "$@"; do
       # -> 27280 tokens), CFG, with a seeded first-frame condition (per-token timesteps), one GPU.
       stage ti2v5b_720p_p1 400 denoised bench step --preset wan2.2-ti2v-5b --frames 121 --height 704 --width 1280 --ranks 1 --backend cuda --cfg --warmup 1 --iters 3
       stage ti2v5b_720p_anchor_p1 300 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 27280 --dim 3072 --heads 24 --ffn 14336 --layers 30 --iters 3 ;;
+    fp8)
+      # The fast tier's fp8 attention (docs/CUDA.md, "fp8 attention"): CUDA AttentionFp8 vs the CPU
+      # emulation (bound 5e-2) and vs exact attention (1e-1), the e4m3-output graph, bad shapes and a
+      # capture/replay with new inputs; then bf16 vs fp8 (incl. quantization) at the 1.3B shapes,
+      # B=2 (CFG) x 12 heads x 128, 32760 and 4096 tokens (issue 16 target: fp8 >= 1.5x bf16).
+      stage fp8_ops 300 backend_ops_test --op=AttentionFp8
+      stage fp8_bench 300 sdpa_sweep --fp8 --tokens 32760,4096 --heads 12 --batch 2 --iters 20
+      echo "---- fp8 summary"; grep -h -E "AttentionFp8|passed,|^FP8" $W/fp8_ops.log $W/fp8_bench.log | grep -v "^===" ;;
     sdpasweep)
       # The cuDNN engine space of the attention shapes (both CFG branches in one call, as the model runs
       # them): 1.3B at 32760 and 4096 tokens, 14B (40 heads) at 32760. SUMMARY lines: default vs fastest.

@@ -5,7 +5,7 @@
 //   backend_ops_test                  # every case; exit 1 if any fails
 //   backend_ops_test --op=Attention   # only ops whose name contains this
 //   backend_ops_test --list           # print the cases, run nothing
-//   backend_ops_test --perf           # timings (attention, GEMMs, kernels)
+//   backend_ops_test --perf           # timings (attention bf16 and fp8, GEMMs, kernels)
 //   backend_ops_test --cpu_only       # CPU on both sides: checks the harness
 //                                     # and the cases without a GPU
 //
@@ -24,6 +24,11 @@
 //   NaN or Inf fails.
 // Attention cases also run on a second CUDA backend that uses cuDNN's
 // composite SDPA graph (the fallback for cuDNN < 9.13.1).
+// AttentionFp8 cases (the fast tier, docs/CUDA.md "fp8 attention") compare
+// the CUDA fp8 path with the CPU backend's fp8 emulation (AttentionFp8,
+// bound 5e-2) and with the CPU's exact Attention ("AttentionFp8~exact",
+// bound 1e-1); "[fp8 O]" cases run on a third CUDA backend forced to the
+// e4m3-output graph (DN_CUDNN_SDPA_FP8_O=fp8) to cover the dequantization.
 // Output: one table row per case (op, rel L2, bound, PASS/FAIL, shapes; the
 // reason of a failure on the next line) and a final "N passed, M failed".
 //
@@ -48,7 +53,9 @@
 #include "base/flags.h"
 #include "base/status_macros.h"
 #include "worker/backend.h"
+#include "worker/cpu/e4m3.h"
 #include "worker/cuda/cuda_backend.h"
+#include "worker/cuda/fp8_kernels.h"
 #include "worker/noise.h"
 #include "worker/tensor.h"
 
@@ -82,6 +89,7 @@ struct Case {
   std::function<absl::Status(Backend&, std::vector<Tensor>&)> run;
   double bound = 1e-2;
   bool composite = false;  // run on the composite-SDPA CUDA backend
+  bool fp8_o = false;      // run on the e4m3-output fp8-attention CUDA backend
 };
 
 Arg In(std::string name, Shape shape, Kind kind = Kind::kAct, Fill fill = {}) {
@@ -458,6 +466,41 @@ std::vector<Case> MakeCases() {
   attention(1, 700, 700, 650, 5, 64);
   attention(1, 1, 77, 77, 12, 128);         // one query
 
+  // AttentionFp8 (fast tier). Against the CPU emulation (same e4m3 roundings
+  // of q, k, v: bitwise the same quantized inputs; the differences are
+  // accumulation order, the GPU's exp, the flash kernel quantizing P against
+  // the running row max instead of the final one (an independent ~2.4% RMS
+  // rounding of some P elements, averaged over the row), bf16 O, and for
+  // [fp8 O] one more e4m3 rounding of O): bound 5e-2 (6e-2 with fp8 O).
+  // Against exact attention: the CPU measured 0.05 at these magnitudes
+  // (tests/worker/attention_fp8_test.cc); bound 1e-1.
+  auto attention_fp8 = [&](int64_t b, int64_t sq, int64_t skv, int64_t kv_len,
+                           int64_t h, int64_t d, bool vs_exact, bool fp8_o) {
+    Case c;
+    c.op = vs_exact ? "AttentionFp8~exact" : fp8_o ? "AttentionFp8[fp8 O]" : "AttentionFp8";
+    c.fp8_o = fp8_o;
+    c.bound = vs_exact ? 1e-1 : fp8_o ? 6e-2 : 5e-2;
+    c.args = {In("q", {b, sq, h, d}, Kind::kAct, Normal(1.0f)),
+              In("k", {b, skv, h, d}, Kind::kAct, Normal(1.0f)),
+              In("v", {b, skv, h, d}), Out("o", {b, sq, h, d})};
+    c.extra = absl::StrCat("kv_len=", kv_len);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    c.run = [kv_len, scale, vs_exact](Backend& be, std::vector<Tensor>& t) {
+      if (vs_exact && be.name() == "cpu")
+        return be.Attention(t[0], t[1], t[2], kv_len, scale, &t[3]);
+      return be.AttentionFp8(t[0], t[1], t[2], kv_len, scale, &t[3]);
+    };
+    cases.push_back(std::move(c));
+  };
+  for (bool vs_exact : {false, true}) {
+    attention_fp8(1, 4096, 4096, 4096, 12, 128, vs_exact, false);  // 1.3B, P=1
+    attention_fp8(1, 4096, 4096, 4000, 3, 128, vs_exact, false);   // P=4, padded keys
+    attention_fp8(2, 1000, 512, 500, 4, 128, vs_exact, false);     // batch 2, kv_len < Skv
+    attention_fp8(1, 333, 197, 197, 2, 64, vs_exact, false);       // odd lengths, d=64
+  }
+  attention_fp8(1, 4096, 4096, 4000, 3, 128, false, true);
+  attention_fp8(2, 1000, 512, 500, 4, 128, false, true);
+
   // GatedResidual: x += y * gate.
   auto gated = [&](Shape x, int64_t k, int gate, bool misalign = false) {
     Case c;
@@ -668,6 +711,106 @@ std::vector<Check> MakeChecks() {
       return absl::InternalError(absl::StrCat("Silu on f32 gave: ", s.ToString()));
     return absl::OkStatus();
   }});
+  // The device quantizer against the host one (worker/cpu/e4m3.h) that the
+  // CPU emulation uses: every bf16 bit pattern (NaN aside), bitwise, first
+  // with scale 1 (the infinities make amax infinite), then with the finite
+  // patterns and the scale 448 / amax.
+  checks.push_back({"AttentionFp8 quantize kernel == host EncodeE4m3 (all bf16 values)",
+                    [](Backend& be) -> absl::Status {
+    auto stream = static_cast<cudaStream_t>(be.stream());
+    std::vector<uint16_t> all;
+    for (uint32_t b = 0; b < 65536; ++b)
+      if (!std::isnan(BF16ToF32(static_cast<uint16_t>(b)))) all.push_back(static_cast<uint16_t>(b));
+    std::vector<uint16_t> finite;
+    for (uint16_t b : all)
+      if (std::isfinite(BF16ToF32(b))) finite.push_back(b);
+    for (const std::vector<uint16_t>* values : {&all, &finite}) {
+      const int64_t n = static_cast<int64_t>(values->size());
+      DN_ASSIGN_OR_RETURN(Tensor x, be.Empty({n}, DType::kBF16));
+      DN_ASSIGN_OR_RETURN(Tensor q8, be.Empty({n}, DType::kBF16));  // n bytes used
+      DN_ASSIGN_OR_RETURN(Tensor slots, be.Empty({cuda::Fp8Slots::kBytes / 4}, DType::kF32));
+      DN_RETURN_IF_ERROR(be.Synchronize());
+      if (cudaMemcpy(x.data(), values->data(), n * 2, cudaMemcpyHostToDevice) != cudaSuccess)
+        return absl::InternalError("cudaMemcpy to device failed");
+      cuda::Fp8Qkv qkv;
+      for (int t = 0; t < 3; ++t) {
+        qkv.x[t] = static_cast<const __nv_bfloat16*>(x.data());
+        qkv.rows[t] = cuda::RowsLayout{1, n, n};
+        qkv.out[t] = static_cast<uint8_t*>(q8.data());
+      }
+      auto* sl = static_cast<float*>(slots.data());
+      DN_RETURN_IF_ERROR(cuda::InvokeFp8Amax(qkv, sl, stream));
+      DN_RETURN_IF_ERROR(cuda::InvokeFp8Quantize(qkv, sl, false, stream));
+      DN_RETURN_IF_ERROR(be.Synchronize());
+      std::vector<uint8_t> got(static_cast<size_t>(n));
+      float scale = 0;
+      if (cudaMemcpy(got.data(), q8.data(), n, cudaMemcpyDeviceToHost) != cudaSuccess ||
+          cudaMemcpy(&scale, sl + cuda::Fp8Slots::kScaleQ * cuda::Fp8Slots::kStride,
+                     sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess)
+        return absl::InternalError("cudaMemcpy to host failed");
+      float amax = 0;
+      for (uint16_t b : *values) amax = std::max(amax, std::fabs(BF16ToF32(b)));
+      const float want_scale = E4m3ScaleForAmax(amax);
+      if (scale != want_scale)
+        return absl::InternalError(absl::StrCat("device scale ", scale, " != host ", want_scale));
+      int64_t bad = 0;
+      std::string first;
+      for (int64_t i = 0; i < n; ++i) {
+        const float xv = BF16ToF32((*values)[static_cast<size_t>(i)]);
+        const uint8_t want = EncodeE4m3(xv * want_scale);
+        if (got[static_cast<size_t>(i)] != want && bad++ == 0)
+          first = absl::StrCat("x=", xv, " scale=", want_scale, ": device ",
+                               int{got[static_cast<size_t>(i)]}, " host ", int{want});
+      }
+      if (bad > 0)
+        return absl::InternalError(absl::StrCat(bad, " of ", n, " codes differ, first ", first));
+    }
+    return absl::OkStatus();
+  }});
+  checks.push_back({"AttentionFp8 bad shapes give INVALID_ARGUMENT",
+                    [](Backend& be) -> absl::Status {
+    const DType act = be.compute_dtype();
+    DN_ASSIGN_OR_RETURN(Tensor q, be.Empty({1, 8, 2, 24}, act));  // d % 16 != 0
+    absl::Status s = be.AttentionFp8(q, q, q, 8, 1.0f, &q);
+    if (!absl::IsInvalidArgument(s))
+      return absl::InternalError(absl::StrCat("AttentionFp8 d=24 gave: ", s.ToString()));
+    s = be.AttentionFp8(q, q, q, 9, 1.0f, &q);
+    if (!absl::IsInvalidArgument(s))
+      return absl::InternalError(absl::StrCat("AttentionFp8 kv_len>Skv gave: ", s.ToString()));
+    return absl::OkStatus();
+  }});
+  // The scales are computed on the device from each call's data, so a
+  // replay with new inputs (10x larger: new amax) equals an eager call.
+  checks.push_back({"AttentionFp8 replay with new inputs == eager (scales on device)",
+                    [](Backend& be) -> absl::Status {
+    const DType act = be.compute_dtype();
+    const int64_t b = 2, s = 1024, h = 4, d = 128;
+    DN_ASSIGN_OR_RETURN(Tensor q, be.Empty({b, s, h, d}, act));
+    DN_ASSIGN_OR_RETURN(Tensor k, be.Empty({b, s, h, d}, act));
+    DN_ASSIGN_OR_RETURN(Tensor v, be.Empty({b, s, h, d}, act));
+    DN_ASSIGN_OR_RETURN(Tensor o, be.Empty({b, s, h, d}, act));
+    DN_ASSIGN_OR_RETURN(Tensor want, be.Empty({b, s, h, d}, act));
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    auto fill = [&](float sq, float sv, uint64_t seed) -> absl::Status {
+      DN_RETURN_IF_ERROR(be.FillNormal(&q, seed, 1, 0.0f, sq));
+      DN_RETURN_IF_ERROR(be.FillNormal(&k, seed, 2, 0.0f, 1.0f));
+      return be.FillNormal(&v, seed, 3, 0.0f, sv);
+    };
+    DN_RETURN_IF_ERROR(fill(1.0f, 1.0f, 11));
+    DN_ASSIGN_OR_RETURN(std::unique_ptr<Graph> graph, be.Capture([&] {
+      return be.AttentionFp8(q, k, v, s, scale, &o);
+    }));
+    DN_RETURN_IF_ERROR(fill(0.1f, 10.0f, 12));
+    DN_RETURN_IF_ERROR(be.AttentionFp8(q, k, v, s, scale, &want));
+    DN_RETURN_IF_ERROR(graph->Replay());
+    std::vector<float> w(static_cast<size_t>(want.numel())), g(w.size());
+    DN_RETURN_IF_ERROR(be.CopyToHost(want, w.data()));
+    DN_RETURN_IF_ERROR(be.CopyToHost(o, g.data()));
+    const double e = RelL2(g, w);
+    if (!(e <= 1e-6))
+      return absl::InternalError(absl::StrCat("replay vs eager rel L2 ", e));
+    return absl::OkStatus();
+  }});
   checks.push_back({"RmsNormRopePackQkv == RmsNormRope then PackQkv (bitwise)",
                     [](Backend& be) -> absl::Status {
     const DType act = be.compute_dtype();
@@ -773,6 +916,16 @@ absl::Status RunPerf(Backend& be, int iters) {
     }, iters));
     row("Attention", absl::StrCat(a.b, "x", a.h, "x", a.sq, "x", a.skv, " d=128"),
         sec, 4.0 * a.b * a.h * a.sq * a.skv * d * 1e-12, "TFLOP/s");
+    // The fast tier's fp8 attention, quantization included.
+    absl::StatusOr<double> sec8 = MedianSeconds(be, [&] {
+      return be.AttentionFp8(q, k, v, a.skv, scale, &o);
+    }, iters);
+    if (sec8.ok()) {
+      row("AttentionFp8", absl::StrCat(a.b, "x", a.h, "x", a.sq, "x", a.skv, " d=128"),
+          *sec8, 4.0 * a.b * a.h * a.sq * a.skv * d * 1e-12, "TFLOP/s");
+    } else {
+      std::printf("%-22s %s\n", "AttentionFp8", sec8.status().ToString().c_str());
+    }
   }
 
   struct Gemm {
@@ -947,6 +1100,23 @@ int Main(int argc, char** argv) {
     composite = std::move(*made);
   }
 
+  // A third CUDA backend whose fp8 attention writes e4m3 O (dequantized).
+  std::unique_ptr<Backend> fp8_o;
+  bool want_fp8_o = false;
+  for (const Case& c : cases) want_fp8_o |= c.fp8_o && selected(c.op);
+  want_fp8_o &= !cpu_only;
+  if (want_fp8_o) {
+    setenv("DN_CUDNN_SDPA_FP8_O", "fp8", 1);
+    auto made = MakeCudaBackend(cuda_options);
+    unsetenv("DN_CUDNN_SDPA_FP8_O");
+    if (!made.ok()) {
+      std::fprintf(stderr, "backend_ops_test: cannot create the fp8-O CUDA "
+                   "backend: %s\n", made.status().ToString().c_str());
+      return 2;
+    }
+    fp8_o = std::move(*made);
+  }
+
   std::printf("%-22s %10s %8s  %-6s %s\n", "op", "rel_l2", "bound", "result", "shapes");
   int passed = 0, failed = 0;
   for (size_t ci = 0; ci < cases.size(); ++ci) {
@@ -961,7 +1131,9 @@ int Main(int argc, char** argv) {
       (a.fill ? a.fill : Normal(1.0f))(inputs[i], rng);
       for (float& v : inputs[i]) v = RoundTo(a.kind, v);
     }
-    Backend& gpu = c.composite && composite ? *composite : **cuda;
+    Backend& gpu = c.composite && composite ? *composite
+                   : c.fp8_o && fp8_o       ? *fp8_o
+                                            : **cuda;
     RunResult want = RunOn(**cpu, c, inputs);
     RunResult got = want.status.ok() ? RunOn(gpu, c, inputs) : RunResult{};
     std::string why;  // empty when the case passes

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "comm/ulysses.h"
+#include "worker/cpu/e4m3.h"
 #include "worker/noise.h"
 
 namespace dn::worker {
@@ -571,6 +572,111 @@ absl::Status CpuBackend::Attention(const Tensor& q, const Tensor& k,
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m),
                   static_cast<int>(d), static_cast<int>(kv_len), 1.0f, scores,
                   static_cast<int>(kv_len), vp, ld, 0.0f, op, ld);
+    }
+  };
+  const int64_t tasks = b * h;
+  if (tasks == 1 || pool_->workers() == 0) {
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+  } else {
+    pool_->Run(static_cast<int>(tasks), [&](int t) { task(t); });
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// Largest |x| over the first `rows` token rows of each batch item of a
+// [B, S, H, d] tensor (the rows attention reads).
+float AmaxRows(const float* x, int64_t b, int64_t s, int64_t rows,
+               int64_t row_len) {
+  float amax = 0.0f;
+  for (int64_t bi = 0; bi < b; ++bi) {
+    const float* p = x + bi * s * row_len;
+    for (int64_t i = 0; i < rows * row_len; ++i)
+      amax = std::max(amax, std::fabs(p[i]));
+  }
+  return amax;
+}
+
+// dst = RoundE4m3(src * scale) over the same rows (other rows are zero).
+void QuantizeRows(const float* src, int64_t b, int64_t s, int64_t rows,
+                  int64_t row_len, float scale, float* dst) {
+  for (int64_t bi = 0; bi < b; ++bi) {
+    const float* p = src + bi * s * row_len;
+    float* q = dst + bi * s * row_len;
+    for (int64_t i = 0; i < rows * row_len; ++i) q[i] = RoundE4m3(p[i] * scale);
+  }
+}
+
+}  // namespace
+
+absl::Status CpuBackend::AttentionFp8(const Tensor& q, const Tensor& k,
+                                      const Tensor& v, int64_t kv_len,
+                                      float scale, Tensor* o) {
+  DN_RETURN_IF_ERROR(contract_.Attention(q, k, v, kv_len, *o));
+  const int64_t b = q.dim(0), sq = q.dim(1), h = q.dim(2), d = q.dim(3);
+  const int64_t skv = k.dim(1);
+  if (sq == 0 || b == 0 || h == 0) return absl::OkStatus();
+  const int64_t ld = h * d;
+  // Per-tensor scales from the data (docs/CUDA.md, "fp8 attention": cuDNN's
+  // fp8 SDPA takes one descale per tensor, so the CUDA path does the same).
+  const float scale_q = E4m3ScaleForAmax(AmaxRows(q.data_as<float>(), b, sq, sq, ld));
+  const float scale_k =
+      E4m3ScaleForAmax(AmaxRows(k.data_as<float>(), b, skv, kv_len, ld));
+  const float scale_v =
+      E4m3ScaleForAmax(AmaxRows(v.data_as<float>(), b, skv, kv_len, ld));
+  std::vector<float> q8(static_cast<size_t>(q.numel()));
+  std::vector<float> k8(static_cast<size_t>(k.numel()), 0.0f);
+  std::vector<float> v8(static_cast<size_t>(v.numel()), 0.0f);
+  QuantizeRows(q.data_as<float>(), b, sq, sq, ld, scale_q, q8.data());
+  QuantizeRows(k.data_as<float>(), b, skv, kv_len, ld, scale_k, k8.data());
+  QuantizeRows(v.data_as<float>(), b, skv, kv_len, ld, scale_v, v8.data());
+  // S = (q8 k8^T) * descale_q * descale_k * scale, in fp32.
+  const float s_alpha = scale * (1.0f / scale_q) * (1.0f / scale_k);
+  // P: exp(S - rowmax) in (0, 1] (a flash kernel's unnormalized tile, whose
+  // row maximum is 1), quantized with the fixed scale 448 (descale 1/448);
+  // the row sum comes from the unquantized fp32 values.
+  const float scale_p = kE4m3Max;
+  const float o_alpha = (1.0f / scale_p) * (1.0f / scale_v);
+  const int64_t rows = kRowTile;
+  auto task = [&](int64_t bh) {
+    const int64_t bi = bh / h, hi = bh % h;
+    thread_local std::vector<float> block;
+    thread_local std::vector<double> sums;
+    if (static_cast<int64_t>(block.size()) < rows * kv_len)
+      block.resize(static_cast<size_t>(rows * kv_len));
+    if (static_cast<int64_t>(sums.size()) < rows) sums.resize(rows);
+    float* scores = block.data();
+    const float* kp = k8.data() + (bi * skv * h + hi) * d;
+    const float* vp = v8.data() + (bi * skv * h + hi) * d;
+    for (int64_t r0 = 0; r0 < sq; r0 += rows) {
+      const int64_t m = std::min(rows, sq - r0);
+      const float* qp = q8.data() + ((bi * sq + r0) * h + hi) * d;
+      float* op = o->data_as<float>() + ((bi * sq + r0) * h + hi) * d;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m),
+                  static_cast<int>(kv_len), static_cast<int>(d), s_alpha, qp,
+                  static_cast<int>(ld), kp, static_cast<int>(ld), 0.0f, scores,
+                  static_cast<int>(kv_len));
+      for (int64_t r = 0; r < m; ++r) {
+        float* row = scores + r * kv_len;
+        float mx = row[0];
+        for (int64_t j = 1; j < kv_len; ++j) mx = std::max(mx, row[j]);
+        double sum = 0.0;
+        for (int64_t j = 0; j < kv_len; ++j) {
+          const float e = std::exp(row[j] - mx);
+          sum += e;
+          row[j] = RoundE4m3(e * scale_p);
+        }
+        sums[r] = sum;
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m),
+                  static_cast<int>(d), static_cast<int>(kv_len), o_alpha, scores,
+                  static_cast<int>(kv_len), vp, static_cast<int>(ld), 0.0f, op,
+                  static_cast<int>(ld));
+      for (int64_t r = 0; r < m; ++r) {
+        const float inv = static_cast<float>(1.0 / sums[r]);
+        for (int64_t c = 0; c < d; ++c) op[r * ld + c] *= inv;
+      }
     }
   };
   const int64_t tasks = b * h;

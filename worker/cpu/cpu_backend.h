@@ -74,6 +74,13 @@ class CpuBackend : public Backend {
                                   Tensor* send) override;
   absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                          int64_t kv_len, float scale, Tensor* o) override;
+  // The fp8 e4m3 emulation of CUDA's AttentionFp8, in fp32 (docs/CUDA.md,
+  // "fp8 attention"): q, k, v quantized with one data-derived scale per
+  // tensor (448 / amax), S = q8 k8^T * descales * scale, P = exp(S - rowmax)
+  // quantized with scale 448, O = P8 v8 * descales / rowsum. Not bitwise the
+  // GPU's numbers (accumulation order, flash tiling), but the same roundings.
+  absl::Status AttentionFp8(const Tensor& q, const Tensor& k, const Tensor& v,
+                            int64_t kv_len, float scale, Tensor* o) override;
   absl::Status GatedResidual(Tensor* x, const Tensor& y, const Tensor& mod,
                              int gate_index) override;
   absl::Status AddInPlace(Tensor* x, const Tensor& y) override;

@@ -1,7 +1,8 @@
 // CudaBackend: worker/backend.h on one CUDA device (see cuda_backend.h and
 // docs/CUDA.md). This file checks tensors (device, dtype, shape) and calls
 // the pieces: DeviceAllocator (memory), LtGemm (Linear), CudnnSdpa
-// (Attention) and the kernels of kernels.h (everything else).
+// (Attention), CudnnSdpaFp8 (AttentionFp8) and the kernels of kernels.h
+// (everything else).
 #include "worker/cuda/cuda_backend.h"
 
 #include <cuda_runtime_api.h>
@@ -22,6 +23,7 @@
 #include "worker/cuda/gemm.h"
 #include "worker/cuda/kernels.h"
 #include "worker/cuda/sdpa.h"
+#include "worker/cuda/sdpa_fp8.h"
 #include "worker/op_contract.h"
 
 namespace dn::worker {
@@ -197,6 +199,8 @@ class CudaBackend final : public Backend {
                                   Tensor* send) override;
   absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                          int64_t kv_len, float scale, Tensor* o) override;
+  absl::Status AttentionFp8(const Tensor& q, const Tensor& k, const Tensor& v,
+                            int64_t kv_len, float scale, Tensor* o) override;
   absl::Status GatedResidual(Tensor* x, const Tensor& y, const Tensor& mod,
                              int gate_index) override;
   absl::Status AddInPlace(Tensor* x, const Tensor& y) override;
@@ -237,6 +241,7 @@ class CudaBackend final : public Backend {
   std::shared_ptr<void> sdpa_workspace_;
   std::unique_ptr<LtGemm> gemm_;
   std::unique_ptr<CudnnSdpa> sdpa_;
+  std::unique_ptr<CudnnSdpaFp8> sdpa_fp8_;  // AttentionFp8 (docs/CUDA.md)
   PinnedPtr staging_[2];
   EventPtr staging_free_[2];  // recorded after the DMA that reads/writes it
   std::shared_ptr<EventPool> events_ = std::make_shared<EventPool>();
@@ -283,6 +288,19 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
   DN_ASSIGN_OR_RETURN(b->sdpa_, CudnnSdpa::Create(raw_stream,
                                                   b->sdpa_workspace_.get(),
                                                   kSdpaWorkspaceBytes));
+  // The fp8 attention takes its buffers (quantized tensors, scales, cuDNN
+  // workspace) from the allocator when a shape's plan is built.
+  std::weak_ptr<DeviceAllocator> weak_allocator = b->allocator_;
+  DN_ASSIGN_OR_RETURN(
+      b->sdpa_fp8_,
+      CudnnSdpaFp8::Create(
+          raw_stream,
+          [weak_allocator](size_t bytes) -> absl::StatusOr<std::shared_ptr<void>> {
+            std::shared_ptr<DeviceAllocator> a = weak_allocator.lock();
+            if (a == nullptr)
+              return absl::FailedPreconditionError("cuda AttentionFp8: backend destroyed");
+            return a->Allocate(bytes);
+          }));
   for (int i = 0; i < 2; ++i) {
     void* pinned = nullptr;
     DN_CUDA_RETURN_IF_ERROR(cudaMallocHost(&pinned, kStagingBytes));
@@ -516,6 +534,23 @@ absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k,
   return sdpa_->Run(shape, q.data(), k.data(), v.data(), o->data(), scale);
 }
 
+absl::Status CudaBackend::AttentionFp8(const Tensor& q, const Tensor& k,
+                                       const Tensor& v, int64_t kv_len,
+                                       float scale, Tensor* o) {
+  DN_RETURN_IF_ERROR(contract_.Attention(q, k, v, kv_len, *o));
+  const int64_t b = q.dim(0), sq = q.dim(1), h = q.dim(2), d = q.dim(3);
+  if (sq == 0 || b == 0 || h == 0) return absl::OkStatus();
+  DN_RETURN_IF_ERROR(Activate());
+  SdpaShape shape;
+  shape.batch = b;
+  shape.heads = h;
+  shape.seq_q = sq;
+  shape.seq_kv = k.dim(1);
+  shape.kv_len = kv_len;
+  shape.head_dim = d;
+  return sdpa_fp8_->Run(shape, q.data(), k.data(), v.data(), o->data(), scale);
+}
+
 absl::Status CudaBackend::GatedResidual(Tensor* x, const Tensor& y,
                                         const Tensor& mod, int gate_index) {
   DN_RETURN_IF_ERROR(contract_.GatedResidual(*x, y, mod, gate_index));
@@ -643,6 +678,7 @@ absl::StatusOr<std::unique_ptr<Graph>> CudaBackend::Capture(
   // The workspaces are baked into the graph too.
   retained.push_back(gemm_workspace_);
   retained.push_back(sdpa_workspace_);
+  for (std::shared_ptr<void>& b : sdpa_fp8_->buffers()) retained.push_back(std::move(b));
   GraphPtr graph(raw_graph);
   if (!body_status.ok()) {
     (void)cudaGetLastError();
