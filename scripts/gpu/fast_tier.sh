@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue 16 part 3 on one GPU: the fast tier's step times beside the exact path and the anchor, and its
+# quality on the 1.3B shape (random weights) and on the trained demo model. Run on the device machine
+# after `. .gpu/env.sh`; logs go to $OUT (or ./fast-tier-out).
+set -uo pipefail
+O=${OUT:-fast-tier-out}; mkdir -p $O
+run() { local name=$1 t=$2; shift 2; echo "==== $name: $*"; timeout $t "$@" > $O/$name.log 2>&1; echo "rc=$? ($name)"; grep -E "^RESULT|fast tier|ms/step|median|TARGET|^\|" $O/$name.log | head -40; }
+case ${1:-step} in
+  step)
+    for tok in 32760 4096; do
+      it=5; [[ $tok == 4096 ]] && it=20
+      run step${tok}_exact 200 denoised bench step --preset wan2.1-t2v-1.3b --tokens $tok --ranks 1 --backend cuda --cfg --iters $it
+      run step${tok}_fp8 200 denoised bench step --preset wan2.1-t2v-1.3b --tokens $tok --ranks 1 --backend cuda --cfg --iters $it --attention-fp8
+      run step${tok}_cache1 200 denoised bench step --preset wan2.1-t2v-1.3b --tokens $tok --ranks 1 --backend cuda --cfg --iters $it --cache-threshold 1
+      run step${tok}_fp8_cache1 200 denoised bench step --preset wan2.1-t2v-1.3b --tokens $tok --ranks 1 --backend cuda --cfg --iters $it --attention-fp8 --cache-threshold 1
+    done
+    run anchor32760 200 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 32760
+    run anchor4096 200 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 4096 --iters 10 ;;
+  quality13b)
+    run quality_13b 300 denoised bench quality --backend cuda --preset wan2.1-t2v-1.3b --tokens 32760 --steps 10 --prompts 1 --seeds 1 --thresholds 0.05,0.1,0.2 ;;
+  qualitydemo)
+    run quality_demo 300 denoised bench quality --backend cuda --model tools/demo_model ;;
+  step14b)
+    run step14b_exact 200 denoised bench step --preset wan2.1-t2v-14b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 3
+    run step14b_fp8 200 denoised bench step --preset wan2.1-t2v-14b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 3 --attention-fp8 ;;
+esac
