@@ -94,8 +94,8 @@ class EngineImpl : public Engine {
   // Everything before the first step that may fail on one rank only.
   absl::Status Setup(const GenerateParams& params, bool cfg);
   // FAILED_PRECONDITION naming acceleration.attention_fp8 when the backend
-  // answers UNIMPLEMENTED for AttentionFp8 (probed once on a 1-token call),
-  // so such a request fails in Setup, where the group stays READY, instead
+  // cannot run AttentionFp8 at this request's self-attention shape (probed
+  // once per shape on the model's own operands), so such a request fails in Setup, where the group stays READY, instead
   // of mid-step.
   absl::Status CheckFp8Available();
   // sampled: eager forward with all-to-all markers; else the graph (when
@@ -176,7 +176,8 @@ class EngineImpl : public Engine {
   std::vector<double> cache_sums_;     // this rank: [ok, B x tiles x (num, den)]
   std::vector<double> cache_gathered_; // every rank's, [P][...]
   bool broken_ = false;
-  std::optional<absl::Status> fp8_available_;  // the probe's answer, once
+  // The fp8 probe's answer for the last planned shape.
+  std::optional<std::pair<ModelShape, absl::Status>> fp8_probe_;
 };
 
 absl::Status EngineImpl::Validate(const GenerateParams& p) const {
@@ -347,23 +348,20 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
 }
 
 absl::Status EngineImpl::CheckFp8Available() {
-  if (!fp8_available_.has_value()) {
-    const Shape one = {1, 1, 1, config_.attention_head_dim};
-    Tensor q, o;
-    DN_ASSIGN_OR_RETURN(q, backend_.Empty(one, backend_.compute_dtype()));
-    DN_ASSIGN_OR_RETURN(o, backend_.Empty(one, backend_.compute_dtype()));
-    const std::vector<float> zeros(static_cast<size_t>(config_.attention_head_dim), 0.0f);
-    DN_RETURN_IF_ERROR(backend_.CopyFromHost(zeros.data(), &q));
-    const absl::Status s = backend_.AttentionFp8(q, q, q, 1, 1.0f, &o);
-    DN_RETURN_IF_ERROR(backend_.Synchronize());
-    // Only "not implemented" is an answer about availability; a refusal of
-    // the probe's shape says nothing about the real call.
-    fp8_available_ = s.code() == absl::StatusCode::kUnimplemented ? s : absl::OkStatus();
+  // Probed at this plan's real self-attention shape, once per shape: a
+  // backend may lack fp8 attention altogether (UNIMPLEMENTED) or have no
+  // engine for a given shape (cuDNN's fp8 SDPA has none for 1 token, for
+  // example), and either must fail here, where the group stays READY,
+  // rather than mid-step. The experts share buffers, so one probe covers
+  // both. CPU: one attention call per new shape.
+  if (!fp8_probe_.has_value() || !(fp8_probe_->first == model_->shape())) {
+    fp8_probe_.emplace(model_->shape(), model_->ProbeAttentionFp8());
   }
-  if (fp8_available_->ok()) return absl::OkStatus();
+  const absl::Status& s = fp8_probe_->second;
+  if (s.ok()) return absl::OkStatus();
   return absl::FailedPreconditionError(
-      absl::StrCat("acceleration.attention_fp8: ", fp8_available_->message(),
-                   " (this worker group cannot run the fp8 tier; send the request without it)"));
+      absl::StrCat("acceleration.attention_fp8: ", s.message(),
+                   " (this worker group cannot run the fp8 tier at this shape; send the request without it)"));
 }
 
 std::vector<const Tensor*> EngineImpl::BranchEmbeds(const GenerateParams& p,

@@ -765,6 +765,24 @@ absl::Status WanModel::SelfAttention(const Block& blk, comm::ProcessGroup* data,
   return AttendPacked(data, markers, &o4);
 }
 
+absl::Status WanModel::ProbeAttentionFp8() {
+  if (buf_ == nullptr) return absl::FailedPreconditionError("ProbeAttentionFp8 before Plan");
+  Buffers& b = *buf_;
+  const int64_t hd = config_.attention_head_dim;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  absl::Status s;
+  if (world_ > 1) {
+    s = backend_.AttentionFp8(b.qh, b.kh, b.vh, shape_.tokens(), scale, &b.oh);
+  } else {
+    const Shape seq4 = {shape_.batch, shard_, config_.num_attention_heads, hd};
+    Tensor o4 = b.attn.View(seq4);
+    s = backend_.AttentionFp8(b.q.View(seq4), b.k.View(seq4), b.v.View(seq4),
+                              shape_.tokens(), scale, &o4);
+  }
+  DN_RETURN_IF_ERROR(s);
+  return backend_.Synchronize();
+}
+
 absl::Status WanModel::SelfAttend(const Tensor& q, const Tensor& k,
                                   const Tensor& v, float scale, Tensor* o) {
   // Keys past shape_.tokens() are the shard padding.

@@ -164,6 +164,11 @@ class WanModel {
   // captured under one setting is dropped, not replayed, under the other).
   void set_attention_fp8(bool on) { attention_fp8_ = on; }
   bool attention_fp8() const { return attention_fp8_; }
+  // One AttentionFp8 call on the planned self-attention operands (their
+  // contents do not matter; the output is overwritten by the next forward),
+  // eagerly: whether the backend can run the fast tier at this plan's shape.
+  // Plan first.
+  absl::Status ProbeAttentionFp8();
 
   // Head output of this rank's shard: [B, S, patch_out()] in compute dtype.
   const Tensor& output() const;

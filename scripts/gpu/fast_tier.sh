@@ -16,6 +16,16 @@ case ${1:-step} in
     done
     run anchor32760 200 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 32760
     run anchor4096 200 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 4096 --iters 10 ;;
+  fp8step)
+    # The fp8 rows with the exact baseline and the anchor again (same card, same call).
+    for tok in 32760 4096; do
+      it=5; [[ $tok == 4096 ]] && it=20
+      run step${tok}_exact 200 denoised bench step --preset wan2.1-t2v-1.3b --tokens $tok --ranks 1 --backend cuda --cfg --iters $it
+      run step${tok}_fp8 200 denoised bench step --preset wan2.1-t2v-1.3b --tokens $tok --ranks 1 --backend cuda --cfg --iters $it --attention-fp8
+    done
+    run step32760_fp8_cache1 200 denoised bench step --preset wan2.1-t2v-1.3b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 5 --attention-fp8 --cache-threshold 1
+    run anchor32760 200 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 32760
+    run anchor4096 200 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 4096 --iters 10 ;;
   quality13b)
     run quality_13b 300 denoised bench quality --backend cuda --preset wan2.1-t2v-1.3b --tokens 32760 --steps 10 --prompts 1 --seeds 1 --thresholds 0.05,0.1,0.2 ;;
   qualitydemo)
