@@ -364,10 +364,10 @@ absl::Status RunQuality(const QualityFlags& f) {
                          tier.acceleration.cache_threshold <= ref.min_signal);
       const RunOut r = same_as_exact ? ref : Run(engine, latent, k, f, tier.acceleration);
       if (!r.status.ok()) {
-        // A backend without fp8 attention refuses the tier before step 0.
+        // A backend that cannot run fp8 attention at this shape refuses the
+        // tier before step 0 (FAILED_PRECONDITION, docs/ENGINE.md).
         const bool no_fp8 = tier.acceleration.attention_fp8 &&
-                            (r.status.code() == absl::StatusCode::kFailedPrecondition ||
-                             r.status.code() == absl::StatusCode::kUnimplemented);
+                            r.status.code() == absl::StatusCode::kFailedPrecondition;
         if (!no_fp8 || f.fp8 == "on") return r.status;
         for (Tier& t : tiers)
           if (t.acceleration.attention_fp8) t.unavailable = std::string(r.status.message());

@@ -137,16 +137,13 @@ class Backend {
   // The fast tier's self-attention (opt-in per request, issue 16 part 3;
   // docs/ENGINE.md, "fp8 attention"): the same contract as Attention, with
   // q, k, v and the softmax probabilities quantized to fp8 e4m3 under scales
-  // the backend derives from the data. Not exact: its error against
-  // Attention is bounded in docs/QUALITY.md. A backend without it answers
-  // UNIMPLEMENTED naming itself.
+  // the backend derives from the data (CPU: an fp32 emulation; CUDA:
+  // cuDNN's fp8 SDPA, docs/CUDA.md). Not exact: its error against Attention
+  // is bounded in docs/CUDA.md and docs/QUALITY.md. A shape the backend
+  // cannot run gives a status naming the shape.
   virtual absl::Status AttentionFp8(const Tensor& q, const Tensor& k,
                                     const Tensor& v, int64_t kv_len,
-                                    float scale, Tensor* o) {
-    (void)q, (void)k, (void)v, (void)kv_len, (void)scale, (void)o;
-    return absl::UnimplementedError("fp8 attention is not available on the " +
-                                    name() + " backend");
-  }
+                                    float scale, Tensor* o) = 0;
   // x[B,S,D] += y[B,S,D] * mod[b,gate_index,:]   (mod f32 [B,k,D]).
   virtual absl::Status GatedResidual(Tensor* x, const Tensor& y,
                                      const Tensor& mod, int gate_index) = 0;
