@@ -149,6 +149,18 @@ class Backend {
                                      const Tensor& mod, int gate_index) = 0;
   // x += y (same shape).
   virtual absl::Status AddInPlace(Tensor* x, const Tensor& y) = 0;
+  // Step caching's signal (docs/ENGINE.md "Step caching"): for cur, prev
+  // [B, S, D] (compute dtype) cut into tiles of `tile` rows (S % tile == 0,
+  // T = S / tile tiles per batch row), over rows r < valid_rows only:
+  //   sums[2 (b T + t)]     = sum over the tile's rows of |cur - prev|
+  //   sums[2 (b T + t) + 1] = sum over the tile's rows of |prev|
+  // accumulated in double. sums: host, 2 B T values; waits for the result.
+  // Each tile is reduced on its own in an order fixed by the backend, so a
+  // tile's sums do not depend on which rows around it are in the call (the
+  // engine's decision is the same for every rank count where tiles align).
+  virtual absl::Status TileAbsDiffSums(const Tensor& cur, const Tensor& prev,
+                                       int64_t tile, int64_t valid_rows,
+                                       double* sums) = 0;
 
   // --- Ulysses relayouts (see comm/ulysses.h for the layouts) ---------------
   // q,k,v [B,S,H,d] (S = this rank's padded shard) -> send [P,3,B,S,H/P,d]

@@ -106,7 +106,8 @@ class EngineImpl : public Engine {
                        bool* cached, double* cache_signal);
   // Step caching (docs/ENGINE.md "Step caching"): this rank's per-tile sums
   // of |r0 - r0_prev| and |r0_prev| over its real (unpadded) token rows,
-  // r0 = r0_cur_ (the model's first-block residual, copied to the host).
+  // r0 = the model's first-block residual, reduced where it lives
+  // (Backend::TileAbsDiffSums; only the sums reach the host).
   absl::Status FirstBlockSums(const WanModel& model);
   // Collective over the control group (every rank calls it, also after its
   // own kFirstBlock failed: `ok` false). Gathers every rank's tile sums and
@@ -167,9 +168,10 @@ class EngineImpl : public Engine {
   MarkerList markers_;
   double last_alltoall_seconds_ = 0;  // of the latest sampled step
   // Step cache (per request; buffers per shape): minus block 0's residual of
-  // this step and of the last computed step, host f32 [B, S, D]; whether
-  // r0_prev_ and the model's cached residual are valid, and of which expert.
-  std::vector<float> r0_cur_, r0_prev_;
+  // the last computed step, backend [B, S, D] in the compute dtype (this
+  // step's is the model's); whether r0_prev_ and the model's cached residual
+  // are valid, and of which expert.
+  Tensor r0_prev_;
   bool cache_valid_ = false;
   int cache_expert_ = -1;
   int64_t cache_tile_ = 0;             // rows per tile (alignment, or S)
@@ -335,9 +337,10 @@ absl::Status EngineImpl::Setup(const GenerateParams& p, bool cfg) {
   if (p.acceleration.cache_threshold > 0) {
     // Experts share buffers, so this enables the cache for both.
     DN_RETURN_IF_ERROR(model_->EnableStepCache());
-    const size_t act = static_cast<size_t>(shape.batch * model_->shard() * c.inner_dim());
-    r0_cur_.resize(act);
-    r0_prev_.resize(act);
+    const Shape r0_shape{shape.batch, model_->shard(), c.inner_dim()};
+    if (!r0_prev_.defined() || r0_prev_.shape() != r0_shape) {
+      DN_ASSIGN_OR_RETURN(r0_prev_, backend_.Empty(r0_shape, backend_.compute_dtype()));
+    }
     const int64_t align = backend_.shard_alignment();
     cache_tile_ = align > 1 && model_->shard() % align == 0 ? align : model_->shard();
     const size_t words = 1 + 2 * static_cast<size_t>(shape.batch * (model_->shard() / cache_tile_));
@@ -474,10 +477,6 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
     // Skipping is considered only between the first and the last step, with
     // a cache of the same expert (docs/ENGINE.md "Step caching").
     const bool candidate = i > 0 && i + 1 < steps && cache_valid_ && cache_expert_ == e;
-    // r0 is needed to compare (candidate steps) and to refresh r0_prev
-    // (computed steps); the last step needs neither.
-    if (first.ok() && i + 1 < steps)
-      first = backend_.CopyToHost(model.first_block_residual(), r0_cur_.data());
     if (first.ok() && candidate) first = FirstBlockSums(model);
     bool skip = false;
     if (candidate) {
@@ -494,7 +493,9 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
       DN_RETURN_IF_ERROR(model.ForwardPart(WanModel::Part::kCached, sp, marks, graph));
     } else {
       DN_RETURN_IF_ERROR(model.ForwardPart(WanModel::Part::kRest, sp, marks, graph));
-      r0_prev_.swap(r0_cur_);
+      // The next step compares with this one (the last step needs nothing).
+      if (i + 1 < steps)
+        DN_RETURN_IF_ERROR(backend_.Copy(model.first_block_residual(), &r0_prev_));
       cache_valid_ = true;
       cache_expert_ = e;
     }
@@ -528,30 +529,12 @@ absl::Status EngineImpl::RunStep(int i, Sampler& sampler, bool cfg,
 }
 
 absl::Status EngineImpl::FirstBlockSums(const WanModel& model) {
-  const int64_t batch = model.shape().batch, s = model.shard();
-  const int64_t d = config_.inner_dim(), l = model.shape().tokens();
-  const int64_t tiles = s / cache_tile_;
+  const int64_t s = model.shard(), l = model.shape().tokens();
   const int64_t first_row = static_cast<int64_t>(model.rank()) * s;  // global token of row 0
-  double* out = cache_sums_.data() + 1;
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t t = 0; t < tiles; ++t) {
-      double num = 0, den = 0;
-      // Real rows only: padded rows differ with the rank count.
-      const int64_t end = std::min((t + 1) * cache_tile_, l - first_row);
-      for (int64_t row = t * cache_tile_; row < end; ++row) {
-        const size_t off = static_cast<size_t>((b * s + row) * d);
-        const float* cur = r0_cur_.data() + off;
-        const float* prev = r0_prev_.data() + off;
-        for (int64_t k = 0; k < d; ++k) {
-          num += std::fabs(static_cast<double>(cur[k]) - static_cast<double>(prev[k]));
-          den += std::fabs(static_cast<double>(prev[k]));
-        }
-      }
-      *out++ = num;
-      *out++ = den;
-    }
-  }
-  return absl::OkStatus();
+  // Real rows only: padded rows differ with the rank count.
+  const int64_t valid_rows = std::clamp<int64_t>(l - first_row, 0, s);
+  return backend_.TileAbsDiffSums(model.first_block_residual(), r0_prev_, cache_tile_,
+                                  valid_rows, cache_sums_.data() + 1);
 }
 
 absl::StatusOr<double> EngineImpl::AgreeCacheSignal(bool ok, bool cfg) {

@@ -301,6 +301,21 @@ absl::Status OpContract::AddInPlace(const Tensor& x, const Tensor& y) const {
   return NumelIs(y, x.numel(), "AddInPlace", "y");
 }
 
+absl::Status OpContract::TileAbsDiffSums(const Tensor& cur, const Tensor& prev,
+                                         int64_t tile, int64_t valid_rows) const {
+  constexpr const char* kOp = "TileAbsDiffSums";
+  DN_RETURN_IF_ERROR(Act(cur, kOp, "cur"));
+  DN_RETURN_IF_ERROR(Act(prev, kOp, "prev"));
+  if (cur.rank() != 3) return ShapeError(kOp, "cur", cur, "[B, S, D]");
+  DN_RETURN_IF_ERROR(ShapeIs(prev, cur.shape(), kOp, "prev"));
+  const int64_t s = cur.dim(1);
+  if (tile < 1 || s % tile != 0)
+    return Error(kOp, absl::StrCat("tile ", tile, " does not divide S = ", s));
+  if (valid_rows < 0 || valid_rows > s)
+    return Error(kOp, absl::StrCat("valid_rows ", valid_rows, " outside [0, ", s, "]"));
+  return absl::OkStatus();
+}
+
 // --- Ulysses relayouts ---------------------------------------------------------
 
 absl::Status OpContract::PackQkv(const Tensor& q, const Tensor& k, const Tensor& v,

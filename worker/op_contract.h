@@ -57,6 +57,8 @@ class OpContract {
   absl::Status GatedResidual(const Tensor& x, const Tensor& y, const Tensor& mod,
                              int gate_index) const;
   absl::Status AddInPlace(const Tensor& x, const Tensor& y) const;
+  absl::Status TileAbsDiffSums(const Tensor& cur, const Tensor& prev,
+                               int64_t tile, int64_t valid_rows) const;
 
   // --- Ulysses relayouts ---
   absl::Status PackQkv(const Tensor& q, const Tensor& k, const Tensor& v,

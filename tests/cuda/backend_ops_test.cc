@@ -533,6 +533,31 @@ std::vector<Case> MakeCases() {
   add({7, 13});
   add({1001}, true);
 
+  // TileAbsDiffSums (step caching's signal): the host sums, written into an
+  // f32 output so the harness compares them. Both sides read the same bf16
+  // values and add in double, so only the order differs.
+  auto tile_sums = [&](Shape x, int64_t tile, int64_t valid, bool misalign = false) {
+    Case c;
+    c.op = "TileAbsDiffSums";
+    const int64_t n = 2 * x[0] * (x[1] / tile);
+    c.args = {Misaligned(In("cur", x), misalign), Misaligned(In("prev", x), misalign),
+              Out("sums", {n}, kF32)};
+    c.extra = absl::StrCat("tile=", tile, " valid_rows=", valid);
+    c.bound = 1e-6;
+    c.run = [tile, valid, n](Backend& be, std::vector<Tensor>& t) -> absl::Status {
+      std::vector<double> sums(static_cast<size_t>(n));
+      DN_RETURN_IF_ERROR(be.TileAbsDiffSums(t[0], t[1], tile, valid, sums.data()));
+      std::vector<float> f(sums.begin(), sums.end());
+      return be.CopyFromHost(f.data(), &t[2]);
+    };
+    cases.push_back(std::move(c));
+  };
+  tile_sums({2, 4096, 1536}, 4096, 4096);  // the CUDA engine's tile: the whole shard
+  tile_sums({2, 4096, 1536}, 64, 4000);    // 64-row tiles, a padded tail
+  tile_sums({1, 100, 100}, 25, 63);        // D % 8 != 0: the scalar kernel
+  tile_sums({2, 48, 1536}, 48, 0);         // no valid rows: zeros
+  tile_sums({1, 50, 1536}, 50, 50, true);  // misaligned: the scalar kernel
+
   // Ulysses relayouts (exact copies).
   constexpr double kExact = 1e-7;
   auto relayouts = [&](int64_t b, int64_t s, int64_t heads, int64_t d, int world,
@@ -978,6 +1003,13 @@ absl::Status RunPerf(Backend& be, int iters) {
     return be.AddInPlace(&out, y);
   }, iters));
   row("AddInPlace", shape, t_add, 3 * act_bytes, "GB/s");
+  {
+    std::vector<double> sums(2);
+    DN_ASSIGN_OR_RETURN(double t_tile, MedianSeconds(be, [&] {
+      return be.TileAbsDiffSums(out, y, s, s, sums.data());
+    }, iters));
+    row("TileAbsDiffSums", shape, t_tile, 2 * act_bytes, "GB/s");
+  }
   DN_ASSIGN_OR_RETURN(double t_silu, MedianSeconds(be, [&] {
     return be.Silu(x, &out);
   }, iters));

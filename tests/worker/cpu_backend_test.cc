@@ -3,9 +3,11 @@
 // all-to-all between P in-process "ranks".
 #include "worker/cpu/cpu_backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -291,7 +293,66 @@ TEST_F(CpuBackendTest, GatedResidualMatchesLoops) {
   ExpectNear(Host(tx), want);
 }
 
-// P simulated ranks: pack, swap blocks as an all-to-all would, unpack; then
+// The step cache's tile sums: naive loops over the real rows; each tile's
+// sums are the same whether it is computed among the full sequence or alone
+// (a shard of fewer rows), and the thread count does not change a bit.
+TEST_F(CpuBackendTest, TileAbsDiffSumsMatchLoopsAndAreTileLocal) {
+  const int b = 2, s = 12, d = 5, tile = 4, valid = 10;
+  auto cur = Random(b * s * d, 40), prev = Random(b * s * d, 41);
+  Tensor tc = Make({b, s, d}, cur), tp = Make({b, s, d}, prev);
+  std::vector<double> sums(2 * b * (s / tile), -1.0);
+  ASSERT_TRUE(backend_.TileAbsDiffSums(tc, tp, tile, valid, sums.data()).ok());
+  for (int i = 0; i < b; ++i)
+    for (int t = 0; t < s / tile; ++t) {
+      double num = 0, den = 0;
+      for (int r = t * tile; r < std::min((t + 1) * tile, valid); ++r)
+        for (int c = 0; c < d; ++c) {
+          const int e = (i * s + r) * d + c;
+          num += std::fabs(static_cast<double>(cur[e]) - prev[e]);
+          den += std::fabs(static_cast<double>(prev[e]));
+        }
+      const size_t o = 2 * static_cast<size_t>(i * (s / tile) + t);
+      EXPECT_NEAR(sums[o], num, 1e-12 * (1 + num)) << "b " << i << " tile " << t;
+      EXPECT_NEAR(sums[o + 1], den, 1e-12 * (1 + den)) << "b " << i << " tile " << t;
+    }
+  // Tile 1 of batch row 0 alone (rows 4..7 as a 4-row shard) gives the same bits.
+  std::vector<float> c1(cur.begin() + 4 * d, cur.begin() + 8 * d);
+  std::vector<float> p1(prev.begin() + 4 * d, prev.begin() + 8 * d);
+  Tensor tc1 = Make({1, tile, d}, c1), tp1 = Make({1, tile, d}, p1);
+  double one[2];
+  ASSERT_TRUE(backend_.TileAbsDiffSums(tc1, tp1, tile, tile, one).ok());
+  EXPECT_EQ(one[0], sums[2]);
+  EXPECT_EQ(one[1], sums[3]);
+  // No valid rows: zeros.
+  ASSERT_TRUE(backend_.TileAbsDiffSums(tc, tp, tile, 0, sums.data()).ok());
+  for (double v : sums) EXPECT_EQ(v, 0.0);
+  // Threads: the same bits.
+  CpuBackend four(4);
+  Tensor c4 = four.Empty({b, s, d}, DType::kF32).value();
+  Tensor p4 = four.Empty({b, s, d}, DType::kF32).value();
+  ASSERT_TRUE(four.CopyFromHost(cur.data(), &c4).ok());
+  ASSERT_TRUE(four.CopyFromHost(prev.data(), &p4).ok());
+  std::vector<double> s1(2 * b * (s / tile)), s4(s1.size());
+  ASSERT_TRUE(backend_.TileAbsDiffSums(tc, tp, tile, valid, s1.data()).ok());
+  ASSERT_TRUE(four.TileAbsDiffSums(c4, p4, tile, valid, s4.data()).ok());
+  EXPECT_EQ(s1, s4);
+}
+
+TEST_F(CpuBackendTest, TileAbsDiffSumsRejectsBadArguments) {
+  Tensor a = Zeros({1, 6, 3}), b = Zeros({1, 6, 3}), c = Zeros({1, 5, 3});
+  double sums[12];
+  auto msg = [](const absl::Status& st) { return std::string(st.message()); };
+  absl::Status st = backend_.TileAbsDiffSums(a, b, 4, 6, sums);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(msg(st).find("tile 4 does not divide S = 6"), std::string::npos) << st;
+  st = backend_.TileAbsDiffSums(a, b, 3, 7, sums);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(msg(st).find("valid_rows 7"), std::string::npos) << st;
+  st = backend_.TileAbsDiffSums(a, c, 3, 6, sums);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(msg(st).find("'prev'"), std::string::npos) << st;
+}
+
 // the inverse path must restore each rank's original sequence shard.
 TEST_F(CpuBackendTest, UlyssesPackUnpackRoundTrip) {
   for (int p : {1, 2, 4}) {

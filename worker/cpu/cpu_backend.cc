@@ -716,6 +716,35 @@ absl::Status CpuBackend::AddInPlace(Tensor* x, const Tensor& y) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::TileAbsDiffSums(const Tensor& cur, const Tensor& prev,
+                                         int64_t tile, int64_t valid_rows,
+                                         double* sums) {
+  DN_RETURN_IF_ERROR(contract_.TileAbsDiffSums(cur, prev, tile, valid_rows));
+  const int64_t batch = cur.dim(0), s = cur.dim(1), d = cur.dim(2);
+  const int64_t tiles = s / tile;
+  const float* c = cur.data_as<float>();
+  const float* p = prev.data_as<float>();
+  // One task per (batch row, tile); inside a tile, rows then channels in
+  // order: the sums do not depend on the thread count.
+  ParallelFor(batch * tiles, tile * d, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / tiles, t = bt % tiles;
+      double num = 0, den = 0;
+      const int64_t row_end = std::min((t + 1) * tile, valid_rows);
+      for (int64_t row = t * tile; row < row_end; ++row) {
+        const size_t off = static_cast<size_t>((b * s + row) * d);
+        for (int64_t k = 0; k < d; ++k) {
+          num += std::fabs(static_cast<double>(c[off + k]) - static_cast<double>(p[off + k]));
+          den += std::fabs(static_cast<double>(p[off + k]));
+        }
+      }
+      sums[2 * bt] = num;
+      sums[2 * bt + 1] = den;
+    }
+  });
+  return absl::OkStatus();
+}
+
 // --- Ulysses relayouts ----------------------------------------------------------
 
 absl::Status CpuBackend::PackQkv(const Tensor& q, const Tensor& k,

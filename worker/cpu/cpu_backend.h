@@ -84,6 +84,9 @@ class CpuBackend : public Backend {
   absl::Status GatedResidual(Tensor* x, const Tensor& y, const Tensor& mod,
                              int gate_index) override;
   absl::Status AddInPlace(Tensor* x, const Tensor& y) override;
+  absl::Status TileAbsDiffSums(const Tensor& cur, const Tensor& prev,
+                               int64_t tile, int64_t valid_rows,
+                               double* sums) override;
 
   absl::Status PackQkv(const Tensor& q, const Tensor& k, const Tensor& v,
                        int world, Tensor* send) override;

@@ -204,6 +204,9 @@ class CudaBackend final : public Backend {
   absl::Status GatedResidual(Tensor* x, const Tensor& y, const Tensor& mod,
                              int gate_index) override;
   absl::Status AddInPlace(Tensor* x, const Tensor& y) override;
+  absl::Status TileAbsDiffSums(const Tensor& cur, const Tensor& prev,
+                               int64_t tile, int64_t valid_rows,
+                               double* sums) override;
 
   absl::Status PackQkv(const Tensor& q, const Tensor& k, const Tensor& v,
                        int world, Tensor* send) override;
@@ -242,6 +245,11 @@ class CudaBackend final : public Backend {
   std::unique_ptr<LtGemm> gemm_;
   std::unique_ptr<CudnnSdpa> sdpa_;
   std::unique_ptr<CudnnSdpaFp8> sdpa_fp8_;  // AttentionFp8 (docs/CUDA.md)
+  // TileAbsDiffSums' per-chunk partials: device scratch (grown on demand)
+  // and its host copy.
+  std::shared_ptr<void> tile_partials_;
+  size_t tile_partials_bytes_ = 0;
+  std::vector<double> tile_partials_host_;
   PinnedPtr staging_[2];
   EventPtr staging_free_[2];  // recorded after the DMA that reads/writes it
   std::shared_ptr<EventPool> events_ = std::make_shared<EventPool>();
@@ -565,6 +573,41 @@ absl::Status CudaBackend::AddInPlace(Tensor* x, const Tensor& y) {
   DN_RETURN_IF_ERROR(contract_.AddInPlace(*x, y));
   DN_RETURN_IF_ERROR(Activate());
   return InvokeAddInPlace(x->data_as<bf16>(), y.data_as<bf16>(), x->numel(), s());
+}
+
+absl::Status CudaBackend::TileAbsDiffSums(const Tensor& cur, const Tensor& prev,
+                                          int64_t tile, int64_t valid_rows,
+                                          double* sums) {
+  DN_RETURN_IF_ERROR(contract_.TileAbsDiffSums(cur, prev, tile, valid_rows));
+  DN_RETURN_IF_ERROR(NotCapturing("TileAbsDiffSums"));
+  const int64_t b = cur.dim(0), seq = cur.dim(1), d = cur.dim(2);
+  const int64_t tiles = seq / tile, chunks = TileAbsDiffChunks(tile);
+  const size_t count = static_cast<size_t>(b * tiles * chunks);
+  if (count == 0) return absl::OkStatus();
+  DN_RETURN_IF_ERROR(Activate());
+  const size_t bytes = 2 * count * sizeof(double);
+  if (bytes > tile_partials_bytes_) {
+    DN_ASSIGN_OR_RETURN(tile_partials_, allocator_->Allocate(bytes));
+    tile_partials_bytes_ = bytes;
+  }
+  auto* partials = static_cast<double*>(tile_partials_.get());
+  DN_RETURN_IF_ERROR(InvokeTileAbsDiffSums(cur.data_as<bf16>(), prev.data_as<bf16>(),
+                                           partials, b, seq, d, tile, valid_rows, s()));
+  tile_partials_host_.resize(2 * count);
+  DN_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tile_partials_host_.data(), partials, bytes,
+                                          cudaMemcpyDeviceToHost, s()));
+  DN_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s()));
+  // A tile's chunks in order: the same sums for the same tile data.
+  for (size_t bt = 0; bt < static_cast<size_t>(b * tiles); ++bt) {
+    double num = 0, den = 0;
+    for (size_t c = 0; c < static_cast<size_t>(chunks); ++c) {
+      num += tile_partials_host_[2 * (bt * chunks + c)];
+      den += tile_partials_host_[2 * (bt * chunks + c) + 1];
+    }
+    sums[2 * bt] = num;
+    sums[2 * bt + 1] = den;
+  }
+  return absl::OkStatus();
 }
 
 // --- Ulysses relayouts -------------------------------------------------------------

@@ -398,6 +398,58 @@ __global__ void AddInPlaceKernel(bf16* __restrict__ x,
   }
 }
 
+// One block per (batch row, tile, chunk of kTileSumRows rows): the chunk's
+// sum of |cur - prev| and |prev| in double, each thread over a fixed set of
+// elements, then a fixed tree over the block, so the result depends only on
+// the chunk's data. Rows at or past valid_rows add nothing.
+constexpr int kTileSumRows = 16;
+constexpr int kTileSumThreads = 256;
+
+template <int kVec>
+__global__ void TileAbsDiffSumsKernel(const bf16* __restrict__ cur,
+                                      const bf16* __restrict__ prev,
+                                      double* __restrict__ partials,
+                                      int64_t seq, int64_t dim, int64_t tile,
+                                      int64_t chunks_per_tile, int64_t tiles,
+                                      int64_t valid_rows) {
+  const int64_t blk = blockIdx.x;
+  const int64_t c = blk % chunks_per_tile;
+  const int64_t t = (blk / chunks_per_tile) % tiles;
+  const int64_t b = blk / (chunks_per_tile * tiles);
+  const int64_t row0 = t * tile + c * kTileSumRows;
+  const int64_t row1 = min(min(row0 + kTileSumRows, (t + 1) * tile), valid_rows);
+  double num = 0, den = 0;
+  if (row1 > row0) {
+    const int64_t base = (b * seq + row0) * dim;
+    const int64_t vectors = (row1 - row0) * dim / kVec;
+    for (int64_t v = threadIdx.x; v < vectors; v += kTileSumThreads) {
+      float a[kVec], p[kVec];
+      LoadF<kVec>(cur + base + v * kVec, a);
+      LoadF<kVec>(prev + base + v * kVec, p);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        num += fabs(static_cast<double>(a[j]) - static_cast<double>(p[j]));
+        den += fabs(static_cast<double>(p[j]));
+      }
+    }
+  }
+  __shared__ double s_num[kTileSumThreads], s_den[kTileSumThreads];
+  s_num[threadIdx.x] = num;
+  s_den[threadIdx.x] = den;
+  __syncthreads();
+  for (int half = kTileSumThreads / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) {
+      s_num[threadIdx.x] += s_num[threadIdx.x + half];
+      s_den[threadIdx.x] += s_den[threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    partials[2 * blk] = s_num[0];
+    partials[2 * blk + 1] = s_den[0];
+  }
+}
+
 // dim % kVec == 0, so a vector never straddles two rows.
 template <int kVec>
 __global__ void GatedResidualKernel(bf16* __restrict__ x,
@@ -794,6 +846,37 @@ absl::Status InvokeAddInPlace(bf16* x, const bf16* y, int64_t n,
     AddInPlaceKernel<8><<<GridFor(n / 8), 256, 0, stream>>>(x, y, n / 8);
   } else {
     AddInPlaceKernel<1><<<GridFor(n), 256, 0, stream>>>(x, y, n);
+  }
+  DN_LAUNCH_CHECK();
+  return absl::OkStatus();
+}
+
+int64_t TileAbsDiffChunks(int64_t tile) {
+  return (tile + kTileSumRows - 1) / kTileSumRows;
+}
+
+absl::Status InvokeTileAbsDiffSums(const bf16* cur, const bf16* prev,
+                                   double* partials, int64_t batch, int64_t seq,
+                                   int64_t dim, int64_t tile, int64_t valid_rows,
+                                   cudaStream_t stream) {
+  if (batch < 0 || seq < 0 || dim < 1 || tile < 1 || seq % tile != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cuda TileAbsDiffSums: bad shape B=", batch, " S=", seq, " D=", dim,
+        " tile=", tile));
+  const int64_t tiles = seq / tile, chunks = TileAbsDiffChunks(tile);
+  const int64_t blocks = batch * tiles * chunks;
+  if (blocks == 0) return absl::OkStatus();
+  if (blocks > std::numeric_limits<int32_t>::max())
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda TileAbsDiffSums: ", blocks, " blocks is outside [0, 2^31)"));
+  // A chunk starts at a row boundary, so 8-wide loads stay inside it when
+  // D % 8 == 0 and the rows are 16-byte aligned.
+  if (dim % 8 == 0 && Aligned16(cur) && Aligned16(prev)) {
+    TileAbsDiffSumsKernel<8><<<static_cast<unsigned>(blocks), kTileSumThreads, 0, stream>>>(
+        cur, prev, partials, seq, dim, tile, chunks, tiles, valid_rows);
+  } else {
+    TileAbsDiffSumsKernel<1><<<static_cast<unsigned>(blocks), kTileSumThreads, 0, stream>>>(
+        cur, prev, partials, seq, dim, tile, chunks, tiles, valid_rows);
   }
   DN_LAUNCH_CHECK();
   return absl::OkStatus();

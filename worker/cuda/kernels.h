@@ -97,6 +97,19 @@ absl::Status InvokeGatedResidual(bf16* x, const bf16* y, const float* mod,
 absl::Status InvokeAddInPlace(bf16* x, const bf16* y, int64_t n,
                               cudaStream_t stream);
 
+// Step caching's tile sums (Backend::TileAbsDiffSums), first stage: for
+// cur, prev [batch, seq, dim] and tiles of `tile` rows (seq % tile == 0),
+// each tile cut into TileAbsDiffChunks(tile) chunks of at most 16 rows,
+//   partials[2 i] = sum |cur - prev|, partials[2 i + 1] = sum |prev|
+// over chunk i = (b * tiles + t) * chunks + c, rows < valid_rows only, in
+// double and in a fixed order (deterministic). The caller adds a tile's
+// chunks in order.
+int64_t TileAbsDiffChunks(int64_t tile);
+absl::Status InvokeTileAbsDiffSums(const bf16* cur, const bf16* prev,
+                                   double* partials, int64_t batch, int64_t seq,
+                                   int64_t dim, int64_t tile, int64_t valid_rows,
+                                   cudaStream_t stream);
+
 // Ulysses relayouts (layouts in comm/ulysses.h), dtype-agnostic copies of
 // rows of h*head_dim elements of `elem_size` bytes (h = heads / world), with
 // the widest access (16, 8, 4, 2 or 1 bytes) that the row length and every
