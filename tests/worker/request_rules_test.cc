@@ -13,12 +13,14 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "comm/process_group.h"
 #include "comm/store.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "worker/backend.h"
 #include "worker/checkpoint.h"
+#include "worker/cpu/cpu_backend.h"
 #include "worker/engine.h"
 #include "worker/noise.h"
 #include "worker/sampler.h"
@@ -187,7 +189,28 @@ class OverflowingWeights : public WeightSource {
   float value_;
 };
 
-OneRank MakeEngine(int64_t max_tokens, float proj_out_value = 0) {
+// The CPU backend, but with no fp8 attention over fewer than `min_seq` keys
+// (cuDNN's fp8 SDPA has no engine for very short sequences); counts the fp8
+// calls it runs.
+class CpuBackendWithoutShortFp8 : public CpuBackend {
+ public:
+  explicit CpuBackendWithoutShortFp8(int64_t min_seq) : CpuBackend(1), min_seq_(min_seq) {}
+  absl::Status AttentionFp8(const Tensor& q, const Tensor& k, const Tensor& v,
+                            int64_t kv_len, float scale, Tensor* o) override {
+    if (kv_len < min_seq_)
+      return absl::UnimplementedError(
+          absl::StrCat("no fp8 attention engine for kv_len=", kv_len));
+    ++fp8_calls;
+    return CpuBackend::AttentionFp8(q, k, v, kv_len, scale, o);
+  }
+  int fp8_calls = 0;
+
+ private:
+  int64_t min_seq_;
+};
+
+OneRank MakeEngine(int64_t max_tokens, float proj_out_value = 0,
+                   std::unique_ptr<Backend> backend = nullptr) {
   OneRank r;
   char tmpl[] = "/tmp/dn_rules_test_XXXXXX";
   r.dir = mkdtemp(tmpl);
@@ -199,7 +222,7 @@ OneRank MakeEngine(int64_t max_tokens, float proj_out_value = 0) {
   r.control = comm::MakeGlooProcessGroup(*r.store, o).value();
   BackendOptions bo;
   bo.threads = 1;
-  r.backend = MakeBackend(bo).value();
+  r.backend = backend != nullptr ? std::move(backend) : MakeBackend(bo).value();
   const WanConfig c = PresetConfig("tiny").value();
   r.weights = std::make_unique<OverflowingWeights>(MakePresetWeights(c, 0).value(),
                                                    proj_out_value);
@@ -414,6 +437,47 @@ TEST(RequestRulesEngine, ExtremeInputsAndNonFiniteOutput) {
   // weights overflow whatever the input).
   EXPECT_EQ(r.engine->Generate(p, nullptr, nullptr).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// The fp8 tier on a backend that has fp8 attention, but not at every shape:
+// the engine probes the request's own self-attention shape in Setup (not a
+// token or two: the defect found on the H100, where that refused every fp8
+// request), so a shape the backend has runs, and one it lacks is refused
+// with FAILED_PRECONDITION naming the field, before any step, leaving the
+// engine ready for the next request.
+TEST(RequestRulesEngine, Fp8IsProbedAtTheRequestsOwnShape) {
+  auto owned = std::make_unique<CpuBackendWithoutShortFp8>(8);
+  CpuBackendWithoutShortFp8* backend = owned.get();
+  OneRank r = MakeEngine(80000, 0, std::move(owned));
+  GenerateParams p = SmallParams(r.engine->config());
+  p.latent.frames = 5;  // 5 x 2 x 2 = 20 tokens: the backend has fp8 here
+  absl::StatusOr<Tensor> exact = r.engine->Generate(p, nullptr, nullptr);
+  ASSERT_TRUE(exact.ok()) << exact.status();
+  EXPECT_EQ(backend->fp8_calls, 0);
+  p.acceleration.attention_fp8 = true;
+  absl::StatusOr<Tensor> fp8 = r.engine->Generate(p, nullptr, nullptr);
+  ASSERT_TRUE(fp8.ok()) << fp8.status();
+  EXPECT_GT(backend->fp8_calls, 0);
+  // 1 x 2 x 2 = 4 tokens: no fp8 engine; refused before any step.
+  p.latent.frames = 1;
+  int steps_seen = 0;
+  const absl::Status refused =
+      r.engine->Generate(p, [&](const StepStats&) { ++steps_seen; }, nullptr).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition) << refused;
+  EXPECT_THAT(std::string(refused.message()), StartsWith("acceleration.attention_fp8: "));
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("kv_len=4"));
+  EXPECT_EQ(steps_seen, 0);
+  EXPECT_FALSE(r.engine->broken());
+  // The same shape exactly, then fp8 at 20 tokens again: both run.
+  p.acceleration.attention_fp8 = false;
+  EXPECT_TRUE(r.engine->Generate(p, nullptr, nullptr).ok());
+  p.latent.frames = 5;
+  p.acceleration.attention_fp8 = true;
+  absl::StatusOr<Tensor> again = r.engine->Generate(p, nullptr, nullptr);
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_EQ(again->numel(), fp8->numel());
+  for (int64_t i = 0; i < again->numel(); ++i)
+    ASSERT_EQ(again->data_as<float>()[i], fp8->data_as<float>()[i]) << i;
 }
 
 }  // namespace
