@@ -17,6 +17,11 @@
 // with "FP8" (one per shape) and "FP8 TARGET" (met / not met).
 //
 //   sdpa_sweep --fp8 [--tokens 32760,4096] [--heads 12] [--batch 2] [--iters 20]
+//
+// --fp8 --fp8-sweep also times every config of the fp8 graph (heuristics
+// modes A/B/fallback, every engine, one knob moved at a time; at most
+// --limit), the SDPA alone, with each config's output against the default's
+// (lines "FP8 CONFIG", then "FP8 SWEEP" with the op time the fastest gives).
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
@@ -170,7 +175,7 @@ absl::StatusOr<double> MedianMs(cudaStream_t stream, int iters,
 
 // bf16 vs fp8 attention on one shape; *ratio = bf16 ms / fp8 ms.
 absl::Status Fp8Shape(int64_t batch, int64_t heads, int64_t tokens, int iters,
-                      double* ratio) {
+                      bool sweep, int limit, double* ratio) {
   const int64_t d = 128;
   const size_t n = static_cast<size_t>(batch * tokens * heads * d);
   DN_ASSIGN_OR_RETURN(DevicePtr q, RandomBf16(n, 1 + tokens));
@@ -241,6 +246,38 @@ absl::Status Fp8Shape(int64_t batch, int64_t heads, int64_t tokens, int iters,
               fp8_ms > quant_ms ? tf(fp8_ms - quant_ms) : 0.0, *ratio, rel,
               described.first ? "e4m3" : "bf16", described.second.c_str());
   std::fflush(stdout);
+  if (sweep) {
+    // The fp8 graph's engine space, the SDPA alone (the quantization is the
+    // same for every config): is there a config that reaches the target?
+    DN_ASSIGN_OR_RETURN(std::vector<CudnnSdpaFp8::SweepRow> rows,
+                        fp8->Sweep(shape, q.get(), k.get(), v.get(), o8.get(), scale, iters,
+                                   static_cast<size_t>(limit)));
+    std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) {
+      return (a.ms < 0) != (b.ms < 0) ? a.ms >= 0 : a.ms < b.ms;
+    });
+    double default_ms = -1;
+    for (const auto& r : rows) {
+      std::printf("FP8 CONFIG S=%lld %-60s ws %10lld B  %9.3f ms  %7.1f TFLOP/s  rel L2 vs "
+                  "default %.2e%s\n",
+                  (long long)tokens, r.config.c_str(), (long long)r.workspace, r.ms,
+                  r.ms > 0 ? tf(r.ms) : 0.0, r.rel_l2, r.is_default ? "  (default)" : "");
+      if (r.is_default) default_ms = r.ms;
+    }
+    if (!rows.empty() && rows.front().ms > 0 && default_ms > 0) {
+      // fp8 op time with the fastest config: the measured op minus the
+      // default SDPA plus the fastest one.
+      const double best_op = fp8_ms - default_ms + rows.front().ms;
+      std::printf("FP8 SWEEP S=%lld: %zu configs; default SDPA %.3f ms, fastest %.3f ms (%s, "
+                  "rel L2 vs default %.2e); op with it ~%.3f ms = %.2fx bf16\n",
+                  (long long)tokens, rows.size(), default_ms, rows.front().ms,
+                  rows.front().config.c_str(), rows.front().rel_l2, best_op,
+                  bf16_ms / best_op);
+    } else {
+      std::printf("FP8 SWEEP S=%lld: %zu configs, no timing of the default\n",
+                  (long long)tokens, rows.size());
+    }
+    std::fflush(stdout);
+  }
   cudaStreamDestroy(stream);
   if (!(rel < 0.1))
     return absl::InternalError(absl::StrCat("fp8 output differs from bf16: rel L2 ", rel));
@@ -250,7 +287,7 @@ absl::Status Fp8Shape(int64_t batch, int64_t heads, int64_t tokens, int iters,
 int Main(int argc, char** argv) {
   std::string tokens = "32760,4096";
   int heads = 12, batch = 2, iters = 10, limit = 64;
-  bool fp8 = false;
+  bool fp8 = false, fp8_sweep = false;
   FlagSet flags("sdpa_sweep", "times the cuDNN engine space of our attention shapes");
   flags.String("tokens", &tokens, "comma-separated sequence lengths");
   flags.Int("heads", &heads, "heads");
@@ -258,6 +295,7 @@ int Main(int argc, char** argv) {
   flags.Int("iters", &iters, "timed runs per config (median)");
   flags.Int("limit", &limit, "most candidates per graph form");
   flags.Bool("fp8", &fp8, "compare fp8 attention (AttentionFp8) with bf16 instead of sweeping");
+  flags.Bool("fp8-sweep", &fp8_sweep, "with --fp8: also time every config of the fp8 graph");
   if (int rc; !flags.ParseOrExit(argc, argv, &rc)) return rc;
   int failures = 0;
   for (absl::string_view t : absl::StrSplit(tokens, ',')) {
@@ -268,7 +306,7 @@ int Main(int argc, char** argv) {
     }
     if (fp8) {
       double ratio = 0;
-      if (absl::Status st = Fp8Shape(batch, heads, s, iters, &ratio); !st.ok()) {
+      if (absl::Status st = Fp8Shape(batch, heads, s, iters, fp8_sweep, limit, &ratio); !st.ok()) {
         std::fprintf(stderr, "S=%lld: %s\n", (long long)s, st.ToString().c_str());
         std::printf("FP8 TARGET S=%lld: FAIL (error)\n", (long long)s);
         ++failures;

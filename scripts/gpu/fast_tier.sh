@@ -4,7 +4,7 @@
 # after `. .gpu/env.sh`; logs go to $OUT (or ./fast-tier-out).
 set -uo pipefail
 O=${OUT:-fast-tier-out}; mkdir -p $O
-run() { local name=$1 t=$2; shift 2; echo "==== $name: $*"; timeout $t "$@" > $O/$name.log 2>&1; echo "rc=$? ($name)"; grep -E "^RESULT|fast tier|ms/step|median|TARGET|^\|" $O/$name.log | head -40; }
+run() { local name=$1 t=$2; shift 2; echo "==== $name: $*"; timeout $t "$@" > $O/$name.log 2>&1; echo "rc=$? ($name)"; grep -E "^RESULT|fast tier|ms/step|median|TARGET|^\||^FP8 (SWEEP|B=)|passed|step_ms|Traceback|Error" $O/$name.log | head -40; }
 case ${1:-step} in
   step)
     for tok in 32760 4096; do
@@ -53,5 +53,6 @@ case ${1:-step} in
       run step4096_$tier 60 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks 1 --backend cuda --cfg --iters 20 "${f[@]}"
     done
     run anchor4096 100 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 4096 --iters 10
-    run quality_demo_cache 120 denoised bench quality --backend cuda --model tools/demo_model --prompts 6 --seeds 1 --thresholds 0.1,0.2 --fp8 off ;;
+    run quality_demo_cache 120 denoised bench quality --backend cuda --model tools/demo_model --prompts 6 --seeds 1 --thresholds 0.1,0.2 --fp8 off
+    run fp8sweep 150 sdpa_sweep --fp8 --fp8-sweep --tokens 32760,4096 --iters 10 --limit 24 ;;
 esac

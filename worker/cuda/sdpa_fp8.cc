@@ -1,6 +1,9 @@
 #include "worker/cuda/sdpa_fp8.h"
 
+#include <cuda_fp8.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -232,6 +235,95 @@ absl::StatusOr<std::pair<bool, std::string>> CudnnSdpaFp8::Describe(
     const SdpaShape& shape) {
   DN_ASSIGN_OR_RETURN(Plan * plan, GetPlan(shape));
   return std::make_pair(plan->o_fp8, plan->engine);
+}
+
+absl::StatusOr<std::vector<CudnnSdpaFp8::SweepRow>> CudnnSdpaFp8::Sweep(
+    const SdpaShape& shape, const void* q, const void* k, const void* v, void* o,
+    float scale, int iters, size_t limit) {
+  DN_RETURN_IF_ERROR(Run(shape, q, k, v, o, scale));  // quantizes q/k/v, sets the scales
+  DN_ASSIGN_OR_RETURN(Plan * def, GetPlan(shape));
+  DN_ASSIGN_OR_RETURN(GraphParts g, BuildFp8Graph(handle_.get(), shape, def->o_fp8));
+  std::string tried;
+  DN_ASSIGN_OR_RETURN(std::vector<Candidate> found,
+                      Candidates(handle_.get(), g, def->o_fp8 ? "fp8 O" : "bf16 O",
+                                 kMaxWorkspaceBytes, /*explore=*/true, limit, &tried));
+  const size_t elems = static_cast<size_t>(shape.batch * shape.seq_q * shape.heads *
+                                           shape.head_dim);
+  const size_t out_bytes = elems * (def->o_fp8 ? 1 : 2);
+  void* out = def->o_fp8 ? def->o8.get() : o;
+  // Decoded output of the plan last executed.
+  auto output = [&]() -> absl::StatusOr<std::vector<float>> {
+    std::vector<uint8_t> raw(out_bytes);
+    DN_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(raw.data(), out, out_bytes,
+                                            cudaMemcpyDeviceToHost, stream_));
+    DN_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    std::vector<float> f(elems);
+    for (size_t i = 0; i < elems; ++i) {
+      if (def->o_fp8) {
+        __nv_fp8_e4m3 e;
+        e.__x = static_cast<__nv_fp8_storage_t>(raw[i]);
+        f[i] = static_cast<float>(e);
+      } else {
+        uint16_t b;
+        std::memcpy(&b, raw.data() + 2 * i, 2);
+        const uint32_t bits = static_cast<uint32_t>(b) << 16;
+        std::memcpy(&f[i], &bits, 4);
+      }
+    }
+    return f;
+  };
+  DN_RETURN_IF_ERROR(Execute(*def, o, scale));
+  DN_ASSIGN_OR_RETURN(std::vector<float> ref, output());
+  cudaEvent_t raw_start = nullptr, raw_stop = nullptr;
+  DN_CUDA_RETURN_IF_ERROR(cudaEventCreate(&raw_start));
+  EventPtr start(raw_start);
+  DN_CUDA_RETURN_IF_ERROR(cudaEventCreate(&raw_stop));
+  EventPtr stop(raw_stop);
+  std::vector<SweepRow> rows;
+  for (Candidate& c : found) {
+    Plan p;
+    p.plan = std::move(c.exec);
+    p.workspace = c.workspace;
+    p.o_fp8 = def->o_fp8;
+    p.q8 = def->q8;
+    p.k8 = def->k8;
+    p.v8 = def->v8;
+    p.o8 = def->o8;
+    p.slots = def->slots;
+    p.workspace_mem = def->workspace_mem;
+    if (c.workspace > std::max<int64_t>(def->workspace, 256)) {
+      DN_ASSIGN_OR_RETURN(p.workspace_mem, allocate_(static_cast<size_t>(c.workspace)));
+    }
+    SweepRow row;
+    row.config = c.name;
+    row.workspace = c.workspace;
+    row.is_default = c.name == def->engine;
+    absl::Status st = Execute(p, o, scale);  // warm-up
+    if (st.ok()) st = Execute(p, o, scale);
+    if (st.ok()) {
+      DN_CUDA_RETURN_IF_ERROR(cudaEventRecord(start.get(), stream_));
+      for (int i = 0; i < iters && st.ok(); ++i) st = Execute(p, o, scale);
+      DN_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop.get(), stream_));
+      DN_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop.get()));
+    }
+    if (st.ok()) {
+      float ms = 0;
+      DN_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+      row.ms = ms / std::max(iters, 1);
+      DN_ASSIGN_OR_RETURN(std::vector<float> got, output());
+      double num = 0, den = 0;
+      for (size_t i = 0; i < elems; ++i) {
+        const double d = static_cast<double>(got[i]) - ref[i];
+        num += d * d;
+        den += static_cast<double>(ref[i]) * ref[i];
+      }
+      row.rel_l2 = std::sqrt(num / std::max(den, 1e-30));
+    } else {
+      DN_LOG(WARNING) << "fp8 sweep: " << c.name << " failed: " << st.message();
+    }
+    rows.push_back(std::move(row));
+  }
+  return rows;
 }
 
 std::vector<std::shared_ptr<void>> CudnnSdpaFp8::buffers() const {

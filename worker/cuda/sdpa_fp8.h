@@ -71,6 +71,24 @@ class CudnnSdpaFp8 {
   // e4m3 (true) or bf16 (false), and which engine it uses.
   absl::StatusOr<std::pair<bool, std::string>> Describe(const SdpaShape& shape);
 
+  // The engine space of the fp8 graph (issue 16: the 1.5x target), for
+  // sdpa_sweep --fp8: every config of heuristics modes A, B and fallback,
+  // every engine, one knob moved at a time (at most `limit`), each timed over
+  // `iters` executions of the SDPA alone (the quantization is the same for
+  // all) on the operands a Run(shape, q, k, v, o, scale) just quantized. The
+  // row marked default is the plan Run uses; rel_l2 is each config's output
+  // (as the plan writes it, e4m3 or bf16) against the default's.
+  struct SweepRow {
+    std::string config;
+    int64_t workspace = 0;
+    double ms = -1;
+    double rel_l2 = -1;
+    bool is_default = false;
+  };
+  absl::StatusOr<std::vector<SweepRow>> Sweep(const SdpaShape& shape, const void* q,
+                                              const void* k, const void* v, void* o,
+                                              float scale, int iters, size_t limit);
+
   // The device buffers of every plan (a captured graph keeps them alive).
   std::vector<std::shared_ptr<void>> buffers() const;
 
