@@ -4,7 +4,9 @@
 # after `. .gpu/env.sh`; logs go to $OUT (or ./fast-tier-out).
 set -uo pipefail
 O=${OUT:-fast-tier-out}; mkdir -p $O
-run() { local name=$1 t=$2; shift 2; echo "==== $name: $*"; timeout $t "$@" > $O/$name.log 2>&1; echo "rc=$? ($name)"; grep -E "^RESULT|fast tier|ms/step|median|TARGET|^\||^FP8 (SWEEP|B=)|passed|step_ms|Traceback|Error" $O/$name.log | head -40; }
+# ALL_LOG=FILE: every run's whole log is appended there as soon as it ends (a call cut off at its limit
+# still brings back what ran).
+run() { local name=$1 t=$2 s=$SECONDS; shift 2; echo "==== $name: $*"; timeout $t "$@" > $O/$name.log 2>&1; echo "rc=$? ($name, $((SECONDS - s)) s)"; { echo "######## $name: $*"; cat $O/$name.log; } >> ${ALL_LOG:-/dev/null}; grep -E "^RESULT|fast tier|ms/step|median|TARGET|^\||^FP8 (SWEEP|B=)|passed|step_ms|Traceback|Error" $O/$name.log | head -40; }
 case ${1:-step} in
   step)
     for tok in 32760 4096; do
