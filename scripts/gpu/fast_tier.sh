@@ -45,7 +45,7 @@ case ${1:-step} in
       run step32760_$tier 120 denoised bench step --preset wan2.1-t2v-1.3b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 5 "${f[@]}"
     done
     run anchor32760 150 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 32760
-    for tier in exact fp8 cache1 fp8_cache1; do
+    for tier in exact cache1 fp8_cache1; do
       f=(); [[ $tier == *fp8* ]] && f+=(--attention-fp8); [[ $tier == *cache1 ]] && f+=(--cache-threshold 1)
       run step14b_$tier 120 denoised bench step --preset wan2.1-t2v-14b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 3 "${f[@]}"
     done
@@ -56,5 +56,5 @@ case ${1:-step} in
     done
     run anchor4096 100 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 4096 --iters 10
     run quality_demo_cache 120 denoised bench quality --backend cuda --model tools/demo_model --prompts 6 --seeds 1 --thresholds 0.1,0.2 --fp8 off
-    run fp8sweep 150 sdpa_sweep --fp8 --fp8-sweep --tokens 32760,4096 --iters 10 --limit 24 ;;
+    run fp8sweep 150 sdpa_sweep --fp8 --fp8-sweep --tokens 32760 --iters 5 --limit 16 ;;
 esac
