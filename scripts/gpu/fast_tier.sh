@@ -37,7 +37,7 @@ case ${1:-step} in
     run step14b_fp8 200 denoised bench step --preset wan2.1-t2v-14b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 3 --attention-fp8 ;;
   all)
     # Every tier at both shapes in one call (the machine stays warm only 30 s between calls):
-    # the op check of the device-side cache signal first, then 1.3B 32760, 14B 32760 and 1.3B 4096,
+    # the op check of the device-side cache signal first, then 1.3B 32760, 1.3B 4096 and 14B 32760,
     # each with its exact baseline and anchor, and the cache's decisions on the trained demo model.
     run ops_tile 120 backend_ops_test --op=TileAbsDiffSums
     for tier in exact fp8 cache1 fp8_cache1; do
@@ -45,16 +45,16 @@ case ${1:-step} in
       run step32760_$tier 120 denoised bench step --preset wan2.1-t2v-1.3b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 5 "${f[@]}"
     done
     run anchor32760 150 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 32760
-    for tier in exact cache1 fp8_cache1; do
-      f=(); [[ $tier == *fp8* ]] && f+=(--attention-fp8); [[ $tier == *cache1 ]] && f+=(--cache-threshold 1)
-      run step14b_$tier 120 denoised bench step --preset wan2.1-t2v-14b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 3 "${f[@]}"
-    done
-    run anchor14b 200 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 32760 --dim 5120 --heads 40 --ffn 13824 --layers 40 --iters 2
     for tier in exact fp8 cache1 fp8_cache1; do
       f=(); [[ $tier == *fp8* ]] && f+=(--attention-fp8); [[ $tier == *cache1 ]] && f+=(--cache-threshold 1)
       run step4096_$tier 60 denoised bench step --preset wan2.1-t2v-1.3b --tokens 4096 --ranks 1 --backend cuda --cfg --iters 20 "${f[@]}"
     done
     run anchor4096 100 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 4096 --iters 10
+    for tier in exact cache1 fp8_cache1; do
+      f=(); [[ $tier == *fp8* ]] && f+=(--attention-fp8); [[ $tier == *cache1 ]] && f+=(--cache-threshold 1)
+      run step14b_$tier 120 denoised bench step --preset wan2.1-t2v-14b --tokens 32760 --ranks 1 --backend cuda --cfg --iters 3 "${f[@]}"
+    done
+    run anchor14b 200 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 32760 --dim 5120 --heads 40 --ffn 13824 --layers 40 --iters 2
     run quality_demo_cache 120 denoised bench quality --backend cuda --model tools/demo_model --prompts 6 --seeds 1 --thresholds 0.1,0.2 --fp8 off
     run fp8sweep 150 sdpa_sweep --fp8 --fp8-sweep --tokens 32760 --iters 5 --limit 16 ;;
 esac
