@@ -297,7 +297,9 @@ absl::StatusOr<std::vector<CudnnSdpaFp8::SweepRow>> CudnnSdpaFp8::Sweep(
     SweepRow row;
     row.config = c.name;
     row.workspace = c.workspace;
-    row.is_default = c.name == def->engine;
+    // Explored names extend the heuristics' ("... A#0" + " engine 2 knobs ...").
+    row.is_default = c.name.rfind(def->engine, 0) == 0 &&
+                     (c.name.size() == def->engine.size() || c.name[def->engine.size()] == ' ');
     absl::Status st = Execute(p, o, scale);  // warm-up
     if (st.ok()) st = Execute(p, o, scale);
     if (st.ok()) {
