@@ -57,4 +57,12 @@ case ${1:-step} in
     run anchor14b 200 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 32760 --dim 5120 --heads 40 --ffn 13824 --layers 40 --iters 2
     run quality_demo_cache 120 denoised bench quality --backend cuda --model tools/demo_model --prompts 6 --seeds 1 --thresholds 0.1,0.2 --fp8 off
     run fp8sweep 150 sdpa_sweep --fp8 --fp8-sweep --tokens 32760 --iters 5 --limit 16 ;;
+  14b4096)
+    # The 14B shape at 4096 tokens, every tier, beside its anchor; then the fp8 engine sweep at 4096.
+    for tier in exact fp8 cache1 fp8_cache1; do
+      f=(); [[ $tier == *fp8* ]] && f+=(--attention-fp8); [[ $tier == *cache1 ]] && f+=(--cache-threshold 1)
+      run step14b4096_$tier 60 denoised bench step --preset wan2.1-t2v-14b --tokens 4096 --ranks 1 --backend cuda --cfg --iters 10 "${f[@]}"
+    done
+    run anchor14b4096 120 torchrun --nproc_per_node 1 .anchor/usp_anchor.py --backend cudnn --modes direct --seq 4096 --dim 5120 --heads 40 --ffn 13824 --layers 40 --iters 5
+    run fp8sweep4096 60 sdpa_sweep --fp8 --fp8-sweep --tokens 4096 --iters 20 --limit 16 ;;
 esac
