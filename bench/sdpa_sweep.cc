@@ -77,6 +77,16 @@ absl::StatusOr<DevicePtr> RandomBf16(size_t n, uint64_t seed) {
   return d;
 }
 
+// ||got - ref|| / ||ref||.
+double RelL2(const std::vector<float>& got, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    num += (got[i] - ref[i]) * double(got[i] - ref[i]);
+    den += ref[i] * double(ref[i]);
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
 absl::StatusOr<std::vector<float>> ToHost(const void* d, size_t n) {
   std::vector<__nv_bfloat16> host(n);
   DN_CUDA_RETURN_IF_ERROR(
@@ -128,12 +138,7 @@ absl::Status SweepShape(int64_t batch, int64_t heads, int64_t tokens, int iters,
   DN_RETURN_IF_ERROR(sdpa->Run(shape, q.get(), k.get(), v.get(), o.get(), scale));
   DN_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   DN_ASSIGN_OR_RETURN(std::vector<float> got, ToHost(o.get(), n));
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; ++i) {
-    num += (got[i] - ref[i]) * double(got[i] - ref[i]);
-    den += ref[i] * double(ref[i]);
-  }
-  const double rel = std::sqrt(num / std::max(den, 1e-30));
+  const double rel = RelL2(got, ref);
   std::printf("SUMMARY B=%lld H=%lld S=%lld: default %.3f ms, fastest %.3f ms (%.1f%%), "
               "%zu configs, fastest vs default output rel L2 %.2e\n",
               (long long)batch, (long long)heads, (long long)tokens, def, best,
@@ -229,12 +234,7 @@ absl::Status Fp8Shape(int64_t batch, int64_t heads, int64_t tokens, int iters,
   DN_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   DN_ASSIGN_OR_RETURN(std::vector<float> ref, ToHost(o.get(), n));
   DN_ASSIGN_OR_RETURN(std::vector<float> got, ToHost(o8.get(), n));
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; ++i) {
-    num += (got[i] - ref[i]) * double(got[i] - ref[i]);
-    den += ref[i] * double(ref[i]);
-  }
-  const double rel = std::sqrt(num / std::max(den, 1e-30));
+  const double rel = RelL2(got, ref);
   const double flop = 4.0 * batch * heads * double(tokens) * tokens * d;
   auto tf = [&](double ms) { return flop / (ms * 1e-3) * 1e-12; };
   *ratio = bf16_ms / fp8_ms;

@@ -524,39 +524,41 @@ absl::Status CudaBackend::RmsNormRopePackQkv(
       eps, s());
 }
 
+namespace {
+
+// The cuDNN shape of q [B,Sq,H,d] attending over the first kv_len rows of
+// k [B,Skv,H,d] (checked by the op contract).
+SdpaShape SdpaShapeOf(const Tensor& q, const Tensor& k, int64_t kv_len) {
+  SdpaShape shape;
+  shape.batch = q.dim(0);
+  shape.seq_q = q.dim(1);
+  shape.heads = q.dim(2);
+  shape.head_dim = q.dim(3);
+  shape.seq_kv = k.dim(1);
+  shape.kv_len = kv_len;
+  return shape;
+}
+
+}  // namespace
+
 absl::Status CudaBackend::Attention(const Tensor& q, const Tensor& k,
                                     const Tensor& v, int64_t kv_len,
                                     float scale, Tensor* o) {
   DN_RETURN_IF_ERROR(contract_.Attention(q, k, v, kv_len, *o));
-  const int64_t b = q.dim(0), sq = q.dim(1), h = q.dim(2), d = q.dim(3);
-  const int64_t skv = k.dim(1);
-  if (sq == 0 || b == 0 || h == 0) return absl::OkStatus();
+  if (q.dim(0) == 0 || q.dim(1) == 0 || q.dim(2) == 0) return absl::OkStatus();
   DN_RETURN_IF_ERROR(Activate());
-  SdpaShape shape;
-  shape.batch = b;
-  shape.heads = h;
-  shape.seq_q = sq;
-  shape.seq_kv = skv;
-  shape.kv_len = kv_len;
-  shape.head_dim = d;
-  return sdpa_->Run(shape, q.data(), k.data(), v.data(), o->data(), scale);
+  return sdpa_->Run(SdpaShapeOf(q, k, kv_len), q.data(), k.data(), v.data(), o->data(),
+                    scale);
 }
 
 absl::Status CudaBackend::AttentionFp8(const Tensor& q, const Tensor& k,
                                        const Tensor& v, int64_t kv_len,
                                        float scale, Tensor* o) {
   DN_RETURN_IF_ERROR(contract_.Attention(q, k, v, kv_len, *o));
-  const int64_t b = q.dim(0), sq = q.dim(1), h = q.dim(2), d = q.dim(3);
-  if (sq == 0 || b == 0 || h == 0) return absl::OkStatus();
+  if (q.dim(0) == 0 || q.dim(1) == 0 || q.dim(2) == 0) return absl::OkStatus();
   DN_RETURN_IF_ERROR(Activate());
-  SdpaShape shape;
-  shape.batch = b;
-  shape.heads = h;
-  shape.seq_q = sq;
-  shape.seq_kv = k.dim(1);
-  shape.kv_len = kv_len;
-  shape.head_dim = d;
-  return sdpa_fp8_->Run(shape, q.data(), k.data(), v.data(), o->data(), scale);
+  return sdpa_fp8_->Run(SdpaShapeOf(q, k, kv_len), q.data(), k.data(), v.data(),
+                        o->data(), scale);
 }
 
 absl::Status CudaBackend::GatedResidual(Tensor* x, const Tensor& y,

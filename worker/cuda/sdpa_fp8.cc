@@ -15,6 +15,7 @@
 #include "base/status_macros.h"
 #include "worker/cuda/cudnn_graph.h"
 #include "worker/cuda/fp8_kernels.h"
+#include "worker/tensor.h"
 
 namespace dn::worker::cuda {
 
@@ -266,8 +267,7 @@ absl::StatusOr<std::vector<CudnnSdpaFp8::SweepRow>> CudnnSdpaFp8::Sweep(
       } else {
         uint16_t b;
         std::memcpy(&b, raw.data() + 2 * i, 2);
-        const uint32_t bits = static_cast<uint32_t>(b) << 16;
-        std::memcpy(&f[i], &bits, 4);
+        f[i] = BF16ToF32(b);
       }
     }
     return f;
